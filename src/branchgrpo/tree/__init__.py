@@ -1,0 +1,1 @@
+"""The branching rollout tree: spec, structure, rollout, advantages, selection, NFE, dump."""

@@ -1,0 +1,197 @@
+"""Frontier-batched rollout of branching trees (SPEC §4).
+
+A batch of trees is held as flat tensors per depth: ``parent[d]`` indexes depth ``d − 1``,
+``group[d]`` is the prompt (advantage group) of each node. At every step the whole frontier of
+all trees goes through the model in micro-batches; nodes are never visited one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
+from branchgrpo.sde import correlated_split_noise, gaussian_log_prob, sigma_schedule, transition_mean
+from branchgrpo.tree.spec import TreeSpec
+
+
+@dataclass
+class TreeTopology:
+    """Shape of a batch of trees: per-depth parent indices and group ids (depth 0 = roots)."""
+
+    parent: list[Tensor]  # parent[d]: [N_d] long, index into depth d − 1 (−1 for roots)
+    group: list[Tensor]  # group[d]: [N_d] long, prompt / advantage-group id
+    num_groups: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.parent) - 1
+
+    def nodes_per_depth(self) -> list[int]:
+        return [int(p.numel()) for p in self.parent]
+
+
+def build_topology(spec: TreeSpec, num_prompts: int = 1) -> TreeTopology:
+    """Parent/group arrays of ``num_prompts`` groups of ``spec.roots_per_prompt`` trees each.
+
+    Children of one parent are contiguous; their order is the order of the parents.
+    """
+    group = torch.arange(num_prompts).repeat_interleave(spec.roots_per_prompt)
+    parents = [torch.full((group.numel(),), -1, dtype=torch.long)]
+    groups = [group]
+    for k in spec.branching():
+        parent = torch.arange(groups[-1].numel()).repeat_interleave(k)
+        parents.append(parent)
+        groups.append(groups[-1][parent])
+    return TreeTopology(parent=parents, group=groups, num_groups=num_prompts)
+
+
+@dataclass
+class RolloutTree(TreeTopology):
+    """A sampled batch of trees: topology plus latents and edge log-probs per depth."""
+
+    spec: TreeSpec
+    iteration: int
+    sigmas: Tensor  # [T + 1] float64 schedule
+    sde: list[bool]  # sde[i]: whether step i (edges into depth i + 1) is stochastic
+    latents: list[Tensor]  # latents[d]: [N_d, ...] float32
+    logp: list[Tensor]  # logp[d]: [N_d] float32 log-prob of the edge into each node (0: root, ODE)
+    leaf_x0: Tensor  # [N_T, ...] x̂0 predicted at the last step from each leaf's parent
+    node_x0: list[Tensor] | None  # node_x0[d]: x̂0 predicted at node d (d < T), if kept
+    rollout_calls: int  # denoiser rows evaluated (SPEC §10: F)
+
+    def step_of_depth(self, depth: int) -> int:
+        """Step index of the edge into a node at ``depth`` (= depth − 1)."""
+        return depth - 1
+
+
+def evaluate_frontier(
+    model: VelocityModel,
+    latents: Tensor,
+    sigma: float,
+    prompt_index: Tensor,
+    conditioning: Conditioning,
+    micro_batch: int,
+) -> Tensor:
+    """Velocities for a whole frontier ``[N, ...]`` at one σ, in micro-batches of rows."""
+    outputs = []
+    for start in range(0, latents.shape[0], micro_batch):
+        rows = slice(start, start + micro_batch)
+        batch = latents[rows]
+        sigmas = torch.full((batch.shape[0],), float(sigma), dtype=torch.float32, device=batch.device)
+        cond = select_conditioning(conditioning, prompt_index[rows])
+        outputs.append(model(batch, sigmas, cond).float())
+    return torch.cat(outputs, dim=0)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def _step_noise(
+    spec: TreeSpec, num_parents: int, k: int, shape: tuple[int, ...], generator: torch.Generator, device
+) -> Tensor:
+    """``ξ`` for all children of one step, ``[num_parents · k, ...]`` (SPEC §4)."""
+    if k == 1 or spec.split_noise == "independent":
+        return _randn((num_parents * k, *shape), generator, device)
+    if spec.split_noise == "legacy_independent":
+        # The authors' code: independent noise times s, log-prob still under the unscaled std.
+        return spec.split_noise_scale * _randn((num_parents * k, *shape), generator, device)
+    shared = _randn((num_parents, *shape), generator, device).repeat_interleave(k, dim=0)
+    own = _randn((num_parents * k, *shape), generator, device)
+    return correlated_split_noise(shared, own, spec.split_noise_scale)
+
+
+@torch.no_grad()
+def rollout(
+    model: VelocityModel,
+    conditioning: Conditioning,
+    spec: TreeSpec,
+    num_prompts: int,
+    latent_shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    iteration: int = 0,
+    micro_batch: int = 64,
+    device: torch.device | str | None = None,
+    keep_node_x0: bool = False,
+) -> RolloutTree:
+    """Sample one tree group per prompt; every frontier is evaluated batched (SPEC §4).
+
+    Args:
+        model: velocity model (see :class:`VelocityModel`); conditioning: rows per prompt.
+        latent_shape: shape of one latent (without batch dim).
+        generator: source of all noise; the same seed gives the same trees whatever
+            ``micro_batch`` is. iteration: training iteration (moves the Mix SDE window).
+    """
+    device = torch.device(device) if device is not None else generator.device
+    topology = build_topology(spec, num_prompts)
+    sigmas = sigma_schedule(spec.steps, spec.shift)
+    sde = spec.sde_steps(iteration)
+    branching = spec.branching()
+
+    roots = topology.parent[0].numel()
+    if spec.shared_root_noise:
+        noise = _randn((spec.roots_per_prompt, *latent_shape), generator, device)
+        x = noise.repeat(num_prompts, *([1] * len(latent_shape)))
+    else:
+        x = _randn((roots, *latent_shape), generator, device)
+    latents = [x.float()]
+    logps = [torch.zeros(roots, device=device)]
+    node_x0: list[Tensor] = []
+    rollout_calls = 0
+    leaf_x0 = x
+    for i in range(spec.steps):
+        x = latents[i]
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        velocity = evaluate_frontier(
+            model, x, sigma, topology.group[i], conditioning, micro_batch
+        )
+        rollout_calls += x.shape[0]
+        mean, std, x0_pred = transition_mean(x, velocity, sigma, sigma_next, spec.eta, sde=sde[i])
+        parent = topology.parent[i + 1].to(device)
+        child_mean = mean.repeat_interleave(branching[i], dim=0) if branching[i] > 1 else mean
+        if sde[i]:
+            xi = _step_noise(spec, x.shape[0], branching[i], tuple(latent_shape), generator, device)
+            child = child_mean + std * xi
+            logp = gaussian_log_prob(child, child_mean, std, spec.logprob_reduction)
+        else:
+            child = child_mean
+            logp = torch.zeros(child.shape[0], device=device)
+        latents.append(child)
+        logps.append(logp)
+        if keep_node_x0:
+            node_x0.append(x0_pred)
+        if i == spec.steps - 1:
+            leaf_x0 = x0_pred[parent]
+    return RolloutTree(
+        parent=topology.parent,
+        group=topology.group,
+        num_groups=num_prompts,
+        spec=spec,
+        iteration=iteration,
+        sigmas=sigmas,
+        sde=sde,
+        latents=latents,
+        logp=logps,
+        leaf_x0=leaf_x0,
+        node_x0=node_x0 if keep_node_x0 else None,
+        rollout_calls=rollout_calls,
+    )
+
+
+def split_noise_correlation(split_noise_scale: float) -> float:
+    """Sibling correlation ``1/(1 + s²)`` of the correlated split noise."""
+    return 1.0 / (1.0 + split_noise_scale**2)
+
+
+__all__ = [
+    "TreeTopology",
+    "RolloutTree",
+    "build_topology",
+    "evaluate_frontier",
+    "rollout",
+    "split_noise_correlation",
+]

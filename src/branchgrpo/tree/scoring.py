@@ -1,0 +1,51 @@
+"""From leaf rewards to trained edges: fusion → depth-wise advantages → selection → NFE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from branchgrpo.tree.advantages import FusedRewards, depth_advantages, edge_advantages, fuse_rewards
+from branchgrpo.tree.nfe import NfeCounts, count_nfe
+from branchgrpo.tree.rollout import RolloutTree
+from branchgrpo.tree.selection import EdgeSelection, select_edges
+from branchgrpo.tree.spec import MethodConfig
+
+
+@dataclass
+class TreeScores:
+    """Everything the update needs from a scored tree, per depth."""
+
+    leaf_rewards: Tensor  # [N_T]
+    fused: FusedRewards
+    node_advantage: list[Tensor]
+    edge_advantage: list[Tensor]  # clipped to ±A_max
+    selection: EdgeSelection
+    nfe: NfeCounts  # per prompt group
+
+
+def score_tree(
+    tree: RolloutTree,
+    leaf_rewards: Tensor,
+    config: MethodConfig,
+    generator: torch.Generator | None = None,
+) -> TreeScores:
+    """Fuse leaf rewards (SPEC §5), normalise per group and depth (§6), select edges (§7)."""
+    if leaf_rewards.shape != (tree.parent[-1].numel(),):
+        raise ValueError(
+            f"leaf_rewards must have shape [{tree.parent[-1].numel()}] (one per leaf), got {tuple(leaf_rewards.shape)}"
+        )
+    if not torch.isfinite(leaf_rewards).all():
+        raise ValueError("leaf_rewards contain NaN or Inf; refusing to train on missing rewards")
+    advantage = config.advantage
+    fused = fuse_rewards(tree.parent, tree.logp, leaf_rewards, advantage.fusion_beta)
+    node_adv = depth_advantages(fused.reward, tree.group, tree.num_groups, advantage.std_floor)
+    edge_adv = edge_advantages(node_adv, advantage.advantage_clip)
+    selection = select_edges(
+        config, tree.parent, tree.group, tree.num_groups, tree.sde,
+        [f.float() for f in fused.reward], edge_adv, tree.iteration, generator,
+    )
+    nfe = count_nfe(tree.parent, tree.sde, selection, tree.num_groups)
+    return TreeScores(leaf_rewards, fused, node_adv, edge_adv, selection, nfe)

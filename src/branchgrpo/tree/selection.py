@@ -1,0 +1,142 @@
+"""Which edges are trained (SPEC §7): masks per depth, one boolean per edge (= child node).
+
+Selection never changes the rollout or the rewards; it only decides which edges get gradients.
+Every rule is a vectorised mask; the final mask is their conjunction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from branchgrpo.tree.spec import MethodConfig, SelectionSpec, TreeSpec
+
+
+@dataclass
+class EdgeSelection:
+    """Trained-edge masks per depth (``mask[0]`` is empty: roots have no edge) and why edges fell."""
+
+    mask: list[Tensor]
+    skipped: dict[str, int] = field(default_factory=dict)  # rule → edges it removed (may overlap)
+
+    @property
+    def trained_edges(self) -> int:
+        return int(sum(int(m.sum()) for m in self.mask))
+
+
+def ancestor_at(parent: list[Tensor], anchor_depth: int) -> list[Tensor | None]:
+    """For each depth ``d ≥ anchor_depth``, the index of every node's ancestor at ``anchor_depth``."""
+    out: list[Tensor | None] = [None] * len(parent)
+    if anchor_depth < 0 or anchor_depth >= len(parent):
+        return out
+    out[anchor_depth] = torch.arange(parent[anchor_depth].numel())
+    for d in range(anchor_depth + 1, len(parent)):
+        out[d] = out[d - 1][parent[d]]
+    return out
+
+
+def _rank_within_group(values: Tensor, group: Tensor, descending: bool) -> Tensor:
+    """Rank (0 = first) of every value inside its group, ties broken by index."""
+    order = torch.argsort(values, descending=descending, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    sorted_group = group[order]
+    first = torch.zeros_like(sorted_group)
+    starts = torch.ones_like(sorted_group, dtype=torch.bool)
+    starts[1:] = sorted_group[1:] != sorted_group[:-1]
+    position = torch.arange(sorted_group.numel())
+    first = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), dim=0).values
+    rank = torch.empty_like(order)
+    rank[order] = position - first
+    return rank
+
+
+def width_keep_anchors(
+    tree: TreeSpec,
+    selection: SelectionSpec,
+    parent: list[Tensor],
+    group: list[Tensor],
+    fused: list[Tensor],
+) -> Tensor | None:
+    """Which post-split chains survive width pruning, as a mask over nodes at depth ``i* + 1``.
+
+    A post-split chain is a node at depth ``i* + 1`` (a child of the last split) with everything
+    below it. ``parent_top1`` keeps, per split parent, the child with the highest fused reward;
+    ``extreme`` keeps the chains of the ``b`` best and ``b`` worst leaves of each group.
+    """
+    if selection.width_pruning == "none":
+        return None
+    last = tree.last_split_step
+    anchor = (last + 1) if last is not None else 0
+    reward = fused[anchor]
+    if selection.width_pruning == "parent_top1":
+        index = parent[anchor]
+        best = torch.full((parent[anchor - 1].numel(),), float("-inf"), dtype=reward.dtype)
+        best = best.scatter_reduce(0, index, reward, reduce="amax", include_self=True)
+        is_best = reward == best[index]
+        # keep exactly one child per parent on ties: the first one
+        position = torch.arange(reward.numel())
+        first_best = torch.full_like(best, reward.numel(), dtype=torch.long)
+        first_best = first_best.scatter_reduce(
+            0, index, torch.where(is_best, position, reward.numel()), reduce="amin", include_self=True
+        )
+        return position == first_best[index]
+    # extreme-b: rank the chains (one leaf each below the last split) within their group
+    grp = group[anchor]
+    top = _rank_within_group(reward, grp, descending=True) < selection.extreme_b
+    bottom = _rank_within_group(reward, grp, descending=False) < selection.extreme_b
+    return top | bottom
+
+
+def select_edges(
+    config: MethodConfig,
+    parent: list[Tensor],
+    group: list[Tensor],
+    num_groups: int,
+    sde: list[bool],
+    fused: list[Tensor],
+    edge_advantage: list[Tensor],
+    iteration: int,
+    generator: torch.Generator | None = None,
+) -> EdgeSelection:
+    """Masks of trained edges per depth (SPEC §7); all rules are applied as a conjunction.
+
+    ``generator`` draws DanceGRPO's random step subset (``timestep_fraction < 1``).
+    """
+    tree, selection = config.tree, config.selection
+    steps = len(parent) - 1
+    mask = [torch.zeros(0, dtype=torch.bool)] + [torch.ones(p.numel(), dtype=torch.bool) for p in parent[1:]]
+    skipped: dict[str, int] = {}
+
+    def apply(rule: str, depth: int, keep: Tensor) -> None:
+        skipped[rule] = skipped.get(rule, 0) + int((mask[depth] & ~keep).sum())
+        mask[depth] &= keep
+
+    for d in range(1, steps + 1):
+        if not sde[d - 1]:
+            apply("ode_step", d, torch.zeros_like(mask[d]))
+    if selection.skip_zero_advantage:
+        for d in range(1, steps + 1):
+            apply("zero_advantage", d, edge_advantage[d].cpu() != 0)
+    if selection.depth_pruning is not None:
+        for d in selection.depth_pruning.window(iteration, tree):
+            if 1 <= d <= steps:
+                apply("depth_pruning", d, torch.zeros_like(mask[d]))
+    keep_anchor = width_keep_anchors(tree, selection, parent, group, [f.cpu() for f in fused])
+    if keep_anchor is not None:
+        last = tree.last_split_step
+        anchor = (last + 1) if last is not None else 0
+        ancestors = ancestor_at(parent, anchor)
+        for d in range(anchor + 1, steps + 1):
+            apply("width_pruning", d, keep_anchor[ancestors[d]])
+    if selection.timestep_fraction < 1.0:
+        chosen_steps = int(steps * selection.timestep_fraction)
+        draws = torch.rand(num_groups, steps, generator=generator, device=generator.device if generator else "cpu")
+        chosen = torch.zeros(num_groups, steps, dtype=torch.bool)
+        chosen.scatter_(1, draws.cpu().argsort(dim=1)[:, :chosen_steps], True)
+        for d in range(1, steps + 1):
+            apply("timestep_fraction", d, chosen[group[d], d - 1])
+    if selection.ignore_last:
+        apply("ignore_last", steps, torch.zeros_like(mask[steps]))
+    return EdgeSelection(mask=mask, skipped=skipped)

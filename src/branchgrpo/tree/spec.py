@@ -1,0 +1,252 @@
+"""What a method is: the tree it samples, how it scores edges, which edges it trains (SPEC §4–9).
+
+Each concern is one dataclass; :class:`MethodConfig` composes them. All validation happens in
+``__post_init__`` and raises :class:`~branchgrpo.config.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from branchgrpo.config import ConfigError
+
+SplitNoise = Literal["correlated", "independent", "legacy_independent"]
+
+
+@dataclass
+class SdeWindow:
+    """A window of SDE steps that moves with the training iteration (MixGRPO, SPEC §7.4).
+
+    At iteration ``k`` the window covers steps ``[a, a + size)`` with
+    ``a = min(start + stride·(k // advance_every), stop − size + 1)``.
+    """
+
+    size: int = 4  # number of SDE steps in the window (w)
+    start: int = 0  # first step of the window at iteration 0
+    advance_every: int = 25  # training iterations between moves (τ); 0 = the window never moves
+    stride: int = 1  # steps the window advances per move
+    stop: int | None = None  # last step the window may cover; None = the last step
+
+    def validate(self, steps: int) -> None:
+        stop = steps - 1 if self.stop is None else self.stop
+        if not 1 <= self.size <= steps:
+            raise ConfigError("tree.sde_window.size", f"must be in 1..{steps} (tree.steps), got {self.size}")
+        if not 0 <= stop <= steps - 1:
+            raise ConfigError("tree.sde_window.stop", f"must be in 0..{steps - 1}, got {self.stop}")
+        if not 0 <= self.start <= stop - self.size + 1:
+            raise ConfigError(
+                "tree.sde_window.start",
+                f"must be in 0..{stop - self.size + 1} so the window fits before stop={stop}, got {self.start}",
+            )
+        if self.advance_every < 0:
+            raise ConfigError("tree.sde_window.advance_every", f"must be >= 0, got {self.advance_every}")
+        if self.stride < 1:
+            raise ConfigError("tree.sde_window.stride", f"must be >= 1, got {self.stride}")
+
+    def first_step(self, iteration: int, steps: int) -> int:
+        stop = steps - 1 if self.stop is None else self.stop
+        moves = iteration // self.advance_every if self.advance_every > 0 else 0
+        return min(self.start + self.stride * moves, stop - self.size + 1)
+
+
+@dataclass
+class TreeSpec:
+    """The rollout tree (SPEC §2–4): schedule, SDE noise, split plan, roots and SDE/ODE pattern."""
+
+    steps: int = 20  # denoising steps T
+    shift: float = 3.0  # schedule shift (FLUX: 3)
+    eta: float = 0.3  # SDE noise level η; std of step i is η·√Δ_i
+    split_plan: dict[int, int] = field(default_factory=lambda: {0: 2, 3: 2, 6: 2, 9: 2})  # {step: K}
+    split_noise: SplitNoise = "correlated"  # sibling noise: paper's construction, iid, or authors' code
+    split_noise_scale: float = 4.0  # s: sibling correlation 1/(1+s²) ("correlated" mode)
+    roots_per_prompt: int = 1  # independent root noises per prompt; all roots of a prompt form one group
+    shared_root_noise: bool = False  # the same root noise for every prompt of a batch
+    sde_window: SdeWindow | None = None  # None: every step SDE; else only split steps + window
+    logprob_reduction: Literal["mean", "sum"] = "mean"  # reduction of the per-edge log-prob
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("tree.steps", f"must be >= 1, got {self.steps}")
+        if self.shift <= 0:
+            raise ConfigError("tree.shift", f"must be > 0, got {self.shift}")
+        if self.eta < 0:
+            raise ConfigError("tree.eta", f"must be >= 0, got {self.eta}")
+        if not isinstance(self.split_plan, dict):
+            raise ConfigError("tree.split_plan", "must be a mapping {step: K}, e.g. {0: 2, 3: 2}")
+        for step, k in self.split_plan.items():
+            if not isinstance(step, int) or not 0 <= step < self.steps:
+                raise ConfigError(
+                    "tree.split_plan", f"split step {step!r} out of range; steps must be in 0..{self.steps - 1}"
+                )
+            if not isinstance(k, int) or k < 2:
+                raise ConfigError("tree.split_plan", f"branching factor K at step {step} must be an integer >= 2, got {k!r}")
+        if self.split_noise_scale < 0:
+            raise ConfigError("tree.split_noise_scale", f"must be >= 0, got {self.split_noise_scale}")
+        if self.roots_per_prompt < 1:
+            raise ConfigError("tree.roots_per_prompt", f"must be >= 1, got {self.roots_per_prompt}")
+        if self.split_plan and self.eta == 0:
+            raise ConfigError("tree.eta", "must be > 0 when the tree splits (siblings would be identical)")
+        if self.sde_window is not None:
+            self.sde_window.validate(self.steps)
+        self.split_plan = dict(sorted(self.split_plan.items()))
+
+    @property
+    def last_split_step(self) -> int | None:
+        return max(self.split_plan) if self.split_plan else None
+
+    def branching(self) -> list[int]:
+        """``K_i`` for every step (1 where the step does not split)."""
+        return [self.split_plan.get(i, 1) for i in range(self.steps)]
+
+    def sde_steps(self, iteration: int = 0) -> list[bool]:
+        """Whether each step is SDE at this training iteration (split steps always are)."""
+        if self.sde_window is None:
+            return [self.eta > 0] * self.steps
+        first = self.sde_window.first_step(iteration, self.steps)
+        window = range(first, first + self.sde_window.size)
+        return [(i in window or i in self.split_plan) and self.eta > 0 for i in range(self.steps)]
+
+    def leaves_per_prompt(self) -> int:
+        leaves = self.roots_per_prompt
+        for k in self.split_plan.values():
+            leaves *= k
+        return leaves
+
+
+@dataclass
+class AdvantageSpec:
+    """Reward fusion and depth-wise normalisation (SPEC §5–6)."""
+
+    fusion_beta: float = 1.0  # β of the path-log-prob softmax; 0 = uniform mean of leaf rewards
+    std_floor: float = 0.0  # floor on the per-depth std (0 = none)
+    advantage_clip: float = 5.0  # A_max: edge advantages are clipped to ±A_max
+
+    def __post_init__(self) -> None:
+        if self.std_floor < 0:
+            raise ConfigError("advantage.std_floor", f"must be >= 0, got {self.std_floor}")
+        if self.advantage_clip <= 0:
+            raise ConfigError("advantage.advantage_clip", f"must be > 0, got {self.advantage_clip}")
+
+
+@dataclass
+class DepthPruning:
+    """Skip edges whose child depth lies in a window that slides with training (SPEC §7.2).
+
+    At iteration ``k`` the window is ``[a, a + size)`` (direction ``later``) or ``(a − size, a]``
+    (``earlier``) with ``a = start ± k // slide_every``, clamped so it never passes ``stop``.
+    """
+
+    start: int | None = None  # first pruned depth at iteration 0; None = depth after the last split
+    size: int = 5  # depths in the window (paper text: 4; Table 1's 8.625 NFE implies 5 at T=20)
+    direction: Literal["later", "earlier"] = "later"  # which way the window slides
+    slide_every: int = 30  # training iterations between one-depth moves; 0 = fixed
+    stop: int | None = None  # farthest depth the window may reach; None = T (later) or 1 (earlier)
+
+    def window(self, iteration: int, tree: TreeSpec) -> range:
+        start = self.start
+        if start is None:
+            last = tree.last_split_step
+            start = (last + 1) if last is not None else 1
+        moves = iteration // self.slide_every if self.slide_every > 0 else 0
+        if self.direction == "later":
+            stop = tree.steps if self.stop is None else self.stop
+            first = min(start + moves, stop - self.size + 1)
+            return range(first, first + self.size)
+        stop = 1 if self.stop is None else self.stop
+        last_depth = max(start - moves, stop + self.size - 1)
+        return range(last_depth - self.size + 1, last_depth + 1)
+
+    def validate(self, tree: TreeSpec) -> None:
+        if not 1 <= self.size <= tree.steps:
+            raise ConfigError("selection.depth_pruning.size", f"must be in 1..{tree.steps}, got {self.size}")
+        if self.slide_every < 0:
+            raise ConfigError("selection.depth_pruning.slide_every", f"must be >= 0, got {self.slide_every}")
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= tree.steps:
+                raise ConfigError(
+                    f"selection.depth_pruning.{name}", f"must be a depth in 1..{tree.steps} (or null), got {value}"
+                )
+        window = self.window(0, tree)
+        if window.start < 1 or window.stop - 1 > tree.steps:
+            raise ConfigError(
+                "selection.depth_pruning",
+                f"window depths {window.start}..{window.stop - 1} fall outside 1..{tree.steps}",
+            )
+
+
+@dataclass
+class SelectionSpec:
+    """Which edges get gradients (SPEC §7); the rollout and rewards never change."""
+
+    skip_zero_advantage: bool = True  # exact: A = 0 edges carry no gradient
+    depth_pruning: DepthPruning | None = None  # None = off
+    width_pruning: Literal["none", "parent_top1", "extreme"] = "none"
+    extreme_b: int = 4  # Extreme-b: keep the post-split chains of the b best and b worst leaves
+    timestep_fraction: float = 1.0  # DanceGRPO: train this fraction of the steps (random per tree)
+    ignore_last: bool = False  # DanceGRPO: never train the last step
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ConfigError("selection.timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
+        if self.extreme_b < 1:
+            raise ConfigError("selection.extreme_b", f"must be >= 1, got {self.extreme_b}")
+
+
+@dataclass
+class UpdateSpec:
+    """The clipped GRPO update (SPEC §8) and its semantics per iteration."""
+
+    clip_range: float = 1e-3  # ε of the ratio clip
+    kl_coef: float = 0.0  # β_KL of the optional KL-to-reference term (0 = off, no reference forward)
+    updates_per_iteration: int = 1  # optimizer steps per iteration; trained edges split evenly among them
+    max_grad_norm: float = 1.0  # gradient-norm clip (0 = off)
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-4
+    shuffle_edges: bool = True  # shuffle trained edges (by shared parent) before micro-batching
+
+    def __post_init__(self) -> None:
+        if self.clip_range <= 0:
+            raise ConfigError("update.clip_range", f"must be > 0, got {self.clip_range}")
+        if self.kl_coef < 0:
+            raise ConfigError("update.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if self.updates_per_iteration < 1:
+            raise ConfigError("update.updates_per_iteration", f"must be >= 1, got {self.updates_per_iteration}")
+        if self.max_grad_norm < 0:
+            raise ConfigError("update.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        if self.learning_rate <= 0:
+            raise ConfigError("update.learning_rate", f"must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class EngineSpec:
+    """How the work is batched; changes speed and memory, never results (up to float rounding)."""
+
+    rollout_micro_batch: int = 64  # frontier rows per denoiser call during rollout
+    train_micro_batch: int = 16  # distinct parents (forwards with gradients) per training micro-batch
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_micro_batch", "train_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"engine.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class MethodConfig:
+    """One GRPO method = tree + advantage + selection + update (+ batching)."""
+
+    name: str = "branchgrpo"
+    tree: TreeSpec = field(default_factory=TreeSpec)
+    advantage: AdvantageSpec = field(default_factory=AdvantageSpec)
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    update: UpdateSpec = field(default_factory=UpdateSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+
+    def __post_init__(self) -> None:
+        if self.selection.depth_pruning is not None:
+            self.selection.depth_pruning.validate(self.tree)
+        if self.selection.width_pruning != "none" and self.tree.last_split_step is None and self.tree.roots_per_prompt == 1:
+            raise ConfigError(
+                "selection.width_pruning", "needs a tree with at least one split (tree.split_plan is empty)"
+            )

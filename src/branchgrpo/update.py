@@ -1,0 +1,211 @@
+"""The policy update over trained edges (SPEC §7–8).
+
+Trained edges are grouped by parent: one forward with gradients per distinct parent yields the
+mean of every child's Gaussian, so a split with K trained children costs one forward, not K.
+Parents are shuffled, split into ``updates_per_iteration`` optimizer steps, and micro-batched;
+one micro-batch may mix steps and trees (σ and conditioning are per row).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from branchgrpo.loss import clipped_surrogate, gaussian_kl_same_std
+from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
+from branchgrpo.sde import gaussian_log_prob, transition_mean
+from branchgrpo.tree.rollout import RolloutTree
+from branchgrpo.tree.selection import EdgeSelection
+from branchgrpo.tree.spec import MethodConfig
+
+
+@dataclass
+class TrainingEdges:
+    """Trained edges as flat tensors, grouped by distinct parent (edges sorted by parent)."""
+
+    parent_latents: Tensor  # [P, ...]
+    parent_sigma: Tensor  # [P] σ of the parent's step
+    parent_sigma_next: Tensor  # [P]
+    parent_prompt: Tensor  # [P] prompt (conditioning row) of the parent
+    parent_step: Tensor  # [P] step index
+    child_latents: Tensor  # [E, ...]
+    edge_parent: Tensor  # [E] index into the parents, non-decreasing
+    lp_old: Tensor  # [E]
+    advantage: Tensor  # [E]
+
+    @property
+    def num_parents(self) -> int:
+        return int(self.parent_latents.shape[0])
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.child_latents.shape[0])
+
+    def edges_per_parent(self) -> Tensor:
+        return torch.bincount(self.edge_parent, minlength=self.num_parents)
+
+
+def gather_training_edges(tree: RolloutTree, selection: EdgeSelection, edge_advantage: list[Tensor]) -> TrainingEdges:
+    """Collect the selected edges of a rollout, one row per distinct parent (SPEC §7)."""
+    parts: dict[str, list[Tensor]] = {k: [] for k in TrainingEdges.__dataclass_fields__}
+    offset = 0
+    for d in range(1, len(tree.parent)):
+        children = torch.nonzero(selection.mask[d], as_tuple=False).flatten()
+        if children.numel() == 0:
+            continue
+        parents, local = torch.unique(tree.parent[d][children], return_inverse=True)
+        device = tree.latents[d].device
+        step = d - 1
+        parts["parent_latents"].append(tree.latents[d - 1][parents.to(device)])
+        parts["parent_sigma"].append(torch.full((parents.numel(),), float(tree.sigmas[step])))
+        parts["parent_sigma_next"].append(torch.full((parents.numel(),), float(tree.sigmas[step + 1])))
+        parts["parent_prompt"].append(tree.group[d - 1][parents])
+        parts["parent_step"].append(torch.full((parents.numel(),), step, dtype=torch.long))
+        parts["child_latents"].append(tree.latents[d][children.to(device)])
+        parts["edge_parent"].append(local + offset)
+        parts["lp_old"].append(tree.logp[d][children.to(device)])
+        parts["advantage"].append(edge_advantage[d][children.to(edge_advantage[d].device)])
+        offset += parents.numel()
+    if offset == 0:
+        shape = tuple(tree.latents[0].shape[1:])
+        empty = torch.zeros(0, *shape, device=tree.latents[0].device)
+        return TrainingEdges(
+            parent_latents=empty, parent_sigma=torch.zeros(0), parent_sigma_next=torch.zeros(0),
+            parent_prompt=torch.zeros(0, dtype=torch.long), parent_step=torch.zeros(0, dtype=torch.long),
+            child_latents=empty, edge_parent=torch.zeros(0, dtype=torch.long),
+            lp_old=torch.zeros(0), advantage=torch.zeros(0),
+        )
+    return TrainingEdges(**{k: torch.cat(v) for k, v in parts.items()})
+
+
+@dataclass
+class UpdateStats:
+    """What one iteration's update did; averages are over trained edges."""
+
+    loss: float = 0.0
+    ratio_mean: float = 1.0
+    ratio_max_deviation_first_step: float = 0.0  # max |ρ − 1| before the first optimizer step
+    clip_fraction: float = 0.0
+    kl: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+    optimizer_steps: int = 0
+    trained_edges: int = 0
+    training_forwards: int = 0
+    nonfinite_micro_batches: int = 0
+
+
+def _edge_rows(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Edge indices of a set of parents (edges are contiguous per parent) and each edge's slot."""
+    slot = torch.arange(counts.numel()).repeat_interleave(counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    rows = starts.repeat_interleave(counts) + torch.arange(int(counts.sum())) - offsets.repeat_interleave(counts)
+    return rows, slot
+
+
+def edge_log_probs(
+    model: VelocityModel,
+    edges: TrainingEdges,
+    parents: Tensor,
+    conditioning: Conditioning,
+    config: MethodConfig,
+    starts: Tensor,
+    counts: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward for ``parents``; log-probs of all their trained children under ``θ``.
+
+    Returns ``(lp_new [e], edge_rows [e], mean [p, ...], std [p])``.
+    """
+    device = edges.parent_latents.device
+    x = edges.parent_latents[parents.to(device)]
+    sigma = edges.parent_sigma[parents].to(device)
+    sigma_next = edges.parent_sigma_next[parents].to(device)
+    velocity = model(x, sigma, select_conditioning(conditioning, edges.parent_prompt[parents]))
+    mean, std, _ = transition_mean(x, velocity, sigma, sigma_next, config.tree.eta, sde=True)
+    rows, slot = _edge_rows(starts[parents], counts[parents])
+    slot = slot.to(device)
+    lp_new = gaussian_log_prob(
+        edges.child_latents[rows.to(device)], mean[slot], std[slot], config.tree.logprob_reduction
+    )
+    return lp_new, rows, mean, std
+
+
+def policy_update(
+    model: VelocityModel,
+    optimizer: torch.optim.Optimizer,
+    edges: TrainingEdges,
+    conditioning: Conditioning,
+    config: MethodConfig,
+    generator: torch.Generator | None = None,
+    reference_model: VelocityModel | None = None,
+) -> UpdateStats:
+    """Clipped GRPO updates over the trained edges of one iteration (SPEC §8).
+
+    The trained parents are shuffled (``update.shuffle_edges``) and split into
+    ``update.updates_per_iteration`` optimizer steps; within a step the loss is the mean over its
+    edges, accumulated over micro-batches of ``engine.train_micro_batch`` parents.
+    """
+    update = config.update
+    stats = UpdateStats(trained_edges=edges.num_edges, training_forwards=edges.num_parents)
+    if edges.num_edges == 0:
+        return stats
+    if update.kl_coef > 0 and reference_model is None:
+        raise ValueError("update.kl_coef > 0 needs a reference model (pass reference_model=...)")
+    counts = edges.edges_per_parent()
+    starts = torch.cumsum(counts, 0) - counts
+    order = (
+        torch.randperm(edges.num_parents, generator=generator)
+        if update.shuffle_edges
+        else torch.arange(edges.num_parents)
+    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    totals = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0}
+    chunks = [c for c in torch.tensor_split(order, update.updates_per_iteration) if c.numel()]
+    for step_index, chunk in enumerate(chunks):
+        chunk_edges = int(counts[chunk].sum())
+        optimizer.zero_grad(set_to_none=True)
+        for parents in chunk.split(config.engine.train_micro_batch):
+            lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)
+            rows_dev = rows.to(lp_new.device)
+            loss_e, ratio, clipped = clipped_surrogate(
+                lp_new, edges.lp_old[rows_dev], edges.advantage[rows_dev].to(lp_new.device), update.clip_range
+            )
+            kl_e = torch.zeros_like(loss_e)
+            if update.kl_coef > 0:
+                with torch.no_grad():
+                    device = edges.parent_latents.device
+                    x = edges.parent_latents[parents.to(device)]
+                    sigma = edges.parent_sigma[parents].to(device)
+                    ref_v = reference_model(x, sigma, select_conditioning(conditioning, edges.parent_prompt[parents]))
+                    ref_mean, _, _ = transition_mean(
+                        x, ref_v, sigma, edges.parent_sigma_next[parents].to(device), config.tree.eta, sde=True
+                    )
+                kl_parent = gaussian_kl_same_std(mean, ref_mean, std, config.tree.logprob_reduction)
+                kl_e = kl_parent.repeat_interleave(counts[parents].to(kl_parent.device))
+            objective = (loss_e + update.kl_coef * kl_e).sum() / chunk_edges
+            if not torch.isfinite(objective):
+                stats.nonfinite_micro_batches += 1
+                continue
+            objective.backward()
+            if step_index == 0:
+                deviation = float((ratio.detach() - 1).abs().max())
+                stats.ratio_max_deviation_first_step = max(stats.ratio_max_deviation_first_step, deviation)
+            totals["loss"] += float(loss_e.detach().sum())
+            totals["ratio"] += float(ratio.detach().sum())
+            totals["clipped"] += float(((ratio.detach() - 1).abs() > update.clip_range).sum())
+            totals["kl"] += float(kl_e.detach().sum())
+        if update.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, update.max_grad_norm)
+        else:
+            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+        stats.grad_norms.append(float(norm) if math.isfinite(float(norm)) else float("nan"))
+        optimizer.step()
+        stats.optimizer_steps += 1
+    n = edges.num_edges
+    stats.loss = totals["loss"] / n
+    stats.ratio_mean = totals["ratio"] / n
+    stats.clip_fraction = totals["clipped"] / n
+    stats.kl = totals["kl"] / n
+    return stats
