@@ -1,0 +1,5 @@
+import sys
+
+from branchgrpo.cli import main
+
+sys.exit(main())
