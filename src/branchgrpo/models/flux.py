@@ -1,5 +1,6 @@
-"""FLUX adapter core: latent packing, position ids and the velocity call of a diffusers
-``FluxTransformer2DModel`` behind the :class:`~branchgrpo.models.protocol.VelocityModel` protocol.
+"""FLUX.1 adapter: latent packing, position ids, the velocity call of a diffusers
+``FluxTransformer2DModel`` behind the :class:`~branchgrpo.models.protocol.VelocityModel` protocol,
+and :class:`FluxAdapter` (text encoding with an on-disk cache, VAE decoding, loading).
 
 Conventions match diffusers' ``FluxPipeline``: latents ``[B, C, H, W]`` are packed into 2×2
 patches ``[B, (H/2)(W/2), 4C]``; the transformer takes ``timestep = σ`` (it multiplies by 1000
@@ -8,11 +9,21 @@ itself) and, for guidance-distilled models, ``guidance = guidance_scale`` per ro
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from contextlib import nullcontext
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from branchgrpo.models.prompt_cache import (
+    PromptEmbeddingCache,
+    PromptNotCachedError,
+    cached_encode,
+    encoder_identity,
+)
 from branchgrpo.models.protocol import Conditioning
 
 
@@ -68,10 +79,10 @@ class FluxVelocity(torch.nn.Module):
         self.register_buffer("img_ids", latent_image_ids(latent_height, latent_width), persistent=False)
 
     def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
-        prompt_embeds = conditioning["prompt_embeds"]
-        pooled = conditioning["pooled_prompt_embeds"]
-        batch = latents.shape[0]
         param = next(self.transformer.parameters())
+        prompt_embeds = conditioning["prompt_embeds"].to(latents.device)
+        pooled = conditioning["pooled_prompt_embeds"].to(latents.device)
+        batch = latents.shape[0]
         dtype = self.compute_dtype or param.dtype
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=dtype)
         guidance = (
@@ -96,3 +107,302 @@ class FluxVelocity(torch.nn.Module):
                 return_dict=False,
             )[0]
         return out.float()
+
+
+# --------------------------------------------------------------------------------------------
+# The full FLUX adapter: text encoding (with an on-disk cache), the velocity model and decoding.
+# --------------------------------------------------------------------------------------------
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+
+
+def _config_fingerprint(config: Any) -> dict[str, Any]:
+    """The parts of a transformers config that change a model's output (no paths, versions, dtype)."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in items.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
+    if tokenizer is None:
+        return None
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        "class": type(tokenizer).__name__,
+        "model_max_length": int(tokenizer.model_max_length),
+        "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    }
+
+
+def flux_encoder_config(
+    text_encoder_config: Any,
+    text_encoder_2_config: Any,
+    tokenizer: Any,
+    tokenizer_2: Any,
+    max_sequence_length: int,
+    dtype: torch.dtype | str,
+) -> dict[str, Any]:
+    """Everything that changes FLUX prompt embeddings, hashed into the cache's encoder identity."""
+    return {
+        "family": "flux",
+        "text_encoder": _config_fingerprint(text_encoder_config),
+        "text_encoder_2": _config_fingerprint(text_encoder_2_config),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "tokenizer_2": _tokenizer_fingerprint(tokenizer_2),
+        "max_sequence_length": int(max_sequence_length),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def _module_device(module: torch.nn.Module | None) -> torch.device | None:
+    if module is None:
+        return None
+    param = next(module.parameters(), None)
+    return param.device if param is not None else None
+
+
+class FluxAdapter:
+    """FLUX.1 (dev/schnell-style) behind the engine's protocols.
+
+    Holds the ``FluxTransformer2DModel``, the ``AutoencoderKL`` and the CLIP-L + T5-XXL text
+    encoders with their tokenizers (any may be ``None`` when a job does not need it, e.g. no
+    transformer for prompt preprocessing, no text encoders when every prompt is cached).
+
+    - :meth:`encode_prompts` → ``{"prompt_embeds": [P, L, D], "pooled_prompt_embeds": [P, D']}``
+      through diffusers' ``FluxPipeline.encode_prompt``, read from / written to the prompt cache
+      when ``prompt_cache_dir`` is set;
+    - :meth:`velocity_model` → a :class:`FluxVelocity` on packed latents of one image size;
+    - :meth:`latent_shape` → ``(tokens, channels)`` of one packed latent;
+    - :meth:`decode` → images ``[B, 3, H, W]`` in ``[0, 1]``, in VAE batches.
+
+    Args:
+        source: path or hub id the weights came from (part of the prompt-cache identity).
+        height, width: default image size in pixels (multiples of ``2 · vae_scale_factor``).
+        compute_dtype: transformer autocast dtype; ``"auto"`` = bfloat16 on CUDA, none on CPU.
+        text_encoder_loader: returns ``(text_encoder, text_encoder_2)`` on first need (lazy load).
+        encoder_config: the :func:`flux_encoder_config` of the text encoders, needed for the cache
+            identity when the encoders are not loaded; derived from them when they are.
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module | None = None,
+        vae: torch.nn.Module | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        text_encoder_2: torch.nn.Module | None = None,
+        tokenizer_2: Any = None,
+        *,
+        source: str = "custom",
+        max_sequence_length: int = 512,
+        guidance_scale: float = 3.5,
+        height: int = 720,
+        width: int = 720,
+        compute_dtype: torch.dtype | str | None = "auto",
+        prompt_cache_dir: str | os.PathLike | None = None,
+        encode_batch_size: int = 8,
+        decode_batch_size: int = 4,
+        device: torch.device | str | None = None,
+        text_encoder_loader: Callable[[], tuple[torch.nn.Module, torch.nn.Module]] | None = None,
+        encoder_config: Mapping[str, Any] | None = None,
+    ):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.source = str(source)
+        self.max_sequence_length = int(max_sequence_length)
+        self.guidance_scale = guidance_scale
+        self.height, self.width = int(height), int(width)
+        self.compute_dtype = compute_dtype
+        self.prompt_cache_dir = prompt_cache_dir
+        self.encode_batch_size = int(encode_batch_size)
+        self.decode_batch_size = int(decode_batch_size)
+        self._device = torch.device(device) if device is not None else None
+        self._text_encoder_loader = text_encoder_loader
+        self._encoder_config = dict(encoder_config) if encoder_config is not None else None
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str | None = None, **kwargs: Any) -> "FluxAdapter":
+        """Load from a diffusers-layout folder or hub id; see :func:`branchgrpo.models.loading.load_flux_adapter`."""
+        from branchgrpo.models.loading import load_flux_adapter
+
+        return load_flux_adapter(path_or_hub_id, dtype=dtype, device=device, **kwargs)
+
+    # -- devices and sizes ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where outputs go: the given device, else the transformer's, else the text encoder's, else CPU."""
+        if self._device is not None:
+            return self._device
+        for module in (self.transformer, self.text_encoder_2, self.vae):
+            found = _module_device(module)
+            if found is not None:
+                return found
+        return torch.device("cpu")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for FLUX), diffusers' ``2 ** (len(block_out_channels) − 1)``."""
+        if self.vae is None:
+            return 8
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Unpacked latent ``(H, W)`` of an image of ``height × width`` pixels."""
+        height, width = height or self.height, width or self.width
+        multiple = 2 * self.vae_scale_factor
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"FLUX image size must be a multiple of {multiple} pixels (VAE factor {self.vae_scale_factor} "
+                f"× 2×2 packing), got {height}x{width}"
+            )
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Shape ``(tokens, channels)`` of one packed latent: ``((H/2)(W/2), 4·latent_channels)``."""
+        latent_h, latent_w = self.latent_size(height, width)
+        if self.transformer is not None:
+            channels = int(self.transformer.config.in_channels)
+        elif self.vae is not None:
+            channels = 4 * int(self.vae.config.latent_channels)
+        else:
+            channels = 64
+        return (latent_h // 2) * (latent_w // 2), channels
+
+    # -- velocity ---------------------------------------------------------------------------
+    def velocity_model(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | None = None,
+        compute_dtype: torch.dtype | str | None = None,
+    ) -> FluxVelocity:
+        """The transformer as ``vθ(x, σ, c)`` on packed latents of one image size (SPEC §1–2)."""
+        if self.transformer is None:
+            raise ValueError("this FluxAdapter was built without a transformer (load it with load_transformer=True)")
+        latent_h, latent_w = self.latent_size(height, width)
+        compute_dtype = self.compute_dtype if compute_dtype is None else compute_dtype
+        if compute_dtype == "auto":
+            on_cuda = (_module_device(self.transformer) or torch.device("cpu")).type == "cuda"
+            compute_dtype = torch.bfloat16 if on_cuda else None
+        return FluxVelocity(
+            self.transformer,
+            latent_h,
+            latent_w,
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            compute_dtype=compute_dtype,
+        )
+
+    # -- prompts ----------------------------------------------------------------------------
+    @property
+    def encoder_config(self) -> dict[str, Any]:
+        """:func:`flux_encoder_config` of the text encoders (what the cache identity hashes)."""
+        if self._encoder_config is not None:  # fixed at load time, so lazy loading never moves the cache
+            return {**self._encoder_config, "max_sequence_length": self.max_sequence_length}
+        if self.text_encoder is not None and self.text_encoder_2 is not None:
+            return flux_encoder_config(
+                self.text_encoder.config, self.text_encoder_2.config, self.tokenizer, self.tokenizer_2,
+                self.max_sequence_length, self.text_encoder_2.dtype,
+            )
+        raise ValueError(
+            "the prompt-cache identity needs the text encoders or their encoder_config "
+            "(FluxAdapter.from_pretrained provides it)"
+        )
+
+    @property
+    def encoder_identity(self) -> str:
+        """Cache folder name: ``source`` + hash of :attr:`encoder_config`."""
+        return encoder_identity(self.source, self.encoder_config)
+
+    @property
+    def encoder_description(self) -> dict[str, Any]:
+        return {"source": self.source, "config": self.encoder_config}
+
+    def prompt_cache(self, cache_dir: str | os.PathLike | None = None) -> PromptEmbeddingCache | None:
+        """The cache for this encoder under ``cache_dir`` (default: ``prompt_cache_dir``), or None."""
+        cache_dir = cache_dir if cache_dir is not None else self.prompt_cache_dir
+        if cache_dir is None:
+            return None
+        return PromptEmbeddingCache(cache_dir, self.encoder_identity, self.encoder_description)
+
+    def _ensure_text_encoders(self, missing: Sequence[str]) -> None:
+        if self.text_encoder is not None and self.text_encoder_2 is not None:
+            return
+        if self._text_encoder_loader is None:
+            where = f" in the prompt cache {self.prompt_cache(None).directory}" if self.prompt_cache_dir else ""
+            raise PromptNotCachedError(
+                f"{len(missing)} prompt(s) have no embedding{where} and no text encoders are loaded "
+                f"(first: {missing[0]!r}). Run `branchgrpo preprocess` on these prompts first, or load the "
+                "adapter with text_encoders='load' or 'lazy'."
+            )
+        self.text_encoder, self.text_encoder_2 = self._text_encoder_loader()
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders (e.g. after preprocessing) so their memory can be reclaimed."""
+        if self.text_encoder is not None and self.text_encoder_2 is not None and self._encoder_config is None:
+            self._encoder_config = self.encoder_config
+        self.text_encoder = None
+        self.text_encoder_2 = None
+
+    @torch.no_grad()
+    def encode_prompts_uncached(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Encode without the cache, through diffusers' ``FluxPipeline.encode_prompt``."""
+        from diffusers import FluxPipeline
+
+        prompts = [str(p) for p in prompts]
+        self._ensure_text_encoders(prompts)
+        pipeline = FluxPipeline(
+            scheduler=None, vae=None, transformer=None,
+            text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+        )
+        prompt_embeds, pooled, _ = pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """``P`` prompts → ``{"prompt_embeds": [P, L, D], "pooled_prompt_embeds": [P, D']}`` on :attr:`device`.
+
+        With ``prompt_cache_dir`` set, cached prompts are read back and the others encoded in
+        batches of ``encode_batch_size`` and stored (text encoders load only on a miss).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        encoded = cached_encode(self, list(prompts), self.prompt_cache(), self.encode_batch_size)
+        return {name: value.to(self.device) for name, value in encoded.items()}
+
+    # -- decoding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(
+        self,
+        packed_latents: Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        """Packed latents ``[B, N, 4C]`` → images ``[B, 3, H, W]`` float32 in ``[0, 1]``.
+
+        As ``FluxPipeline``: unpack, ``z / scaling_factor + shift_factor``, ``vae.decode``,
+        denormalise; ``batch_size`` (default ``decode_batch_size``) latents per VAE call.
+        """
+        from diffusers.image_processor import VaeImageProcessor
+
+        if self.vae is None:
+            raise ValueError("this FluxAdapter was built without a VAE (load it with load_vae=True)")
+        latent_h, latent_w = self.latent_size(height, width)
+        batch_size = batch_size or self.decode_batch_size
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        vae_device, vae_dtype = _module_device(self.vae), self.vae.dtype
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        images = []
+        for start in range(0, packed_latents.shape[0], batch_size):
+            packed = packed_latents[start : start + batch_size].float()
+            latents = unpack_latents(packed, latent_h, latent_w) / config.scaling_factor + shift
+            image = self.vae.decode(latents.to(device=vae_device, dtype=vae_dtype), return_dict=False)[0]
+            images.append(processor.postprocess(image.float(), output_type="pt"))
+        return torch.cat(images, dim=0)
