@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from branchgrpo.models.flux import FluxAdapter, flux_encoder_config
+from branchgrpo.models.flux import FluxAdapter, diffusers_dynamic_shift, flux_encoder_config
 from branchgrpo.models.loading import ModelFilesNotFoundError, missing_files
 from branchgrpo.models.prompt_cache import PromptNotCachedError, preprocess_prompts
 from branchgrpo.sde import sigma_schedule
@@ -121,6 +121,24 @@ def test_sigma_schedule_equals_scheduler_sigmas(steps):
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))  # FluxPipeline's default sigmas
     ours = sigma_schedule(steps, 3.0).float()
     # The scheduler holds float32: one rounding of each σ.
+    torch.testing.assert_close(scheduler.sigmas, ours, rtol=0, atol=float(torch.finfo(torch.float32).eps))
+
+
+@pytest.mark.parametrize("resolution", [512, 720, 1024])
+def test_dynamic_shift_reproduces_flux_dev_default_schedule(resolution):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    steps = 20
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    mu = calculate_shift((resolution // 16) ** 2)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    shift = diffusers_dynamic_shift(resolution, resolution)
+    assert shift == pytest.approx(np.exp(mu))
+    ours = sigma_schedule(steps, shift).float()
     torch.testing.assert_close(scheduler.sigmas, ours, rtol=0, atol=float(torch.finfo(torch.float32).eps))
 
 

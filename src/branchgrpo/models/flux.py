@@ -9,8 +9,7 @@ itself) and, for guidance-distilled models, ``guidance = guidance_scale`` per ro
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Sequence
@@ -22,7 +21,9 @@ from branchgrpo.models.prompt_cache import (
     PromptEmbeddingCache,
     PromptNotCachedError,
     cached_encode,
+    config_fingerprint,
     encoder_identity,
+    tokenizer_fingerprint,
 )
 from branchgrpo.models.protocol import Conditioning
 
@@ -109,29 +110,22 @@ class FluxVelocity(torch.nn.Module):
         return out.float()
 
 
+def diffusers_dynamic_shift(height: int, width: int, vae_scale_factor: int = 8) -> float:
+    """The ``shift`` that reproduces diffusers' FLUX.1-dev default schedule at ``height × width``.
+
+    FLUX.1-dev's scheduler uses resolution-dependent ("dynamic") shifting: ``μ`` from the packed
+    token count, ``σ' = e^μ / (e^μ + 1/σ − 1)``, which is SPEC §2's formula with ``shift = e^μ``
+    (2.22 at 720², 3.16 at 1024²). The anchors and SPEC use a fixed ``shift = 3`` instead.
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
+    return math.exp(calculate_shift(tokens, 256, 4096, 0.5, 1.15))  # FLUX.1-dev scheduler_config.json
+
+
 # --------------------------------------------------------------------------------------------
 # The full FLUX adapter: text encoding (with an on-disk cache), the velocity model and decoding.
 # --------------------------------------------------------------------------------------------
-
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
-
-
-def _config_fingerprint(config: Any) -> dict[str, Any]:
-    """The parts of a transformers config that change a model's output (no paths, versions, dtype)."""
-    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: v for k, v in items.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
-    if tokenizer is None:
-        return None
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return {
-        "class": type(tokenizer).__name__,
-        "model_max_length": int(tokenizer.model_max_length),
-        "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
-    }
-
 
 def flux_encoder_config(
     text_encoder_config: Any,
@@ -144,10 +138,10 @@ def flux_encoder_config(
     """Everything that changes FLUX prompt embeddings, hashed into the cache's encoder identity."""
     return {
         "family": "flux",
-        "text_encoder": _config_fingerprint(text_encoder_config),
-        "text_encoder_2": _config_fingerprint(text_encoder_2_config),
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "tokenizer_2": _tokenizer_fingerprint(tokenizer_2),
+        "text_encoder": config_fingerprint(text_encoder_config),
+        "text_encoder_2": config_fingerprint(text_encoder_2_config),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer_2": tokenizer_fingerprint(tokenizer_2),
         "max_sequence_length": int(max_sequence_length),
         "dtype": str(dtype).replace("torch.", ""),
     }

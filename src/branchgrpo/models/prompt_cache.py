@@ -66,6 +66,27 @@ def encoder_identity(source: str, config: Mapping[str, Any]) -> str:
     return f"{slug}--{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+
+
+def config_fingerprint(config: Any) -> dict[str, Any]:
+    """The parts of a transformers config that change a model's output (no paths, versions, dtype)."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in items.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any] | None:
+    """Class, max length and a hash of the vocabulary of a transformers tokenizer (None → None)."""
+    if tokenizer is None:
+        return None
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        "class": type(tokenizer).__name__,
+        "model_max_length": int(tokenizer.model_max_length),
+        "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    }
+
+
 def prompt_hash(prompt: str) -> str:
     """SHA-256 of the UTF-8 prompt text (the per-prompt cache key)."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
@@ -244,7 +265,9 @@ __all__ = [
     "PromptNotCachedError",
     "PreprocessReport",
     "cached_encode",
+    "config_fingerprint",
     "encoder_identity",
     "preprocess_prompts",
     "prompt_hash",
+    "tokenizer_fingerprint",
 ]

@@ -246,7 +246,14 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.selection.depth_pruning is not None:
             self.selection.depth_pruning.validate(self.tree)
-        if self.selection.width_pruning != "none" and self.tree.last_split_step is None and self.tree.roots_per_prompt == 1:
+        width = self.selection.width_pruning
+        if width == "parent_top1" and self.tree.last_split_step is None:
             raise ConfigError(
-                "selection.width_pruning", "needs a tree with at least one split (tree.split_plan is empty)"
+                "selection.width_pruning",
+                "parent_top1 groups chains by their parent at the last split, but tree.split_plan is empty; "
+                "use 'extreme' or 'none'",
+            )
+        if width == "extreme" and self.tree.last_split_step is None and self.tree.roots_per_prompt == 1:
+            raise ConfigError(
+                "selection.width_pruning", "needs more than one chain per prompt (a split or roots_per_prompt > 1)"
             )
