@@ -293,7 +293,7 @@ def test_missing_folder_raises_a_download_hint(tmp_path):
     with pytest.raises(ModelFilesNotFoundError) as info:
         FluxAdapter.from_pretrained(tmp_path / "FLUX.1-dev", dtype=torch.float32)
     message = str(info.value)
-    assert "black-forest-labs/FLUX.1-dev" in message and "huggingface-cli download" in message
+    assert "black-forest-labs/FLUX.1-dev" in message and "hf download" in message
     assert "text_encoder_2/" in message and str(tmp_path / "FLUX.1-dev") in message
 
 

@@ -29,6 +29,9 @@ FLUX_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
     "tokenizer_2": (("tokenizer.json", "spiece.model"),),
 }
 
+_DOWNLOAD_PATTERNS = ("model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
+                      "tokenizer/*", "tokenizer_2/*")
+
 FLUX_LAYOUT_TEXT = """\
   <folder>/
     model_index.json
@@ -56,11 +59,11 @@ class ModelFilesNotFoundError(FileNotFoundError):
         if detail:
             lines.append(f"({detail})")
         target = location if not _looks_like_hub_id(location) or os.path.isabs(location) else "/path/to/FLUX.1-dev"
+        include = " ".join(f"--include '{pattern}'" for pattern in _DOWNLOAD_PATTERNS)
         lines += [
             f"Download {hub_id} (gated: accept its licence on https://huggingface.co/{hub_id} and run "
-            "`huggingface-cli login` first), only the diffusers subfolders:",
-            f"    huggingface-cli download {hub_id} --local-dir {target} --include 'model_index.json' "
-            "'transformer/*' 'vae/*' 'text_encoder/*' 'text_encoder_2/*' 'tokenizer/*' 'tokenizer_2/*'",
+            "`hf auth login` first), only the diffusers subfolders:",
+            f"    hf download {hub_id} --local-dir {target} {include}",
             "and pass that folder as the model path. Expected layout:",
             layout,
         ]
