@@ -274,7 +274,10 @@ class FluxAdapter:
         guidance_scale: float | None = None,
         compute_dtype: torch.dtype | str | None = None,
     ) -> FluxVelocity:
-        """The transformer as ``vθ(x, σ, c)`` on packed latents of one image size (SPEC §1–2)."""
+        """The transformer as ``vθ(x, σ, c)`` on packed latents of one image size (SPEC §1–2).
+
+        ``guidance_scale``/``compute_dtype`` default to the adapter's; ``torch.float32`` = no autocast.
+        """
         if self.transformer is None:
             raise ValueError("this FluxAdapter was built without a transformer (load it with load_transformer=True)")
         latent_h, latent_w = self.latent_size(height, width)
