@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from branchgrpo.config import ConfigError
 from branchgrpo.tree.nfe import Plan, plan
@@ -82,6 +83,106 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    from branchgrpo.train.config import load_train_config
+
+    config_file = args.config
+    run_dir = getattr(args, "run", None)
+    if run_dir is not None:
+        resolved = Path(run_dir) / "config.yaml"
+        if not resolved.is_file():
+            raise CliError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `branchgrpo train` wrote")
+        config_file = config_file or resolved
+    return load_train_config(config_file, getattr(args, "preset", None), args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from branchgrpo.train.trainer import train
+
+    config = _train_config(args)
+    summary = train(config)
+    print(
+        f"done: {summary.iterations} iterations in {summary.seconds:.0f} s; held-out mean reward "
+        f"{summary.eval_reward_start:.4f} -> {summary.eval_reward_end:.4f}; results in {summary.output_dir}"
+    )
+    return 0
+
+
+def _load_run_generator(args: argparse.Namespace):
+    from branchgrpo.train.components import build_generator, build_reward, resolve_device
+    from branchgrpo.train.weights import load_weights
+
+    config = _train_config(args)
+    device = resolve_device(config.run.device)
+    generator = build_generator(config, device)
+    weights = args.weights
+    if weights is None and args.run is not None:
+        weights = Path(args.run) / "weights" / "model.safetensors"
+    if weights is not None:
+        if not Path(weights).exists():
+            raise CliError(f"weights file {weights} does not exist")
+        load_weights(generator.trainable, weights)
+    return config, device, generator, build_reward(config, generator, device)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from branchgrpo.train.evaluation import sample, save_image_grid
+
+    config, device, generator, _ = _load_run_generator(args)
+    prompts = args.prompt or generator.heldout_prompts
+    if not prompts:
+        raise CliError("no prompts: pass --prompt TEXT (repeatable)")
+    eta = config.method.tree.eta if args.eta is None else args.eta
+    images, _ = sample(generator, prompts, args.num, config.method.tree, eta, args.seed,
+                       config.method.engine.rollout_micro_batch, device)
+    path = save_image_grid(images, Path(args.out), columns=args.num)
+    print(f"wrote {images.shape[0]} images ({len(prompts)} prompts x {args.num}) to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from branchgrpo.train.evaluation import evaluate
+
+    config, device, generator, reward = _load_run_generator(args)
+    if args.samples is not None:
+        config.eval.samples_per_prompt = args.samples
+    result = evaluate(generator, reward, generator.heldout_prompts, config, device)
+    rows = result.per_prompt()
+    width = max(len(p) for p in rows)
+    print(f"{'prompt':<{width}}  {config.reward.name}")
+    for prompt, value in rows.items():
+        print(f"{prompt:<{width}}  {value:.4f}")
+    print(f"{'mean':<{width}}  {result.mean_reward:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"mean": result.mean_reward, "per_prompt": rows}, indent=2) + "\n")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from branchgrpo.models.loading import load_flux_adapter
+    from branchgrpo.models.prompt_cache import preprocess_prompts
+    from branchgrpo.train.components import read_prompt_file
+
+    config = _train_config(args)
+    if config.model.family != "flux":
+        raise CliError("preprocess fills the FLUX prompt-embedding cache; set model.family=flux (the digits world needs none)")
+    if config.model.prompt_cache_dir is None:
+        raise CliError("set model.prompt_cache_dir=FOLDER: where the prompt embeddings are stored")
+    prompts = []
+    for path, field in ((config.data.train_prompts, "data.train_prompts"), (config.data.heldout_prompts, "data.heldout_prompts")):
+        if path is not None:
+            prompts += read_prompt_file(path, field)
+    if not prompts:
+        raise CliError("no prompt files: set data.train_prompts (and data.heldout_prompts)")
+    adapter = load_flux_adapter(
+        config.model.path, load_transformer=False, load_vae=False, text_encoders="load",
+        max_sequence_length=config.model.max_sequence_length, prompt_cache_dir=config.model.prompt_cache_dir,
+    )
+    report = preprocess_prompts(adapter, prompts, config.model.prompt_cache_dir)
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="branchgrpo", description="Tree-structured GRPO for flow-matching generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tree.steps=16 iteration=30")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("train", help="train a generator with a GRPO method (default: BranchGRPO on the digits world)")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--preset", help="method preset (see `branchgrpo presets`); overrides the config's")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.iterations=20 method.tree.eta=0.5")
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext, func in (
+        ("sample", "generate images from a run's weights", cmd_sample),
+        ("eval", "score weights on the held-out prompts", cmd_eval),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", help="run directory written by `branchgrpo train`")
+        p.add_argument("--weights", help="weights file (default: RUN/weights/model.safetensors; none: the base model)")
+        p.add_argument("--config", help="YAML config file (default: RUN/config.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.set_defaults(func=func)
+        if name == "sample":
+            p.add_argument("--prompt", action="append", help="prompt (repeatable; default: the held-out prompts)")
+            p.add_argument("--num", type=int, default=4, help="images per prompt")
+            p.add_argument("--eta", type=float, help="sampler eta (default: the method's; 0 = ODE)")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", default="samples.png", help="output PNG grid")
+        else:
+            p.add_argument("--samples", type=int, help="samples per prompt (default: eval.samples_per_prompt)")
+            p.add_argument("--json", help="also write the scores to this JSON file")
+
+    p = sub.add_parser("preprocess", help="fill the FLUX prompt-embedding cache ahead of training")
+    p.add_argument("--config", help="YAML config file (needs model.path, model.prompt_cache_dir, data.*_prompts)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_preprocess, run=None)
+
     p = sub.add_parser("presets", help="list the method presets")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -103,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CliError) as err:
+    except (ConfigError, CliError, FileNotFoundError) as err:
         print(f"branchgrpo: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("branchgrpo: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

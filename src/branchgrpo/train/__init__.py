@@ -1,0 +1,1 @@
+"""Training: config, components, the trainer loop, evaluation, logging and weights."""

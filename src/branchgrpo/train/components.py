@@ -1,0 +1,152 @@
+"""Build the trainer's parts from config: the generator bundle, the reward, the prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from branchgrpo.config import ConfigError
+from branchgrpo.train.config import TrainConfig
+
+RewardFn = Callable[[Tensor, list[str]], Tensor]
+KNOWN_REWARDS = ("digits", "hps", "pickscore", "imagereward", "clip", "aesthetic")
+
+
+@dataclass
+class Generator:
+    """What the trainer needs of a model family (thin, so FLUX and the digits world look alike)."""
+
+    family: str
+    policy: torch.nn.Module  # VelocityModel; its trainable parameters are what GRPO updates
+    trainable: torch.nn.Module  # the module whose state dict is saved (the transformer)
+    latent_shape: tuple[int, ...]
+    encode_prompts: Callable[[list[str]], dict[str, Tensor]]
+    decode: Callable[[Tensor], Tensor]  # leaf x̂0 latents → images [B, C, H, W] in [0, 1]
+    train_prompts: list[str]
+    heldout_prompts: list[str]
+    builtin_reward: RewardFn | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device", f"{name} was asked for but torch sees no CUDA device; use run.device=cpu")
+    return device
+
+
+def read_prompt_file(path: str, field: str) -> list[str]:
+    """One prompt per line; blank lines and ``#`` comments skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(field, f"prompt file {file} does not exist")
+    prompts = [line.strip() for line in file.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ConfigError(field, f"prompt file {file} holds no prompts (one prompt per line)")
+    return prompts
+
+
+def build_generator(config: TrainConfig, device: torch.device) -> Generator:
+    """The model family named by ``model.family`` on ``device``."""
+    model = config.model
+    if model.family == "digits":
+        from branchgrpo.worlds.digits import DigitsWorld
+
+        if model.path is not None and not Path(model.path).exists():
+            raise ConfigError("model.path", f"generator weights {model.path} do not exist (a .safetensors file)")
+        world = DigitsWorld.load(device=device, generator_weights=model.path)
+        generator = Generator(
+            family="digits",
+            policy=world.policy,
+            trainable=world.policy.transformer,
+            latent_shape=tuple(world.latent_shape),
+            encode_prompts=world.encode_prompts,
+            decode=world.decode,
+            train_prompts=list(world.train_prompts),
+            heldout_prompts=list(world.heldout_prompts),
+            builtin_reward=world.reward,
+        )
+    else:
+        generator = _build_flux(config, device)
+    if config.data.train_prompts is not None:
+        generator.train_prompts = read_prompt_file(config.data.train_prompts, "data.train_prompts")
+    if config.data.heldout_prompts is not None:
+        generator.heldout_prompts = read_prompt_file(config.data.heldout_prompts, "data.heldout_prompts")
+    if not generator.train_prompts:
+        raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
+    return generator
+
+
+def _build_flux(config: TrainConfig, device: torch.device) -> Generator:
+    from branchgrpo.models.flux import FluxAdapter
+
+    model = config.model
+    if model.path is None:
+        raise ConfigError("model.path", "FLUX needs a local diffusers folder or a hub id (e.g. black-forest-labs/FLUX.1-dev)")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[model.dtype]
+    adapter = FluxAdapter.from_pretrained(
+        model.path, dtype=dtype, device=device, height=model.height, width=model.width,
+        guidance_scale=model.guidance_scale, prompt_cache_dir=model.prompt_cache_dir,
+        max_sequence_length=model.max_sequence_length, decode_batch_size=model.decode_batch,
+    )
+    policy = adapter.velocity_model()
+    return Generator(
+        family="flux",
+        policy=policy,
+        trainable=adapter.transformer,
+        latent_shape=tuple(adapter.latent_shape()),
+        encode_prompts=adapter.encode_prompts,
+        decode=adapter.decode,
+        train_prompts=[],
+        heldout_prompts=[],
+    )
+
+
+def check_reward_config(config: TrainConfig) -> None:
+    """Fail fast (before any model loads) on an unknown reward or a missing checkpoint file."""
+    reward = config.reward
+    if reward.name not in KNOWN_REWARDS:
+        raise ConfigError("reward.name", f"unknown reward {reward.name!r}; allowed values: {', '.join(KNOWN_REWARDS)}")
+    if reward.name == "digits":
+        if config.model.family != "digits":
+            raise ConfigError("reward.name", "the digits reward scores digits-world images only (model.family=digits)")
+        return
+    if reward.checkpoint is None:
+        raise ConfigError(
+            "reward.checkpoint",
+            f"reward {reward.name!r} needs its checkpoint file; set reward.checkpoint=PATH (see docs/rewards.md)",
+        )
+    if not Path(reward.checkpoint).is_file():
+        raise ConfigError("reward.checkpoint", f"checkpoint file {reward.checkpoint} for reward {reward.name!r} does not exist")
+
+
+def build_reward(config: TrainConfig, generator: Generator, device: torch.device) -> RewardFn:
+    """The reward named by ``reward.name`` (checked by :func:`check_reward_config` first)."""
+    check_reward_config(config)
+    if config.reward.name == "digits":
+        assert generator.builtin_reward is not None
+        return generator.builtin_reward
+    reward = config.reward
+    raise ConfigError(
+        "reward.name",
+        f"reward {reward.name!r} is not built into this version yet (only 'digits' is); "
+        "it comes with the rewards module",
+    )
+
+
+def batched_reward(reward: RewardFn, images: Tensor, prompts: list[str], batch_size: int) -> Tensor:
+    """Score images in batches of ``batch_size``; refuses NaN/Inf scores."""
+    scores = []
+    for start in range(0, images.shape[0], batch_size):
+        scores.append(reward(images[start : start + batch_size], prompts[start : start + batch_size]).float().cpu())
+    out = torch.cat(scores)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("the reward returned NaN or Inf; refusing to train on missing rewards")
+    return out

@@ -1,0 +1,55 @@
+"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard events, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Writes every iteration's metrics to ``metrics.jsonl`` and TensorBoard; shows progress."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True, progress: bool = True, total: int = 0):
+        self.output_dir = Path(output_dir)
+        self.file = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True)
+
+    def log(self, metrics: dict) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        step = int(metrics["iteration"])
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                reward=f"{metrics['reward_mean']:.3f}",
+                rollout=f"{metrics['time/rollout']:.1f}s",
+                train=f"{metrics['time/train']:.1f}s",
+                nfe=f"{metrics['nfe/rollout_calls']:.0f}/{metrics['nfe/training_forwards']:.0f}",
+            )
+
+    def log_eval(self, iteration: int, mean_reward: float) -> None:
+        self.file.write(json.dumps({"iteration": iteration, "eval_reward": mean_reward}) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar("eval/reward", mean_reward, iteration)
+        if self.bar is not None:
+            self.bar.write(f"eval @ {iteration}: held-out mean reward {mean_reward:.4f}")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

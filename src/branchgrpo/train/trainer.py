@@ -1,0 +1,192 @@
+"""The training loop. One iteration reads like the algorithm (SPEC §4–8):
+
+prompts → rollout trees → batched decode + rewards → fusion and advantages → edge selection →
+micro-batched clipped updates → logging.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from branchgrpo.train.components import (
+    Generator, RewardFn, batched_reward, build_generator, build_reward, check_reward_config, resolve_device,
+)
+from branchgrpo.train.config import TrainConfig, dump_config
+from branchgrpo.train.evaluation import evaluate, save_image_grid
+from branchgrpo.train.logging import MetricsLogger
+from branchgrpo.train.weights import save_weights
+from branchgrpo.tree.dump import save_tree
+from branchgrpo.tree.rollout import rollout
+from branchgrpo.tree.scoring import score_tree
+from branchgrpo.update import gather_training_edges, policy_update
+
+
+class PromptSampler:
+    """Deterministic epochs over the training prompts: each epoch is a seeded permutation."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        self.prompts = list(prompts)
+        self.seed = seed
+        self.position = 0  # prompts handed out so far (the data position a resume restores)
+
+    def next(self, count: int) -> list[str]:
+        out = []
+        for _ in range(count):
+            epoch, index = divmod(self.position, len(self.prompts))
+            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch))
+            out.append(self.prompts[int(order[index])])
+            self.position += 1
+        return out
+
+
+def iteration_generator(seed: int, iteration: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Independent, reproducible random stream per (seed, iteration, purpose)."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    iterations: int
+    eval_reward_start: float | None
+    eval_reward_end: float | None
+    seconds: float
+
+
+class Trainer:
+    """Holds the parts of a run; :meth:`run` executes it."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        if config.run.threads > 0:
+            torch.set_num_threads(config.run.threads)
+        self.device = resolve_device(config.run.device)
+        check_reward_config(config)
+        self.generator: Generator = build_generator(config, self.device)
+        self.reward: RewardFn = build_reward(config, self.generator, self.device)
+        params = [p for p in self.generator.trainable.parameters() if p.requires_grad]
+        update = config.method.update
+        self.optimizer = torch.optim.AdamW(params, lr=update.learning_rate, weight_decay=update.weight_decay)
+        self.sampler = PromptSampler(self.generator.train_prompts, config.run.seed)
+        self.output_dir = Path(config.run.output_dir)
+        self.iteration = 0
+
+    # -- one iteration ----------------------------------------------------------------------
+    def step(self) -> dict:
+        """One GRPO iteration; returns its metrics."""
+        cfg, method, gen = self.config, self.config.method, self.generator
+        it = self.iteration
+        times: dict[str, float] = {}
+
+        start = time.perf_counter()
+        prompts = self.sampler.next(cfg.data.prompts_per_iteration)
+        conditioning = gen.encode_prompts(prompts)
+        times["encode"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        gen.policy.eval()
+        tree = rollout(
+            gen.policy, conditioning, method.tree, len(prompts), gen.latent_shape,
+            generator=iteration_generator(cfg.run.seed, it, 0), iteration=it,
+            micro_batch=method.engine.rollout_micro_batch, device=self.device,
+        )
+        times["rollout"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        leaf_prompts = [prompts[int(g)] for g in tree.group[-1]]
+        with torch.no_grad():
+            images = gen.decode(tree.leaf_x0)
+        leaf_rewards = batched_reward(self.reward, images, leaf_prompts, cfg.reward.batch_size)
+        times["reward"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scores = score_tree(tree, leaf_rewards.to(torch.float64), method, generator=iteration_generator(cfg.run.seed, it, 1))
+        edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
+        gen.policy.train()
+        stats = policy_update(
+            gen.policy, self.optimizer, edges, conditioning, method, generator=iteration_generator(cfg.run.seed, it, 2)
+        )
+        gen.policy.eval()
+        times["train"] = time.perf_counter() - start
+
+        if cfg.run.dump_tree_every and it % cfg.run.dump_tree_every == 0:
+            save_tree(self.output_dir / "trees" / f"iter_{it:06d}.safetensors", tree, scores, method)
+
+        advantages = torch.cat([a for a in scores.edge_advantage[1:]])
+        metrics = {
+            "iteration": it,
+            "reward_mean": float(leaf_rewards.mean()),
+            "reward_std": float(leaf_rewards.std()) if leaf_rewards.numel() > 1 else 0.0,
+            "reward_min": float(leaf_rewards.min()),
+            "reward_max": float(leaf_rewards.max()),
+            "advantage_abs_mean": float(advantages.abs().mean()),
+            "fusion_entropy_ratio": scores.fused.root_entropy_ratio(),
+            "loss": stats.loss,
+            "ratio_mean": stats.ratio_mean,
+            "ratio_max_deviation_first_step": stats.ratio_max_deviation_first_step,
+            "clip_fraction": stats.clip_fraction,
+            "kl": stats.kl,
+            "grad_norm": stats.grad_norms[-1] if stats.grad_norms else 0.0,
+            "optimizer_steps": stats.optimizer_steps,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "nonfinite_micro_batches": stats.nonfinite_micro_batches,
+            **{f"nfe/{k}": v for k, v in asdict(scores.nfe).items()},
+            "nfe/rollout_calls_measured": tree.rollout_calls,
+            **{f"time/{k}": v for k, v in times.items()},
+            "time/iteration": sum(times.values()),
+        }
+        self.iteration += 1
+        return metrics
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, tag: str) -> float:
+        cfg = self.config
+        prompts = self.generator.heldout_prompts
+        if cfg.eval.max_prompts:
+            prompts = prompts[: cfg.eval.max_prompts]
+        result = evaluate(self.generator, self.reward, prompts, cfg, device=self.device)
+        if cfg.run.sample_grid_every:
+            save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png", columns=cfg.eval.samples_per_prompt)
+        return result.mean_reward
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        cfg = self.config
+        started = time.perf_counter()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+        logger = MetricsLogger(self.output_dir, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                               total=cfg.run.iterations)
+        eval_start = self.evaluate(f"iter_{self.iteration:06d}")
+        logger.log_eval(self.iteration, eval_start)
+        eval_end = eval_start
+        try:
+            while self.iteration < cfg.run.iterations:
+                metrics = self.step()
+                logger.log(metrics)
+                done = self.iteration
+                if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.run.iterations:
+                    eval_end = self.evaluate(f"iter_{done:06d}")
+                    logger.log_eval(done, eval_end)
+        finally:
+            logger.close()
+        save_weights(self.generator.trainable, self.output_dir / "weights")
+        summary = RunSummary(
+            output_dir=str(self.output_dir),
+            iterations=self.iteration,
+            eval_reward_start=eval_start,
+            eval_reward_end=eval_end,
+            seconds=time.perf_counter() - started,
+        )
+        (self.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        return summary
+
+
+def train(config: TrainConfig) -> RunSummary:
+    """Run a whole training job described by ``config``."""
+    return Trainer(config).run()

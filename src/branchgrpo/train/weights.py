@@ -1,0 +1,49 @@
+"""Saving and loading trained weights as safetensors (atomic), with the module's config."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_weights(module: torch.nn.Module, folder: Path) -> Path:
+    """``folder/model.safetensors`` (+ ``config.json`` for diffusers/transformers modules)."""
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    path = atomic_save_safetensors(state, folder / "model.safetensors")
+    config = getattr(module, "config", None)
+    if config is not None:
+        try:
+            (folder / "config.json").write_text(json.dumps(dict(config), indent=2, default=str) + "\n")
+        except (TypeError, ValueError):
+            pass
+    return path
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Strictly load a safetensors state dict (a file or a folder holding ``model.safetensors``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    module.load_state_dict(load_file(str(path)), strict=True)
