@@ -61,14 +61,16 @@ class RunSummary:
 class Trainer:
     """Holds the parts of a run; :meth:`run` executes it."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, generator: Generator | None = None, reward: RewardFn | None = None):
+        """Parts are built from ``config`` unless given (tests and custom models pass their own)."""
         self.config = config
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
         self.device = resolve_device(config.run.device)
-        check_reward_config(config)
-        self.generator: Generator = build_generator(config, self.device)
-        self.reward: RewardFn = build_reward(config, self.generator, self.device)
+        if reward is None:
+            check_reward_config(config)
+        self.generator: Generator = generator or build_generator(config, self.device)
+        self.reward: RewardFn = reward or build_reward(config, self.generator, self.device)
         params = [p for p in self.generator.trainable.parameters() if p.requires_grad]
         update = config.method.update
         self.optimizer = torch.optim.AdamW(params, lr=update.learning_rate, weight_decay=update.weight_decay)
