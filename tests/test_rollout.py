@@ -429,7 +429,8 @@ def test_leaf_x0_is_last_step_prediction_of_leaf_parent(mlp):
 def test_shared_root_noise_gives_identical_roots_across_prompts(mlp):
     num_prompts, rpp = 4, 3
     spec = method_config(
-        "branchgrpo", ["tree.steps=4", "tree.split_plan={1: 2}", f"tree.roots_per_prompt={rpp}", "tree.shared_root_noise=true"]
+        "branchgrpo",
+        ["tree.steps=4", "tree.split_plan={1: 2}", f"tree.roots_per_prompt={rpp}", "tree.shared_root_noise=true"],
     ).tree
     tree = run(mlp, tiny_conditioning(num_prompts), spec, num_prompts, seed=1)
     roots = tree.latents[0].reshape(num_prompts, rpp, DIM)
@@ -438,7 +439,8 @@ def test_shared_root_noise_gives_identical_roots_across_prompts(mlp):
     # the roots of one prompt are still distinct draws
     assert torch.cdist(roots[0], roots[0]).add(torch.eye(rpp) * 1e9).min() > 0.1
     # without the option, every root is its own draw
-    spec_indep = method_config("branchgrpo", ["tree.steps=4", "tree.split_plan={1: 2}", f"tree.roots_per_prompt={rpp}"]).tree
+    overrides = ["tree.steps=4", "tree.split_plan={1: 2}", f"tree.roots_per_prompt={rpp}"]
+    spec_indep = method_config("branchgrpo", overrides).tree
     tree2 = run(mlp, tiny_conditioning(num_prompts), spec_indep, num_prompts, seed=1)
     r = tree2.latents[0]
     assert torch.cdist(r, r).add(torch.eye(r.shape[0]) * 1e9).min() > 0.1
@@ -463,7 +465,8 @@ def split_residuals(mode: str, s: float = 4.0, num_prompts: int = 16, dim: int =
     """Standardised deviations (x' − μ)/(η√Δ) of the K = 2 children of every root at step 0."""
     model = TinyMLPPolicy(dim=dim, seed=3)
     spec = method_config(
-        "branchgrpo", ["tree.steps=2", "tree.split_plan={0: 2}", f"tree.split_noise={mode}", f"tree.split_noise_scale={s}"]
+        "branchgrpo",
+        ["tree.steps=2", "tree.split_plan={0: 2}", f"tree.split_noise={mode}", f"tree.split_noise_scale={s}"],
     ).tree
     cond = tiny_conditioning(num_prompts)
     tree = run(model, cond, spec, num_prompts, shape=(dim,), seed=7)
