@@ -35,6 +35,7 @@ class TrainingEdges:
     edge_parent: Tensor  # [E] index into the parents, non-decreasing
     lp_old: Tensor  # [E]
     advantage: Tensor  # [E]
+    normaliser: float = 0.0  # loss = Σ_e L_e / normaliser (edges selected before the A = 0 skip)
 
     @property
     def num_parents(self) -> int:
@@ -76,9 +77,12 @@ def gather_training_edges(tree: RolloutTree, selection: EdgeSelection, edge_adva
             parent_latents=empty, parent_sigma=torch.zeros(0), parent_sigma_next=torch.zeros(0),
             parent_prompt=torch.zeros(0, dtype=torch.long), parent_step=torch.zeros(0, dtype=torch.long),
             child_latents=empty, edge_parent=torch.zeros(0, dtype=torch.long),
-            lp_old=torch.zeros(0), advantage=torch.zeros(0),
+            lp_old=torch.zeros(0), advantage=torch.zeros(0), normaliser=0.0,
         )
-    return TrainingEdges(**{k: torch.cat(v) for k, v in parts.items()})
+    parts.pop("normaliser")
+    edges = TrainingEdges(**{k: torch.cat(v) for k, v in parts.items()})
+    edges.normaliser = float(max(selection.normaliser_edges, edges.num_edges))
+    return edges
 
 
 @dataclass
@@ -145,7 +149,9 @@ def policy_update(
 
     The trained parents are shuffled (``update.shuffle_edges``) and split into
     ``update.updates_per_iteration`` optimizer steps; within a step the loss is the mean over its
-    edges, accumulated over micro-batches of ``engine.train_micro_batch`` parents.
+    edges, accumulated over micro-batches of ``engine.train_micro_batch`` parents. Skipped
+    zero-advantage edges still count in that mean (``edges.normaliser``): they contribute exactly
+    zero gradient, so skipping them is an exact speed-up.
     """
     update = config.update
     stats = UpdateStats(trained_edges=edges.num_edges, training_forwards=edges.num_parents)
@@ -164,7 +170,7 @@ def policy_update(
     totals = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0}
     chunks = [c for c in torch.tensor_split(order, update.updates_per_iteration) if c.numel()]
     for step_index, chunk in enumerate(chunks):
-        chunk_edges = int(counts[chunk].sum())
+        chunk_edges = int(counts[chunk].sum()) * (edges.normaliser / edges.num_edges if edges.normaliser else 1.0)
         optimizer.zero_grad(set_to_none=True)
         for parents in chunk.split(config.engine.train_micro_batch):
             lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)

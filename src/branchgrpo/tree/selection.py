@@ -20,6 +20,9 @@ class EdgeSelection:
 
     mask: list[Tensor]
     skipped: dict[str, int] = field(default_factory=dict)  # rule → edges it removed (may overlap)
+    # Edges selected by every rule except the zero-advantage skip. The loss is normalised by this
+    # count, so that skipping A = 0 edges (whose gradient is exactly zero) changes nothing.
+    normaliser_edges: int = 0
 
     @property
     def trained_edges(self) -> int:
@@ -116,9 +119,6 @@ def select_edges(
     for d in range(1, steps + 1):
         if not sde[d - 1]:
             apply("ode_step", d, torch.zeros_like(mask[d]))
-    if selection.skip_zero_advantage:
-        for d in range(1, steps + 1):
-            apply("zero_advantage", d, edge_advantage[d].cpu() != 0)
     if selection.depth_pruning is not None:
         for d in selection.depth_pruning.window(iteration, tree):
             if 1 <= d <= steps:
@@ -139,4 +139,9 @@ def select_edges(
             apply("timestep_fraction", d, chosen[group[d], d - 1])
     if selection.ignore_last:
         apply("ignore_last", steps, torch.zeros_like(mask[steps]))
-    return EdgeSelection(mask=mask, skipped=skipped)
+    normaliser = int(sum(int(m.sum()) for m in mask))
+    # With a KL term an A = 0 edge still has a gradient (the KL's), so the skip is exact only without it.
+    if selection.skip_zero_advantage and config.update.kl_coef == 0:
+        for d in range(1, steps + 1):
+            apply("zero_advantage", d, edge_advantage[d].cpu() != 0)
+    return EdgeSelection(mask=mask, skipped=skipped, normaliser_edges=normaliser)

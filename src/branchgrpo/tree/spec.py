@@ -180,7 +180,7 @@ class DepthPruning:
 class SelectionSpec:
     """Which edges get gradients (SPEC §7); the rollout and rewards never change."""
 
-    skip_zero_advantage: bool = True  # exact: A = 0 edges carry no gradient
+    skip_zero_advantage: bool = True  # exact: A = 0 edges carry no gradient (off when update.kl_coef > 0)
     depth_pruning: DepthPruning | None = None  # None = off
     width_pruning: Literal["none", "parent_top1", "extreme"] = "none"
     extreme_b: int = 4  # Extreme-b: keep the post-split chains of the b best and b worst leaves
