@@ -91,12 +91,20 @@ class RunConfig:
     sample_grid_every: int = 10  # write a held-out sample grid at each evaluation when > 0
     progress: bool = True  # progress bar on stderr
     tensorboard: bool = True
+    checkpoint_every: int = 10  # iterations between checkpoints (0 = only at the end / on SIGTERM)
+    keep_checkpoints: int = 3  # complete checkpoints kept (older ones deleted)
+    resume: str | None = None  # "auto" = newest complete checkpoint in output_dir, or a checkpoint folder
+    ema_decay: float = 0.0  # EMA of the trained weights (paper: 0.995); 0 = off
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ConfigError("run.iterations", f"must be >= 0, got {self.iterations}")
         if self.threads < 0:
             raise ConfigError("run.threads", f"must be >= 0, got {self.threads}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("run.checkpoint_every", "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("run.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("run.device", f"allowed values: auto, cpu, cuda, cuda:N; got {self.device!r}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 class MetricsLogger:
     """Writes every iteration's metrics to ``metrics.jsonl`` and TensorBoard; shows progress."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True, progress: bool = True, total: int = 0):
+    def __init__(self, output_dir: Path, tensorboard: bool = True, progress: bool = True, total: int = 0, initial: int = 0):
         self.output_dir = Path(output_dir)
         self.file = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
         self.writer = None
@@ -22,7 +22,7 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True)
 
     def log(self, metrics: dict) -> None:
         self.file.write(json.dumps(metrics) + "\n")
@@ -46,6 +46,12 @@ class MetricsLogger:
             self.writer.add_scalar("eval/reward", mean_reward, iteration)
         if self.bar is not None:
             self.bar.write(f"eval @ {iteration}: held-out mean reward {mean_reward:.4f}")
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr)
 
     def close(self) -> None:
         self.file.close()

@@ -7,6 +7,7 @@ micro-batched clipped updates → logging.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,10 +17,11 @@ import torch
 from branchgrpo.train.components import (
     Generator, RewardFn, batched_reward, build_generator, build_reward, check_reward_config, resolve_device,
 )
+from branchgrpo.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from branchgrpo.train.config import TrainConfig, dump_config
 from branchgrpo.train.evaluation import evaluate, save_image_grid
 from branchgrpo.train.logging import MetricsLogger
-from branchgrpo.train.weights import save_weights
+from branchgrpo.train.weights import atomic_save_safetensors, save_weights
 from branchgrpo.tree.dump import save_tree
 from branchgrpo.tree.rollout import rollout
 from branchgrpo.tree.scoring import score_tree
@@ -56,6 +58,7 @@ class RunSummary:
     eval_reward_start: float | None
     eval_reward_end: float | None
     seconds: float
+    stopped_by_signal: str | None = None
 
 
 class Trainer:
@@ -77,6 +80,19 @@ class Trainer:
         self.sampler = PromptSampler(self.generator.train_prompts, config.run.seed)
         self.output_dir = Path(config.run.output_dir)
         self.iteration = 0
+        self.ema: dict[str, torch.Tensor] | None = None
+        if config.run.ema_decay > 0:
+            self.ema = {k: v.detach().float().clone() for k, v in self.generator.trainable.state_dict().items()}
+        self._stop_signal: str | None = None
+
+    def update_ema(self) -> None:
+        """``ema ← d·ema + (1 − d)·θ`` over the trainable module's state (float32)."""
+        if self.ema is None:
+            return
+        decay = self.config.run.ema_decay
+        with torch.no_grad():
+            for name, value in self.generator.trainable.state_dict().items():
+                self.ema[name].mul_(decay).add_(value.detach().float(), alpha=1.0 - decay)
 
     # -- one iteration ----------------------------------------------------------------------
     def step(self) -> dict:
@@ -114,6 +130,7 @@ class Trainer:
             gen.policy, self.optimizer, edges, conditioning, method, generator=iteration_generator(cfg.run.seed, it, 2)
         )
         gen.policy.eval()
+        self.update_ema()
         times["train"] = time.perf_counter() - start
 
         if cfg.run.dump_tree_every and it % cfg.run.dump_tree_every == 0:
@@ -141,6 +158,7 @@ class Trainer:
             "nfe/rollout_calls_measured": tree.rollout_calls,
             **{f"time/{k}": v for k, v in times.items()},
             "time/iteration": sum(times.values()),
+            "memory/peak_gb": peak_memory_gb(self.device),
         }
         self.iteration += 1
         return metrics
@@ -156,37 +174,121 @@ class Trainer:
             save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png", columns=cfg.eval.samples_per_prompt)
         return result.mean_reward
 
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self, eval_start: float | None, eval_last: float | None) -> TrainerState:
+        return TrainerState(self.iteration, self.sampler.position, eval_start, eval_last)
+
+    def save_checkpoint(self, eval_start: float | None, eval_last: float | None) -> Path:
+        return save_checkpoint(
+            self.output_dir / "checkpoints", self.state(eval_start, eval_last), self.generator.trainable,
+            self.optimizer, self.ema, keep=self.config.run.keep_checkpoints,
+        )
+
+    def restore(self, path: Path) -> TrainerState:
+        state, ema = load_checkpoint(path, self.generator.trainable, self.optimizer)
+        self.iteration = state.iteration
+        self.sampler.position = state.prompt_position
+        if self.ema is not None:
+            if ema is None:
+                raise FileNotFoundError(f"run.ema_decay > 0 but checkpoint {path} holds no EMA weights")
+            self.ema = {k: v.float() for k, v in ema.items()}
+        return state
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signal.Signals(signum).name
+
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        """Train to ``run.iterations``: resumable, checkpointed, stoppable by SIGTERM/SIGUSR1.
+
+        On SIGTERM or SIGUSR1 (Slurm's pre-emption warning) the current iteration finishes, a
+        checkpoint is written and the run returns normally (exit 0 from the CLI).
+        """
         cfg = self.config
         started = time.perf_counter()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = find_resume(self.output_dir / "checkpoints", cfg.run.resume)
+        eval_start = eval_end = None
+        if resume_from is not None:
+            state = self.restore(resume_from)
+            eval_start, eval_end = state.eval_reward_start, state.eval_reward_last
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
         (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         logger = MetricsLogger(self.output_dir, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                               total=cfg.run.iterations)
-        eval_start = self.evaluate(f"iter_{self.iteration:06d}")
-        logger.log_eval(self.iteration, eval_start)
-        eval_end = eval_start
+                               total=cfg.run.iterations, initial=self.iteration)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
         try:
-            while self.iteration < cfg.run.iterations:
+            if resume_from is None:
+                eval_start = eval_end = self.evaluate(f"iter_{self.iteration:06d}")
+                logger.log_eval(self.iteration, eval_start)
+            while self.iteration < cfg.run.iterations and self._stop_signal is None:
                 metrics = self.step()
                 logger.log(metrics)
                 done = self.iteration
                 if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.run.iterations:
                     eval_end = self.evaluate(f"iter_{done:06d}")
                     logger.log_eval(done, eval_end)
+                if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
+                    self.save_checkpoint(eval_start, eval_end)
+            if self._stop_signal is not None:
+                self.save_checkpoint(eval_start, eval_end)
+                logger.message(f"{self._stop_signal}: checkpoint written at iteration {self.iteration}; "
+                               "resume with run.resume=auto")
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             logger.close()
-        save_weights(self.generator.trainable, self.output_dir / "weights")
+        if self._stop_signal is None:
+            save_weights(self.generator.trainable, self.output_dir / "weights")
+            if self.ema is not None:
+                atomic_save_safetensors({k: v.contiguous() for k, v in self.ema.items()},
+                                        self.output_dir / "weights" / "ema.safetensors")
         summary = RunSummary(
             output_dir=str(self.output_dir),
             iterations=self.iteration,
             eval_reward_start=eval_start,
             eval_reward_end=eval_end,
             seconds=time.perf_counter() - started,
+            stopped_by_signal=self._stop_signal,
         )
         (self.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _can_handle_signals() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric rows at or after ``iteration`` (written by a run killed after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        is_eval = "eval_reward" in row
+        if row.get("iteration", 0) < iteration or (is_eval and row.get("iteration", 0) <= iteration):
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of the process (CPU), in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
 
 
 def train(config: TrainConfig) -> RunSummary:
