@@ -97,14 +97,23 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from branchgrpo.train.trainer import train
+    from branchgrpo.train.trainer import Trainer
 
     config = _train_config(args)
-    summary = train(config)
-    print(
-        f"done: {summary.iterations} iterations in {summary.seconds:.0f} s; held-out mean reward "
-        f"{summary.eval_reward_start:.4f} -> {summary.eval_reward_end:.4f}; results in {summary.output_dir}"
-    )
+    trainer = Trainer(config)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.dist.close()
+    if trainer.dist.is_main:
+        if summary.stopped_by_signal:
+            print(f"stopped by {summary.stopped_by_signal} after {summary.iterations} iterations; "
+                  f"checkpoint in {summary.output_dir}/checkpoints (resume with run.resume=auto)")
+        else:
+            print(
+                f"done: {summary.iterations} iterations in {summary.seconds:.0f} s; held-out mean reward "
+                f"{summary.eval_reward_start:.4f} -> {summary.eval_reward_end:.4f}; results in {summary.output_dir}"
+            )
     return 0
 
 

@@ -99,6 +99,7 @@ class UpdateStats:
     trained_edges: int = 0
     training_forwards: int = 0
     nonfinite_micro_batches: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped because some process had non-finite gradients
 
 
 def _edge_rows(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,6 +137,23 @@ def edge_log_probs(
     return lp_new, rows, mean, std
 
 
+class GradientSync:
+    """How gradients meet across processes. This base class is the single-process case (no-ops);
+    the trainer's distributed helper overrides it with torch.distributed reductions, so the core
+    never imports torch.distributed."""
+
+    def sum(self, value: float) -> float:
+        """Sum of ``value`` over all processes."""
+        return value
+
+    def any(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any process."""
+        return flag
+
+    def gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum every parameter's gradient over all processes (in place)."""
+
+
 def policy_update(
     model: VelocityModel,
     optimizer: torch.optim.Optimizer,
@@ -144,19 +162,21 @@ def policy_update(
     config: MethodConfig,
     generator: torch.Generator | None = None,
     reference_model: VelocityModel | None = None,
+    sync: GradientSync | None = None,
 ) -> UpdateStats:
     """Clipped GRPO updates over the trained edges of one iteration (SPEC §8).
 
     The trained parents are shuffled (``update.shuffle_edges``) and split into
     ``update.updates_per_iteration`` optimizer steps; within a step the loss is the mean over its
-    edges, accumulated over micro-batches of ``engine.train_micro_batch`` parents. Skipped
-    zero-advantage edges still count in that mean (``edges.normaliser``): they contribute exactly
-    zero gradient, so skipping them is an exact speed-up.
+    edges (over all processes), accumulated over micro-batches of ``engine.train_micro_batch``
+    parents. Skipped zero-advantage edges still count in that mean (``edges.normaliser``): they
+    contribute exactly zero gradient, so skipping them is an exact speed-up. A micro-batch whose
+    loss is not finite is skipped and counted; if any process ends a step with non-finite
+    gradients, every process skips that optimizer step (and counts it), so none waits on another.
     """
     update = config.update
+    sync = sync or GradientSync()
     stats = UpdateStats(trained_edges=edges.num_edges, training_forwards=edges.num_parents)
-    if edges.num_edges == 0:
-        return stats
     if update.kl_coef > 0 and reference_model is None:
         raise ValueError("update.kl_coef > 0 needs a reference model (pass reference_model=...)")
     counts = edges.edges_per_parent()
@@ -168,9 +188,11 @@ def policy_update(
     )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     totals = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0}
-    chunks = [c for c in torch.tensor_split(order, update.updates_per_iteration) if c.numel()]
-    for step_index, chunk in enumerate(chunks):
-        chunk_edges = int(counts[chunk].sum()) * (edges.normaliser / edges.num_edges if edges.normaliser else 1.0)
+    scale = edges.normaliser / edges.num_edges if edges.num_edges else 1.0
+    for step_index, chunk in enumerate(torch.tensor_split(order, update.updates_per_iteration)):
+        step_normaliser = sync.sum(float(counts[chunk].sum()) * scale)
+        if step_normaliser == 0:
+            continue
         optimizer.zero_grad(set_to_none=True)
         for parents in chunk.split(config.engine.train_micro_batch):
             lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)
@@ -190,7 +212,7 @@ def policy_update(
                     )
                 kl_parent = gaussian_kl_same_std(mean, ref_mean, std, config.tree.logprob_reduction)
                 kl_e = kl_parent.repeat_interleave(counts[parents].to(kl_parent.device))
-            objective = (loss_e + update.kl_coef * kl_e).sum() / chunk_edges
+            objective = (loss_e + update.kl_coef * kl_e).sum() / step_normaliser
             if not torch.isfinite(objective):
                 stats.nonfinite_micro_batches += 1
                 continue
@@ -202,16 +224,25 @@ def policy_update(
             totals["ratio"] += float(ratio.detach().sum())
             totals["clipped"] += float(((ratio.detach() - 1).abs() > update.clip_range).sum())
             totals["kl"] += float(kl_e.detach().sum())
+        for p in params:  # every process joins the reduction with the same tensors
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        local_bad = not all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if sync.any(local_bad):
+            optimizer.zero_grad(set_to_none=True)
+            stats.skipped_steps += 1
+            continue
+        sync.gradients(params)
         if update.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, update.max_grad_norm)
         else:
-            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
         stats.grad_norms.append(float(norm) if math.isfinite(float(norm)) else float("nan"))
         optimizer.step()
         stats.optimizer_steps += 1
-    n = edges.num_edges
+    n = max(edges.num_edges, 1)
     stats.loss = totals["loss"] / n
-    stats.ratio_mean = totals["ratio"] / n
+    stats.ratio_mean = totals["ratio"] / n if edges.num_edges else 1.0
     stats.clip_fraction = totals["clipped"] / n
     stats.kl = totals["kl"] / n
     return stats

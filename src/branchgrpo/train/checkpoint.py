@@ -47,6 +47,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     ema: dict[str, torch.Tensor] | None = None,
     keep: int = 3,
+    rank_rng_states: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write ``root/iter_XXXXXX`` atomically and delete all but the newest ``keep`` complete ones."""
     root = Path(root)
@@ -61,6 +62,8 @@ def save_checkpoint(
         save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"torch_cpu": torch.get_rng_state()}
+    for rank, state_tensor in enumerate(rank_rng_states or []):
+        rng[f"torch_cpu_rank{rank}"] = state_tensor
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
@@ -101,14 +104,14 @@ def find_resume(root: Path, resume: str | None) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
 ) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
     """Restore weights, optimizer and RNG states; returns the trainer state and the EMA tensors."""
     path = Path(path)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
+    torch.set_rng_state(rng.get(f"torch_cpu_rank{rank}", rng["torch_cpu"]))
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
         if len(states) == torch.cuda.device_count():

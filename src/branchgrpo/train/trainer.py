@@ -19,6 +19,7 @@ from branchgrpo.train.components import (
 )
 from branchgrpo.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from branchgrpo.train.config import TrainConfig, dump_config
+from branchgrpo.train.distributed import DistributedContext
 from branchgrpo.train.evaluation import evaluate, save_image_grid
 from branchgrpo.train.logging import MetricsLogger
 from branchgrpo.train.weights import atomic_save_safetensors, save_weights
@@ -46,9 +47,16 @@ class PromptSampler:
         return out
 
 
-def iteration_generator(seed: int, iteration: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """Independent, reproducible random stream per (seed, iteration, purpose)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
+def iteration_generator(
+    seed: int, iteration: int, stream: int, index: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """Independent, reproducible random stream per (seed, iteration, purpose, prompt group or rank).
+
+    All randomness of an iteration comes from these, so a resumed run and a run on any number
+    of processes draw exactly the same noise for the same prompt.
+    """
+    key = (((seed * 1_000_003 + iteration) * 16 + stream) * 1_000_033 + index) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(key)
 
 
 @dataclass
@@ -69,11 +77,21 @@ class Trainer:
         self.config = config
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
-        self.device = resolve_device(config.run.device)
+        self.dist = DistributedContext.initialise(resolve_device(config.run.device))
+        self.device = self.dist.device(resolve_device(config.run.device))
+        if config.data.prompts_per_iteration % self.dist.world_size:
+            from branchgrpo.config import ConfigError
+
+            raise ConfigError(
+                "data.prompts_per_iteration",
+                f"{config.data.prompts_per_iteration} prompts cannot be shared evenly by {self.dist.world_size} processes; "
+                "use a multiple of the number of processes",
+            )
         if reward is None:
             check_reward_config(config)
         self.generator: Generator = generator or build_generator(config, self.device)
         self.reward: RewardFn = reward or build_reward(config, self.generator, self.device)
+        self.dist.broadcast_module(self.generator.trainable)
         params = [p for p in self.generator.trainable.parameters() if p.requires_grad]
         update = config.method.update
         self.optimizer = torch.optim.AdamW(params, lr=update.learning_rate, weight_decay=update.weight_decay)
@@ -102,7 +120,11 @@ class Trainer:
         times: dict[str, float] = {}
 
         start = time.perf_counter()
-        prompts = self.sampler.next(cfg.data.prompts_per_iteration)
+        # every rank draws the same global prompts and keeps its contiguous share
+        local = cfg.data.prompts_per_iteration // self.dist.world_size
+        first = self.dist.rank * local
+        prompts = self.sampler.next(cfg.data.prompts_per_iteration)[first : first + local]
+        groups = range(first, first + local)
         conditioning = gen.encode_prompts(prompts)
         times["encode"] = time.perf_counter() - start
 
@@ -110,7 +132,7 @@ class Trainer:
         gen.policy.eval()
         tree = rollout(
             gen.policy, conditioning, method.tree, len(prompts), gen.latent_shape,
-            generator=iteration_generator(cfg.run.seed, it, 0), iteration=it,
+            generator=[iteration_generator(cfg.run.seed, it, 0, g) for g in groups], iteration=it,
             micro_batch=method.engine.rollout_micro_batch, device=self.device,
         )
         times["rollout"] = time.perf_counter() - start
@@ -123,26 +145,31 @@ class Trainer:
         times["reward"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        scores = score_tree(tree, leaf_rewards.to(torch.float64), method, generator=iteration_generator(cfg.run.seed, it, 1))
+        scores = score_tree(
+            tree, leaf_rewards.to(torch.float64), method, generator=[iteration_generator(cfg.run.seed, it, 1, g) for g in groups]
+        )
         edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
         gen.policy.train()
         stats = policy_update(
-            gen.policy, self.optimizer, edges, conditioning, method, generator=iteration_generator(cfg.run.seed, it, 2)
+            gen.policy, self.optimizer, edges, conditioning, method,
+            generator=iteration_generator(cfg.run.seed, it, 2, self.dist.rank), sync=self.dist,
         )
         gen.policy.eval()
         self.update_ema()
         times["train"] = time.perf_counter() - start
 
-        if cfg.run.dump_tree_every and it % cfg.run.dump_tree_every == 0:
+        if self.dist.is_main and cfg.run.dump_tree_every and it % cfg.run.dump_tree_every == 0:
             save_tree(self.output_dir / "trees" / f"iter_{it:06d}.safetensors", tree, scores, method)
 
         advantages = torch.cat([a for a in scores.edge_advantage[1:]])
+        all_rewards = self.dist.gather(leaf_rewards.float())
         metrics = {
-            "iteration": it,
-            "reward_mean": float(leaf_rewards.mean()),
-            "reward_std": float(leaf_rewards.std()) if leaf_rewards.numel() > 1 else 0.0,
-            "reward_min": float(leaf_rewards.min()),
-            "reward_max": float(leaf_rewards.max()),
+            "reward_mean": float(all_rewards.mean()),
+            "reward_std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
+            "reward_min": float(all_rewards.min()),
+            "reward_max": float(all_rewards.max()),
+        }
+        local_metrics = {
             "advantage_abs_mean": float(advantages.abs().mean()),
             "fusion_entropy_ratio": scores.fused.root_entropy_ratio(),
             "loss": stats.loss,
@@ -152,6 +179,7 @@ class Trainer:
             "kl": stats.kl,
             "grad_norm": stats.grad_norms[-1] if stats.grad_norms else 0.0,
             "optimizer_steps": stats.optimizer_steps,
+            "skipped_steps": stats.skipped_steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             "nonfinite_micro_batches": stats.nonfinite_micro_batches,
             **{f"nfe/{k}": v for k, v in asdict(scores.nfe).items()},
@@ -160,11 +188,23 @@ class Trainer:
             "time/iteration": sum(times.values()),
             "memory/peak_gb": peak_memory_gb(self.device),
         }
+        metrics.update(self.dist.mean(local_metrics))
+        metrics["iteration"] = it
+        metrics["processes"] = self.dist.world_size
         self.iteration += 1
         return metrics
 
     # -- evaluation -------------------------------------------------------------------------
-    def evaluate(self, tag: str) -> float:
+    def evaluate(self, tag: str) -> float | None:
+        """Held-out mean reward (rank 0 evaluates; the others wait and get None)."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        result = self._evaluate(tag)
+        self.dist.barrier()
+        return result
+
+    def _evaluate(self, tag: str) -> float:
         cfg = self.config
         prompts = self.generator.heldout_prompts
         if cfg.eval.max_prompts:
@@ -178,14 +218,20 @@ class Trainer:
     def state(self, eval_start: float | None, eval_last: float | None) -> TrainerState:
         return TrainerState(self.iteration, self.sampler.position, eval_start, eval_last)
 
-    def save_checkpoint(self, eval_start: float | None, eval_last: float | None) -> Path:
-        return save_checkpoint(
+    def save_checkpoint(self, eval_start: float | None, eval_last: float | None) -> Path | None:
+        rng_states = self.dist.gather_objects(torch.get_rng_state())
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        path = save_checkpoint(
             self.output_dir / "checkpoints", self.state(eval_start, eval_last), self.generator.trainable,
-            self.optimizer, self.ema, keep=self.config.run.keep_checkpoints,
+            self.optimizer, self.ema, keep=self.config.run.keep_checkpoints, rank_rng_states=rng_states,
         )
+        self.dist.barrier()
+        return path
 
     def restore(self, path: Path) -> TrainerState:
-        state, ema = load_checkpoint(path, self.generator.trainable, self.optimizer)
+        state, ema = load_checkpoint(path, self.generator.trainable, self.optimizer, rank=self.dist.rank)
         self.iteration = state.iteration
         self.sampler.position = state.prompt_position
         if self.ema is not None:
@@ -202,9 +248,10 @@ class Trainer:
         """Train to ``run.iterations``: resumable, checkpointed, stoppable by SIGTERM/SIGUSR1.
 
         On SIGTERM or SIGUSR1 (Slurm's pre-emption warning) the current iteration finishes, a
-        checkpoint is written and the run returns normally (exit 0 from the CLI).
+        checkpoint is written and the run returns normally (exit 0 from the CLI). With several
+        processes, rank 0 writes every file and a signal on any rank stops all of them together.
         """
-        cfg = self.config
+        cfg, main = self.config, self.dist.is_main
         started = time.perf_counter()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resume_from = find_resume(self.output_dir / "checkpoints", cfg.run.resume)
@@ -212,33 +259,43 @@ class Trainer:
         if resume_from is not None:
             state = self.restore(resume_from)
             eval_start, eval_end = state.eval_reward_start, state.eval_reward_last
-            _truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
-        (self.output_dir / "config.yaml").write_text(dump_config(cfg))
-        logger = MetricsLogger(self.output_dir, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                               total=cfg.run.iterations, initial=self.iteration)
+            if main:
+                _truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
+        if main:
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+        logger = (
+            MetricsLogger(self.output_dir, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                          total=cfg.run.iterations, initial=self.iteration)
+            if main else None
+        )
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
         try:
             if resume_from is None:
                 eval_start = eval_end = self.evaluate(f"iter_{self.iteration:06d}")
-                logger.log_eval(self.iteration, eval_start)
-            while self.iteration < cfg.run.iterations and self._stop_signal is None:
+                if logger:
+                    logger.log_eval(self.iteration, eval_start)
+            while self.iteration < cfg.run.iterations and not self._should_stop():
                 metrics = self.step()
-                logger.log(metrics)
+                if logger:
+                    logger.log(metrics)
                 done = self.iteration
                 if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.run.iterations:
                     eval_end = self.evaluate(f"iter_{done:06d}")
-                    logger.log_eval(done, eval_end)
+                    if logger:
+                        logger.log_eval(done, eval_end)
                 if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
                     self.save_checkpoint(eval_start, eval_end)
             if self._stop_signal is not None:
                 self.save_checkpoint(eval_start, eval_end)
-                logger.message(f"{self._stop_signal}: checkpoint written at iteration {self.iteration}; "
-                               "resume with run.resume=auto")
+                if logger:
+                    logger.message(f"{self._stop_signal}: checkpoint written at iteration {self.iteration}; "
+                                   "resume with run.resume=auto")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            logger.close()
-        if self._stop_signal is None:
+            if logger:
+                logger.close()
+        if self._stop_signal is None and main:
             save_weights(self.generator.trainable, self.output_dir / "weights")
             if self.ema is not None:
                 atomic_save_safetensors({k: v.contiguous() for k, v in self.ema.items()},
@@ -251,8 +308,17 @@ class Trainer:
             seconds=time.perf_counter() - started,
             stopped_by_signal=self._stop_signal,
         )
-        (self.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        if main:
+            (self.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        self.dist.barrier()
         return summary
+
+    def _should_stop(self) -> bool:
+        """A stop signal on any rank stops every rank after the same iteration."""
+        stop = self.dist.any(self._stop_signal is not None)
+        if stop and self._stop_signal is None:
+            self._stop_signal = "SIGTERM"
+        return stop
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

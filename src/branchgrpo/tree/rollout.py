@@ -8,6 +8,7 @@ all trees goes through the model in micro-batches; nodes are never visited one b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -86,21 +87,48 @@ def evaluate_frontier(
     return torch.cat(outputs, dim=0)
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+class NoiseSource:
+    """``N(0, I)`` draws for rows that are grouped by prompt (groups are contiguous at every depth).
+
+    With one generator all rows come from it. With one generator per group, each group's rows come
+    from its own generator, so a group's tree does not depend on which other groups share the batch:
+    a prompt gives the same tree whether it is rolled out alone, with others, or on another rank.
+    """
+
+    def __init__(self, generator: torch.Generator | Sequence[torch.Generator], num_groups: int):
+        self.generators = list(generator) if isinstance(generator, (list, tuple)) else None
+        self.generator = generator if self.generators is None else self.generators[0]
+        if self.generators is not None and len(self.generators) != num_groups:
+            raise ValueError(f"got {len(self.generators)} generators for {num_groups} prompt groups; pass one per group")
+
+    def randn(self, rows_per_group: Tensor, shape: tuple[int, ...], device) -> Tensor:
+        """``[sum(rows_per_group), *shape]`` noise, group by group."""
+        if self.generators is None:
+            total = int(rows_per_group.sum())
+            return torch.randn((total, *shape), generator=self.generator, device=self.generator.device).to(device)
+        parts = [
+            torch.randn((int(n), *shape), generator=g, device=g.device).to(device)
+            for g, n in zip(self.generators, rows_per_group.tolist())
+        ]
+        return torch.cat(parts, dim=0)
+
+    def shared(self, rows: int, shape: tuple[int, ...], device) -> Tensor:
+        """One draw of ``rows`` shared by every group (``shared_root_noise``)."""
+        return torch.randn((rows, *shape), generator=self.generator, device=self.generator.device).to(device)
 
 
 def _step_noise(
-    spec: TreeSpec, num_parents: int, k: int, shape: tuple[int, ...], generator: torch.Generator, device
+    spec: TreeSpec, parent_groups: Tensor, k: int, num_groups: int, shape: tuple[int, ...], noise: NoiseSource, device
 ) -> Tensor:
     """``ξ`` for all children of one step, ``[num_parents · k, ...]`` (SPEC §4)."""
+    parents_per_group = torch.bincount(parent_groups, minlength=num_groups)
     if k == 1 or spec.split_noise == "independent":
-        return _randn((num_parents * k, *shape), generator, device)
+        return noise.randn(parents_per_group * k, shape, device)
     if spec.split_noise == "legacy_independent":
         # The authors' code: independent noise times s, log-prob still under the unscaled std.
-        return spec.split_noise_scale * _randn((num_parents * k, *shape), generator, device)
-    shared = _randn((num_parents, *shape), generator, device).repeat_interleave(k, dim=0)
-    own = _randn((num_parents * k, *shape), generator, device)
+        return spec.split_noise_scale * noise.randn(parents_per_group * k, shape, device)
+    shared = noise.randn(parents_per_group, shape, device).repeat_interleave(k, dim=0)
+    own = noise.randn(parents_per_group * k, shape, device)
     return correlated_split_noise(shared, own, spec.split_noise_scale)
 
 
@@ -112,7 +140,7 @@ def rollout(
     num_prompts: int,
     latent_shape: tuple[int, ...],
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     iteration: int = 0,
     micro_batch: int = 64,
     device: torch.device | str | None = None,
@@ -123,21 +151,22 @@ def rollout(
     Args:
         model: velocity model (see :class:`VelocityModel`); conditioning: rows per prompt.
         latent_shape: shape of one latent (without batch dim).
-        generator: source of all noise; the same seed gives the same trees whatever
-            ``micro_batch`` is. iteration: training iteration (moves the Mix SDE window).
+        generator: source of all noise (one, or one per prompt group; see :class:`NoiseSource`);
+            the same seeds give the same trees whatever ``micro_batch`` is. iteration: training iteration (moves the Mix SDE window).
     """
-    device = torch.device(device) if device is not None else generator.device
+    noise = NoiseSource(generator, num_prompts)
+    device = torch.device(device) if device is not None else noise.generator.device
     topology = build_topology(spec, num_prompts)
     sigmas = sigma_schedule(spec.steps, spec.shift)
     sde = spec.sde_steps(iteration)
     branching = spec.branching()
 
     roots = topology.parent[0].numel()
+    shape = tuple(latent_shape)
     if spec.shared_root_noise:
-        noise = _randn((spec.roots_per_prompt, *latent_shape), generator, device)
-        x = noise.repeat(num_prompts, *([1] * len(latent_shape)))
+        x = noise.shared(spec.roots_per_prompt, shape, device).repeat(num_prompts, *([1] * len(shape)))
     else:
-        x = _randn((roots, *latent_shape), generator, device)
+        x = noise.randn(torch.bincount(topology.group[0], minlength=num_prompts), shape, device)
     latents = [x.float()]
     logps = [torch.zeros(roots, device=device)]
     node_x0: list[Tensor] = []
@@ -154,7 +183,7 @@ def rollout(
         parent = topology.parent[i + 1].to(device)
         child_mean = mean.repeat_interleave(branching[i], dim=0) if branching[i] > 1 else mean
         if sde[i]:
-            xi = _step_noise(spec, x.shape[0], branching[i], tuple(latent_shape), generator, device)
+            xi = _step_noise(spec, topology.group[i], branching[i], num_prompts, shape, noise, device)
             child = child_mean + std * xi
             logp = gaussian_log_prob(child, child_mean, std, spec.logprob_reduction)
         else:
@@ -193,5 +222,6 @@ __all__ = [
     "build_topology",
     "evaluate_frontier",
     "rollout",
+    "NoiseSource",
     "split_noise_correlation",
 ]

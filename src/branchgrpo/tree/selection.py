@@ -101,11 +101,12 @@ def select_edges(
     fused: list[Tensor],
     edge_advantage: list[Tensor],
     iteration: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> EdgeSelection:
     """Masks of trained edges per depth (SPEC §7); all rules are applied as a conjunction.
 
-    ``generator`` draws DanceGRPO's random step subset (``timestep_fraction < 1``).
+    ``generator`` draws DanceGRPO's random step subset (``timestep_fraction < 1``): one generator,
+    or one per group (then a group's draw does not depend on the other groups in the batch).
     """
     tree, selection = config.tree, config.selection
     steps = len(parent) - 1
@@ -132,7 +133,10 @@ def select_edges(
             apply("width_pruning", d, keep_anchor[ancestors[d]])
     if selection.timestep_fraction < 1.0:
         chosen_steps = int(steps * selection.timestep_fraction)
-        draws = torch.rand(num_groups, steps, generator=generator, device=generator.device if generator else "cpu")
+        if isinstance(generator, (list, tuple)):
+            draws = torch.stack([torch.rand(steps, generator=g, device=g.device).cpu() for g in generator])
+        else:
+            draws = torch.rand(num_groups, steps, generator=generator, device=generator.device if generator else "cpu")
         chosen = torch.zeros(num_groups, steps, dtype=torch.bool)
         chosen.scatter_(1, draws.cpu().argsort(dim=1)[:, :chosen_steps], True)
         for d in range(1, steps + 1):
