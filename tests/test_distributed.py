@@ -105,3 +105,23 @@ def test_prompts_must_divide_among_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(DistributedContext, "initialise", classmethod(lambda cls, device: cls(0, 3, 0)))
     with pytest.raises(ConfigError, match="data.prompts_per_iteration"):
         make(tmp_path)
+
+
+def test_per_group_generators_make_a_prompts_tree_independent_of_its_batch():
+    from policies import TinyMLPPolicy, tiny_conditioning
+
+    from branchgrpo.tree.presets import method_config
+    from branchgrpo.tree.rollout import rollout
+
+    spec = method_config("branchgrpo", ["tree.steps=6", "split_plan=0:2,3:3"]).tree
+    model, cond = TinyMLPPolicy(), tiny_conditioning(3)
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(100 + i) for i in ids]
+
+    both = rollout(model, cond, spec, 3, (8,), generator=gens([0, 1, 2]))
+    alone = rollout(model, {"prompt": cond["prompt"][2:3]}, spec, 1, (8,), generator=gens([2]))
+    for d in range(spec.steps + 1):
+        rows = both.group[d] == 2
+        torch.testing.assert_close(both.latents[d][rows], alone.latents[d], rtol=0, atol=1e-6)
+        torch.testing.assert_close(both.logp[d][rows], alone.logp[d], rtol=0, atol=1e-6)
