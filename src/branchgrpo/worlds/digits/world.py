@@ -90,8 +90,8 @@ class DigitsWorld:
 
     def __init__(self, policy: FluxVelocity, prompt_encoder: PromptEncoder, classifier: DigitClassifier):
         self.policy = policy
-        self.prompt_encoder = prompt_encoder.requires_grad_(False).eval()
-        self.classifier = classifier.requires_grad_(False).eval()
+        self.prompt_encoder = prompt_encoder
+        self.classifier = classifier
         self.train_prompts = prompts_for(TRAIN_TEMPLATES)
         self.heldout_prompts = prompts_for(HELDOUT_TEMPLATES)
 
@@ -103,7 +103,9 @@ class DigitsWorld:
         transformer or of the FluxVelocity policy) replaces the shipped generator."""
         transformer = load_transformer(weights=generator_weights)
         policy = FluxVelocity(transformer, IMAGE_SIZE, IMAGE_SIZE, guidance_scale=None).to(device)
-        return cls(policy, load_prompt_encoder().to(device), load_classifier().to(device))
+        prompt_encoder = load_prompt_encoder().requires_grad_(False).eval().to(device)
+        classifier = load_classifier().requires_grad_(False).to(device)
+        return cls(policy, prompt_encoder, classifier)
 
     @property
     def device(self) -> torch.device:
