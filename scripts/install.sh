@@ -24,7 +24,7 @@ else
 fi
 if [ "$WITH_TEST" = 1 ]; then
   # Pinned versions for reproducible CI; torch is not pinned here (see above).
-  $PY -m pip install --quiet -c requirements/ci.txt -e ".[models,test]"
+  $PY -m pip install --quiet -c requirements/ci.txt -e ".[models,bench,test]"
 else
-  $PY -m pip install --quiet -e ".[models]"
+  $PY -m pip install --quiet -e ".[models,bench]"
 fi

@@ -91,3 +91,27 @@ def test_prompt_sampler_epochs_cover_every_prompt_once():
     assert sorted(first_epoch) == sorted(f"p{i}" for i in range(7))
     again = PromptSampler([f"p{i}" for i in range(7)], seed=3)
     assert again.next(3) + again.next(4) == first_epoch
+
+
+def test_bench_writes_table_for_every_method(tmp_path):
+    import csv
+
+    from branchgrpo.bench import run_bench
+
+    methods = ["dancegrpo", "branchgrpo", "branchgrpo-widpru"]
+    result = run_bench(
+        methods, iterations=2, eval_every=1, out_dir=tmp_path,
+        overrides=["run.device=cpu", "data.prompts_per_iteration=1", "eval.samples_per_prompt=1", "tree.steps=10"],
+        make_trainer=lambda config: Trainer(config, generator=tiny_generator(), reward=brightness_reward),
+    )
+    with open(tmp_path / "bench.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == methods
+    for column in ("nfe_old_per_leaf", "nfe_train_per_leaf", "iter_time_s", "time_ratio", "ideal_ratio", "final_reward"):
+        assert all(r[column] != "" for r in rows), column
+    by_method = {r["method"]: r for r in result["rows"]}
+    assert by_method["dancegrpo"]["time_ratio"] == 1.0 and by_method["dancegrpo"]["ideal_ratio"] == 1.0
+    # dancegrpo is {0: 16} at 10 steps: 1 + 16*9 = 145 calls for 16 leaves; branchgrpo 1+2*3+4*3+8*3
+    assert by_method["dancegrpo"]["nfe_old_per_leaf"] == round(145 / 16, 4)
+    assert by_method["branchgrpo"]["nfe_old_per_leaf"] == round(43 / 16, 4)
+    assert (tmp_path / "bench.md").read_text().count("|") > 20

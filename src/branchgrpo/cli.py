@@ -192,6 +192,32 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from branchgrpo.bench import TABLE1_PRESETS, run_bench
+    from branchgrpo.tree.presets import list_presets
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(TABLE1_PRESETS)
+    unknown = [m for m in methods if m not in list_presets()]
+    if unknown:
+        raise CliError(f"--methods: unknown preset(s) {', '.join(unknown)}; available: {', '.join(list_presets())}")
+    if args.iterations < 1 or args.eval_every < 1:
+        raise CliError("--iterations and --eval-every must be >= 1")
+    result = run_bench(methods, args.iterations, args.eval_every, Path(args.out), args.config, args.overrides)
+    print((Path(args.out) / "bench.md").read_text())
+    return 0 if result["rows"] else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from branchgrpo.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise CliError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    path = write_report(run_dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="branchgrpo", description="Tree-structured GRPO for flow-matching generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (needs model.path, model.prompt_cache_dir, data.*_prompts)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_preprocess, run=None)
+
+    p = sub.add_parser("bench", help="train the Table-1 methods side by side and write bench.md/csv + plots")
+    p.add_argument("--config", help="YAML config (default: the digits world on this machine)")
+    p.add_argument("--methods", help="comma-separated presets (default: the seven Table-1 methods)")
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--out", default="runs/bench", help="output folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every method")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output HTML file (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("presets", help="list the method presets")
     p.set_defaults(func=cmd_presets)

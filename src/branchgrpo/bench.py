@@ -1,0 +1,236 @@
+"""`branchgrpo bench`: the Table-1 methods measured side by side on one engine.
+
+Every method trains the same model from the same weights with the same reward, prompts and
+seeds; iterations are interleaved across methods (method A iteration k, method B iteration k, …)
+so that machine drift affects all of them alike. Writes ``bench.csv``, ``bench.md``, ``bench.json``
+and PNG plots of held-out reward against iteration and against training wall-clock.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from branchgrpo.train.config import load_train_config
+from branchgrpo.train.trainer import Trainer
+from branchgrpo.tree.presets import TABLE1_PRESETS
+from branchgrpo.update import TrainingEdges, edge_log_probs
+
+
+@dataclass
+class MethodRecord:
+    """What one method did during the bench."""
+
+    method: str
+    iteration_times: list[float] = field(default_factory=list)  # rollout + reward + train, per iteration
+    phase_times: dict[str, list[float]] = field(default_factory=dict)
+    nfe: dict[str, float] = field(default_factory=dict)  # per leaf, averaged over iterations
+    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, train seconds, reward)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(self.iteration_times)
+
+    def reward_at_seconds(self, seconds: float) -> float:
+        """Held-out reward of the last evaluation at or before ``seconds`` of training."""
+        value = self.evals[0][2]
+        for _, t, reward in self.evals:
+            if t <= seconds + 1e-9:
+                value = reward
+        return value
+
+    def seconds_to_reach(self, reward: float) -> float | None:
+        for _, t, r in self.evals:
+            if r >= reward:
+                return t
+        return None
+
+
+def measure_unit_costs(trainer: Trainer, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per rollout row (forward) and per training row (forward + backward) at the
+    engine's micro-batch sizes, on the bench's own model."""
+    gen, method = trainer.generator, trainer.config.method
+    prompts = gen.train_prompts[:1]
+    cond = gen.encode_prompts(prompts)
+    rows_roll, rows_train = method.engine.rollout_micro_batch, method.engine.train_micro_batch
+    x = torch.randn(rows_roll, *gen.latent_shape, device=trainer.device)
+    index = torch.zeros(rows_roll, dtype=torch.long)
+    cond_rows = {k: v[index.to(v.device)] for k, v in cond.items()}
+    sigmas = torch.full((rows_roll,), 0.5, device=trainer.device)
+
+    def timed(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    with torch.no_grad():
+        roll = timed(lambda: gen.policy(x, sigmas, cond_rows)) / rows_roll
+    edges = TrainingEdges(
+        parent_latents=x[:rows_train], parent_sigma=torch.full((rows_train,), 0.5),
+        parent_sigma_next=torch.full((rows_train,), 0.4), parent_prompt=torch.zeros(rows_train, dtype=torch.long),
+        parent_step=torch.zeros(rows_train, dtype=torch.long), child_latents=x[:rows_train],
+        edge_parent=torch.arange(rows_train), lp_old=torch.zeros(rows_train, device=trainer.device),
+        advantage=torch.ones(rows_train, device=trainer.device), normaliser=float(rows_train),
+    )
+    counts = torch.ones(rows_train, dtype=torch.long)
+    starts = torch.arange(rows_train)
+
+    def train_step():
+        lp, _, _, _ = edge_log_probs(gen.policy, edges, torch.arange(rows_train), cond, method, starts, counts)
+        lp.sum().backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    train = timed(train_step) / rows_train
+    return roll, train
+
+
+def run_bench(
+    methods: list[str],
+    iterations: int,
+    eval_every: int,
+    out_dir: Path,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    make_trainer=None,
+) -> dict:
+    """Train every method for ``iterations`` interleaved iterations; write the result files.
+
+    Each method's config is ``config_file`` + its preset + ``overrides`` (the same for all).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainers: dict[str, Trainer] = {}
+    base_overrides = [f"run.output_dir={out_dir}", "run.dump_tree_every=0", "run.progress=false",
+                      "run.tensorboard=false", *(overrides or [])]
+    base = None
+    for name in methods:
+        config = load_train_config(config_file, name, base_overrides)
+        base = base or config
+        trainers[name] = make_trainer(config) if make_trainer else Trainer(config)
+    records = {name: MethodRecord(name) for name in methods}
+    for name, trainer in trainers.items():
+        records[name].evals.append((0, 0.0, trainer._evaluate(f"{name}-start")))
+    for it in range(iterations):
+        for name, trainer in trainers.items():
+            metrics = trainer.step()
+            record = records[name]
+            record.iteration_times.append(metrics["time/iteration"])
+            for phase in ("encode", "rollout", "reward", "train"):
+                record.phase_times.setdefault(phase, []).append(metrics[f"time/{phase}"])
+            leaves = metrics["nfe/leaves"]
+            for key in ("rollout_calls", "trained_edges", "training_forwards"):
+                record.nfe[key] = record.nfe.get(key, 0.0) + metrics[f"nfe/{key}"] / leaves / iterations
+            if (it + 1) % eval_every == 0 or it + 1 == iterations:
+                record.evals.append((it + 1, record.train_seconds, trainer._evaluate(f"{name}-{it + 1}")))
+    roll_cost, train_cost = measure_unit_costs(next(iter(trainers.values())))
+    return write_results(records, methods, roll_cost, train_cost, base, iterations, out_dir)
+
+
+def write_results(records, methods, roll_cost, train_cost, base, iterations, out_dir: Path) -> dict:
+    reference = "dancegrpo" if "dancegrpo" in records else methods[0]
+
+    def ideal(record: MethodRecord) -> float:
+        return record.nfe["rollout_calls"] * roll_cost + record.nfe["training_forwards"] * train_cost
+
+    ref_time = statistics.median(records[reference].iteration_times)
+    ref_ideal = ideal(records[reference])
+    budget = min(r.train_seconds for r in records.values())
+    ref_final = records[reference].evals[-1][2]
+    rows = []
+    for name in methods:
+        r = records[name]
+        median = statistics.median(r.iteration_times)
+        reach = r.seconds_to_reach(ref_final)
+        rows.append({
+            "method": name,
+            "nfe_old_per_leaf": round(r.nfe["rollout_calls"], 4),
+            "nfe_train_per_leaf": round(r.nfe["training_forwards"], 4),
+            "trained_edges_per_leaf": round(r.nfe["trained_edges"], 4),
+            "iter_time_s": round(median, 4),
+            "time_ratio": round(median / ref_time, 4),
+            "ideal_ratio": round(ideal(r) / ref_ideal, 4),
+            "measured_over_ideal": round((median / ref_time) / (ideal(r) / ref_ideal), 4),
+            "rollout_s": round(statistics.median(r.phase_times["rollout"]), 4),
+            "train_s": round(statistics.median(r.phase_times["train"]), 4),
+            "start_reward": round(r.evals[0][2], 4),
+            "final_reward": round(r.evals[-1][2], 4),
+            "reward_at_equal_time": round(r.reward_at_seconds(budget), 4),
+            "seconds_to_reference_final": None if reach is None else round(reach, 2),
+            "fraction_of_reference_time": None if reach is None else round(reach / records[reference].train_seconds, 4),
+        })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "bench.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.node()} torch {torch.__version__} "
+                   f"threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}",
+        "iterations": iterations,
+        "prompts_per_iteration": base.data.prompts_per_iteration,
+        "model": base.model.family,
+        "unit_cost_rollout_row_s": roll_cost,
+        "unit_cost_train_row_s": train_cost,
+        "equal_time_budget_s": budget,
+        "reference": reference,
+    }
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                    "evals": {k: r.evals for k, r in records.items()}}, indent=2))
+    lines = [
+        f"# branchgrpo bench — {meta['model']} world, {iterations} interleaved iterations",
+        "",
+        f"- date: {meta['date']}; machine: {meta['machine']}",
+        f"- prompts per iteration: {meta['prompts_per_iteration']}; reference: `{reference}`",
+        f"- unit costs on this engine: one rollout row (forward) {roll_cost * 1e3:.3f} ms, one training row "
+        f"(forward + backward) {train_cost * 1e3:.3f} ms (ratio {train_cost / roll_cost:.2f})",
+        f"- `ideal_ratio` = (rollout calls × rollout cost + training forwards × training cost) relative to "
+        f"`{reference}`; `time_ratio` = measured median iteration time relative to `{reference}`",
+        f"- reward at equal wall-clock: the last held-out evaluation within {budget:.1f} s of training "
+        "(the shortest total among the methods)",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join("–" if v is None else str(v) for v in row.values()) + " |")
+    (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
+    _plots(records, out_dir)
+    return {"meta": meta, "rows": rows}
+
+
+def _plots(records: dict[str, MethodRecord], out_dir: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional; the tables are the result
+        return
+    for axis, index, label, name in ((0, 0, "iteration", "reward_vs_iteration.png"),
+                                     (1, 1, "training wall-clock (s)", "reward_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for method, record in records.items():
+            ax.plot([e[index] for e in record.evals], [e[2] for e in record.evals], marker="o", ms=3, label=method)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+
+
+__all__ = ["run_bench", "MethodRecord", "measure_unit_costs", "TABLE1_PRESETS"]
