@@ -78,6 +78,10 @@ def build_generator(config: TrainConfig, device: torch.device) -> Generator:
         generator.train_prompts = read_prompt_file(config.data.train_prompts, "data.train_prompts")
     if config.data.heldout_prompts is not None:
         generator.heldout_prompts = read_prompt_file(config.data.heldout_prompts, "data.heldout_prompts")
+    if model.gradient_checkpointing:
+        if not hasattr(generator.trainable, "enable_gradient_checkpointing"):
+            raise ConfigError("model.gradient_checkpointing", f"the {model.family} model does not support it")
+        generator.trainable.enable_gradient_checkpointing()
     if not generator.train_prompts:
         raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
     return generator

@@ -28,6 +28,7 @@ class ModelConfig:
     prompt_cache_dir: str | None = None  # flux: on-disk prompt-embedding cache (branchgrpo preprocess)
     max_sequence_length: int = 512  # flux T5 tokens
     decode_batch: int = 8  # latents per VAE decode call
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "decode_batch", "max_sequence_length"):
@@ -95,6 +96,8 @@ class RunConfig:
     keep_checkpoints: int = 3  # complete checkpoints kept (older ones deleted)
     resume: str | None = None  # "auto" = newest complete checkpoint in output_dir, or a checkpoint folder
     ema_decay: float = 0.0  # EMA of the trained weights (paper: 0.995); 0 = off
+    wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works without network)
+    wandb_project: str = "branchgrpo"
 
     def __post_init__(self) -> None:
         if self.iterations < 0:

@@ -10,8 +10,19 @@ from pathlib import Path
 class MetricsLogger:
     """Writes every iteration's metrics to ``metrics.jsonl`` and TensorBoard; shows progress."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True, progress: bool = True, total: int = 0, initial: int = 0):
+    def __init__(
+        self, output_dir: Path, tensorboard: bool = True, progress: bool = True, total: int = 0, initial: int = 0,
+        wandb_project: str | None = None, config: dict | None = None,
+    ):
         self.output_dir = Path(output_dir)
+        self.wandb = None
+        if wandb_project is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("run.wandb=true needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(self.output_dir), config=config or {},
+                                    name=self.output_dir.name, resume="allow")
         self.file = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
         self.writer = None
         if tensorboard:
@@ -27,6 +38,8 @@ class MetricsLogger:
     def log(self, metrics: dict) -> None:
         self.file.write(json.dumps(metrics) + "\n")
         step = int(metrics["iteration"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if self.writer is not None:
             for key, value in metrics.items():
                 if key != "iteration" and isinstance(value, (int, float)):
@@ -44,6 +57,8 @@ class MetricsLogger:
         self.file.write(json.dumps({"iteration": iteration, "eval_reward": mean_reward}) + "\n")
         if self.writer is not None:
             self.writer.add_scalar("eval/reward", mean_reward, iteration)
+        if self.wandb is not None:
+            self.wandb.log({"eval/reward": mean_reward}, step=iteration)
         if self.bar is not None:
             self.bar.write(f"eval @ {iteration}: held-out mean reward {mean_reward:.4f}")
 
@@ -55,6 +70,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.writer is not None:
             self.writer.close()
         if self.bar is not None:

@@ -18,6 +18,7 @@ from branchgrpo.train.components import (
     Generator, RewardFn, batched_reward, build_generator, build_reward, check_reward_config, resolve_device,
 )
 from branchgrpo.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from branchgrpo.config import to_dict
 from branchgrpo.train.config import TrainConfig, dump_config
 from branchgrpo.train.distributed import DistributedContext
 from branchgrpo.train.evaluation import evaluate, save_image_grid
@@ -169,8 +170,13 @@ class Trainer:
             "reward_min": float(all_rewards.min()),
             "reward_max": float(all_rewards.max()),
         }
+        trained_adv = edges.advantage.float()
         local_metrics = {
             "advantage_abs_mean": float(advantages.abs().mean()),
+            "advantage_trained_mean": float(trained_adv.mean()) if trained_adv.numel() else 0.0,
+            "advantage_trained_std": float(trained_adv.std()) if trained_adv.numel() > 1 else 0.0,
+            "advantage_trained_absmax": float(trained_adv.abs().max()) if trained_adv.numel() else 0.0,
+            "advantage_clipped_fraction": float((advantages.abs() >= method.advantage.advantage_clip).float().mean()),
             "fusion_entropy_ratio": scores.fused.root_entropy_ratio(),
             "loss": stats.loss,
             "ratio_mean": stats.ratio_mean,
@@ -265,7 +271,8 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         logger = (
             MetricsLogger(self.output_dir, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                          total=cfg.run.iterations, initial=self.iteration)
+                          total=cfg.run.iterations, initial=self.iteration,
+                          wandb_project=cfg.run.wandb_project if cfg.run.wandb else None, config=to_dict(cfg))
             if main else None
         )
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
