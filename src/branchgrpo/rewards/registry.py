@@ -1,0 +1,163 @@
+"""The reward registry: :func:`build_reward`, :class:`RewardSpec`, :func:`build_composite`.
+
+Reward modules are imported when a reward is built, so ``import branchgrpo.rewards`` pulls in
+neither transformers nor open_clip.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
+
+from branchgrpo.rewards.base import Reward, RewardError
+from branchgrpo.rewards.composite import CompositeReward, Normalize, RewardSpecError, parse_reward_weights
+
+# name -> ("module:Class" or a callable, one-line description)
+_REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
+    "hps": ("branchgrpo.rewards.hps:HPSReward", "HPS v2.1: open_clip ViT-H-14 cosine (needs open_clip_torch)"),
+    "pickscore": ("branchgrpo.rewards.clip_rewards:PickScoreReward", "PickScore v1: logit_scale * cosine, CLIP ViT-H/14"),
+    "imagereward": ("branchgrpo.rewards.imagereward:ImageReward", "ImageReward v1.0 (BLIP), standardised score"),
+    "clip": ("branchgrpo.rewards.clip_rewards:ClipScoreReward", "CLIP score: 100 * cosine (transformers CLIPModel)"),
+    "aesthetic": ("branchgrpo.rewards.clip_rewards:AestheticReward", "LAION aesthetic predictor v2 on CLIP ViT-L/14"),
+    "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
+    "remote": ("branchgrpo.rewards.remote:RemoteReward", "a reward served over HTTP by python -m branchgrpo.rewards.server"),
+}
+
+
+def available_rewards() -> dict[str, str]:
+    """``{name: description}`` of every registered reward."""
+    return {name: desc for name, (_, desc) in _REGISTRY.items()}
+
+
+def register_reward(name: str, factory: str | Callable[..., Reward], description: str = "") -> None:
+    """Register ``factory(checkpoint=..., device=..., dtype=..., **options) -> Reward`` under ``name``
+    (or ``"module:Class"``, imported on first build)."""
+    if not name or "," in name or ":" in name:
+        raise ValueError(f"reward name {name!r} must be non-empty without ',' or ':'")
+    _REGISTRY[name] = (factory, description)
+
+
+def _factory(name: str) -> Callable[..., Reward]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RewardError(f"unknown reward {name!r}{hint}; known rewards: {', '.join(_REGISTRY)}")
+    target, _ = _REGISTRY[name]
+    if callable(target):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _check_options(name: str, factory: Callable[..., Reward], options: Mapping[str, Any]) -> None:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        # the named parameters of the classes up the MRO are the allowed ones
+        allowed = set()
+        for klass in getattr(factory, "__mro__", ()):
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                allowed |= {k for k, p in inspect.signature(init).parameters.items()
+                            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not allowed:
+            return
+    else:
+        allowed = {k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    allowed -= {"self", "checkpoint", "device", "dtype"}
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise RewardError(
+            f"reward {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(allowed)) or '(none)'}"
+        )
+
+
+def build_reward(
+    name: str,
+    checkpoint: Any = None,
+    device: Any = "cpu",
+    dtype: Any = "float32",
+    **options: Any,
+) -> Reward:
+    """The reward ``name`` loaded from ``checkpoint`` on ``device`` in ``dtype``.
+
+    ``name`` may also be a weighted list such as ``"hps:1.0,clip:0.5"``: then ``checkpoint`` is a
+    mapping ``{component: checkpoint}``, ``options`` may hold ``normalize`` and
+    ``components={component: {option: value}}``, and a :class:`CompositeReward` is returned.
+    """
+    if "," in name or ":" in name:
+        checkpoints = checkpoint or {}
+        if not isinstance(checkpoints, Mapping):
+            raise RewardSpecError(f"reward list {name!r}: checkpoint must be a mapping {{component: file}}")
+        normalize = options.pop("normalize", "none")
+        per_component = options.pop("components", {}) or {}
+        if options:
+            raise RewardSpecError(
+                f"reward list {name!r}: options {sorted(options)} must go per component (components={{name: {{...}}}})"
+            )
+        specs = [
+            RewardSpec(name=n, weight=w, checkpoint=checkpoints.get(n), device=device, dtype=dtype,
+                       options=dict(per_component.get(n, {})))
+            for n, w in parse_reward_weights(name, known=list(_REGISTRY))
+        ]
+        unknown = set(checkpoints) - {s.name for s in specs} | set(per_component) - {s.name for s in specs}
+        if unknown:
+            raise RewardSpecError(f"reward list {name!r}: settings for {sorted(unknown)} which the list does not name")
+        return build_composite(specs, normalize=normalize)
+    factory = _factory(name)
+    _check_options(name, factory, options)
+    return factory(checkpoint=checkpoint, device=device, dtype=dtype, **options)
+
+
+@dataclass
+class RewardSpec:
+    """One reward as configured: what to build and, inside a composite, its weight."""
+
+    name: str
+    checkpoint: Any = None
+    weight: float = 1.0
+    device: Any = "cpu"
+    dtype: Any = "float32"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Reward:
+        return build_reward(self.name, self.checkpoint, device=self.device, dtype=self.dtype, **self.options)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RewardSpec":
+        """From a mapping with the field names; unknown keys are an error naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise RewardSpecError(f"reward spec has unknown keys {unknown}; allowed: {sorted(names)}")
+        if "name" not in data:
+            raise RewardSpecError("reward spec needs a 'name'")
+        return cls(**dict(data))
+
+    @classmethod
+    def parse(cls, text: str, **common: Any) -> list["RewardSpec"]:
+        """``"hps:1.0,clip:0.5"`` → one spec per component (``common`` fields applied to each)."""
+        return [cls(name=n, weight=w, **common) for n, w in parse_reward_weights(text)]
+
+
+def build_composite(
+    specs: Sequence[RewardSpec] | str,
+    normalize: Normalize = "none",
+    **common: Any,
+) -> CompositeReward:
+    """A :class:`CompositeReward` from specs (or a ``"hps:1.0,clip:0.5"`` string + ``common``
+    spec fields such as ``device``)."""
+    if isinstance(specs, str):
+        specs = RewardSpec.parse(specs, **common)
+    elif common:
+        raise RewardSpecError(f"build_composite: {sorted(common)} only apply with a string reward list")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise RewardSpecError(f"composite reward names repeat: {names}")
+    rewards = {s.name: s.build() for s in specs}
+    return CompositeReward(rewards, {s.name: s.weight for s in specs}, normalize=normalize)
