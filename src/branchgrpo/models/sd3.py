@@ -96,8 +96,15 @@ class SD3Velocity(torch.nn.Module):
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0  # diffusers' do_classifier_free_guidance
 
+    def _base_param(self) -> Tensor:
+        # the dtype of the base weights (LoRA tensors may be float32 on a bf16 base)
+        for name, param in self.transformer.named_parameters():
+            if ".lora_" not in name:
+                return param
+        return next(self.transformer.parameters())
+
     def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
-        param = next(self.transformer.parameters())
+        param = self._base_param()
         device = latents.device
         embeds = conditioning["prompt_embeds"].to(device)
         pooled = conditioning["pooled_prompt_embeds"].to(device)
