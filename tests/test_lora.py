@@ -208,3 +208,19 @@ def test_lora_spec_validation():
         LoraSpec(dropout=1.0)
     defaults = LoraSpec()
     assert (defaults.rank, defaults.alpha, defaults.init) == (32, 64.0, "gaussian")  # Flow-GRPO's SD3.5 LoRA
+
+
+def test_float32_lora_on_a_bfloat16_base_trains():
+    transformer = add_lora(tiny_transformer(seed=8).to(torch.bfloat16), SPEC)
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(transformer))
+    assert transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in trainable_parameters(transformer):
+            p.normal_(std=0.1)
+    x, sigma, cond = sd3_inputs(seed=2)
+    out = SD3Velocity(transformer, guidance_scale=4.5)(x, sigma, cond)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    grads = [p.grad for p in trainable_parameters(transformer)]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
