@@ -237,6 +237,8 @@ def test_latent_shape_and_size_checks(components):
     with pytest.raises(ValueError, match="multiple of 4"):
         adapter.latent_shape(18, 16)
     assert adapter.velocity_model().compute_dtype is None  # float32 on CPU
+    with pytest.raises(ValueError, match="multiple of 4"):
+        adapter.velocity_model(18, 16)
     assert SD3Adapter().latent_shape(512, 512) == (16, 64, 64)  # SD3.5 defaults without modules
 
 
@@ -248,6 +250,9 @@ def test_decode_is_batched_and_in_unit_range(components):
     assert whole.shape == (5, 3, IMAGE, IMAGE) and whole.dtype == torch.float32
     assert whole.min() >= 0 and whole.max() <= 1
     torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+    assert adapter.decode(z[:1], IMAGE, IMAGE).shape == (1, 3, IMAGE, IMAGE)
+    with pytest.raises(ValueError, match="do not match"):
+        adapter.decode(z[:1], 2 * IMAGE, IMAGE)
 
 
 # -- prompt encoding and the cache -------------------------------------------------------------

@@ -310,15 +310,20 @@ class SD3Adapter:
     # -- velocity ---------------------------------------------------------------------------
     def velocity_model(
         self,
+        height: int | None = None,
+        width: int | None = None,
         guidance_scale: float | None = None,
         compute_dtype: torch.dtype | str | None = None,
     ) -> SD3Velocity:
-        """The transformer as ``vθ(x, σ, c)`` with CFG (SPEC §1–2); any latent size the model allows.
+        """The transformer as ``vθ(x, σ, c)`` with CFG (SPEC §1–2).
 
-        ``guidance_scale``/``compute_dtype`` default to the adapter's; ``torch.float32`` = no autocast.
+        Same arguments as ``FluxAdapter.velocity_model``; ``height``/``width`` are only checked
+        (SD3 latents carry their size). ``guidance_scale``/``compute_dtype`` default to the
+        adapter's; ``torch.float32`` = no autocast.
         """
         if self.transformer is None:
             raise ValueError("this SD3Adapter was built without a transformer (load it with load_transformer=True)")
+        self.latent_size(height, width)
         compute_dtype = self.compute_dtype if compute_dtype is None else compute_dtype
         if compute_dtype == "auto":
             on_cuda = (_module_device(self.transformer) or torch.device("cpu")).type == "cuda"
@@ -438,11 +443,18 @@ class SD3Adapter:
 
     # -- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: Tensor, batch_size: int | None = None) -> Tensor:
+    def decode(
+        self,
+        latents: Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
         """Latents ``[B, C, H, W]`` → images ``[B, 3, 8H, 8W]`` float32 in ``[0, 1]``.
 
         As ``StableDiffusion3Pipeline``: ``z / scaling_factor + shift_factor``, ``vae.decode``,
         denormalise; ``batch_size`` (default ``decode_batch_size``) latents per VAE call.
+        ``height``/``width`` (pixels), when given, are checked against the latents.
         """
         from diffusers.image_processor import VaeImageProcessor
 
@@ -450,6 +462,10 @@ class SD3Adapter:
             raise ValueError("this SD3Adapter was built without a VAE (load it with load_vae=True)")
         if latents.ndim != 4:
             raise ValueError(f"SD3 latents are [B, C, H, W], got shape {tuple(latents.shape)}")
+        if height is not None or width is not None:
+            expected = self.latent_size(height, width)
+            if tuple(latents.shape[-2:]) != expected:
+                raise ValueError(f"latents {tuple(latents.shape)} do not match a {height}x{width} image")
         batch_size = batch_size or self.decode_batch_size
         config = self.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
