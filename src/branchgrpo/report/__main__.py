@@ -1,0 +1,5 @@
+import sys
+
+from branchgrpo.report import main
+
+sys.exit(main())
