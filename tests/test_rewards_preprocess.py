@@ -148,3 +148,14 @@ def test_from_hf_config_rejects_unsupported(tmp_path):
     with pytest.raises(ValueError, match="resample"):
         ImagePreprocess.from_hf_config({"size": {"shortest_edge": 8}, "crop_size": {"height": 8, "width": 8}, "resample": 1})
     assert np.isclose(ImagePreprocess.from_hf_config({"size": {"height": 8, "width": 6}}).resized_size(20, 30), (8, 6)).all()
+
+
+def test_from_hf_config_reads_the_old_int_format():
+    """openai/clip-vit-large-patch14 and laion/CLIP-ViT-H-14 ship ``"size": 224, "crop_size": 224``."""
+    prep = ImagePreprocess.from_hf_config({
+        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD), "resample": 3, "size": 224,
+    })
+    assert (prep.resize_mode, prep.size, prep.crop, prep.interpolation) == ("shortest", 224, (224, 224), "bicubic")
+    assert prep(torch.rand(1, 3, 720, 1280)).shape == (1, 3, 224, 224)

@@ -68,7 +68,8 @@ def test_remote_scores_equal_local(digits):
         assert client.wait_ready(timeout=5)["reward"] == "digits"
         torch.testing.assert_close(client(images, PROMPTS), digits(images, PROMPTS), rtol=0, atol=0)
         quantised = (images * 255).round() / 255  # the default uint8 wire is exact for 8-bit images
-        torch.testing.assert_close(_client(server.url, wire_dtype="uint8")(quantised, PROMPTS), digits(quantised, PROMPTS), rtol=0, atol=1e-7)
+        via_uint8 = _client(server.url, wire_dtype="uint8")(quantised, PROMPTS)
+        torch.testing.assert_close(via_uint8, digits(quantised, PROMPTS), rtol=0, atol=1e-7)
         # behind the registry, inside a composite
         remote = build_reward("remote", url=server.url, wire_dtype="float32", timeout=5.0)
         out = build_reward("digits:1.0,remote:0.5", checkpoint={}, components={"remote": {"url": server.url}}).score(

@@ -70,7 +70,8 @@ def resolve_model_folder(reward: str, checkpoint: str | Path | None, what: str) 
         if path.name not in WEIGHT_FILES:
             raise CheckpointError(reward, path, f"is not a transformers weights file ({' or '.join(WEIGHT_FILES)}); expected {what}")
         path = path.parent
-    return require_dir(reward, path, what, needs=("config.json", "|".join(WEIGHT_FILES)))
+    shards = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+    return require_dir(reward, path, what, needs=("config.json", "|".join(WEIGHT_FILES + shards)))
 
 
 def load_clip_model(reward: str, folder: Path, device: torch.device, dtype: torch.dtype):

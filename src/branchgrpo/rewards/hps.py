@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 from branchgrpo.rewards.base import (
