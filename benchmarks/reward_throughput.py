@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=64, help="images scored per repeat")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in REWARDS:
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     machine = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(), "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0],
     }
     result = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
@@ -91,7 +93,9 @@ def main(argv=None) -> int:
         "# Reward throughput (tiny random configs, CPU)", "",
         f"- command: `{result['command']}`", f"- date: {result['date']}",
         f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs ({machine['processor']}), "
-        f"torch {machine['torch']}, {args.threads} thread(s), Python {machine['python']}",
+        f"torch {machine['torch']}, {args.threads} thread(s), Python {machine['python']}; "
+        f"1-min load average {machine['load_average_1m_before']:.2f} before, {machine['load_average_1m_after']:.2f} after "
+        "(the machine is shared: numbers move by 2x or more between runs)",
         f"- inputs: {args.size}x{args.size} RGB (digits: 16x16 grey), 4 distinct prompts, {args.images} images per repeat, "
         f"median of {args.repeats} repeats after one warm-up call", "",
         "Tiny models: the numbers show per-call overhead and what batching buys, not real-model speed. "
