@@ -16,7 +16,8 @@ from torch import Tensor
 
 from branchgrpo.loss import clipped_surrogate, gaussian_kl_same_std
 from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
-from branchgrpo.sde import gaussian_log_prob, transition_mean
+from branchgrpo.sde import gaussian_log_prob
+from branchgrpo.sde_flowgrpo import flowgrpo_kl, get_transition
 from branchgrpo.tree.rollout import RolloutTree
 from branchgrpo.tree.selection import EdgeSelection
 from branchgrpo.tree.spec import MethodConfig
@@ -128,7 +129,7 @@ def edge_log_probs(
     sigma = edges.parent_sigma[parents].to(device)
     sigma_next = edges.parent_sigma_next[parents].to(device)
     velocity = model(x, sigma, select_conditioning(conditioning, edges.parent_prompt[parents]))
-    mean, std, _ = transition_mean(x, velocity, sigma, sigma_next, config.tree.eta, sde=True)
+    mean, std, _ = get_transition(config.tree.transition)(x, velocity, sigma, sigma_next, config.tree.eta, sde=True)
     rows, slot = _edge_rows(starts[parents], counts[parents])
     slot = slot.to(device)
     lp_new = gaussian_log_prob(
@@ -207,10 +208,14 @@ def policy_update(
                     x = edges.parent_latents[parents.to(device)]
                     sigma = edges.parent_sigma[parents].to(device)
                     ref_v = reference_model(x, sigma, select_conditioning(conditioning, edges.parent_prompt[parents]))
-                    ref_mean, _, _ = transition_mean(
-                        x, ref_v, sigma, edges.parent_sigma_next[parents].to(device), config.tree.eta, sde=True
+                    sigma_next = edges.parent_sigma_next[parents].to(device)
+                    ref_mean, _, _ = get_transition(config.tree.transition)(
+                        x, ref_v, sigma, sigma_next, config.tree.eta, sde=True
                     )
-                kl_parent = gaussian_kl_same_std(mean, ref_mean, std, config.tree.logprob_reduction)
+                if update.kl_form == "flowgrpo":
+                    kl_parent = flowgrpo_kl(mean, ref_mean, sigma, sigma_next, config.tree.eta, config.tree.logprob_reduction)
+                else:
+                    kl_parent = gaussian_kl_same_std(mean, ref_mean, std, config.tree.logprob_reduction)
                 kl_e = kl_parent.repeat_interleave(counts[parents].to(kl_parent.device))
             objective = (loss_e + update.kl_coef * kl_e).sum() / step_normaliser
             if not torch.isfinite(objective):

@@ -72,8 +72,21 @@ def build_generator(config: TrainConfig, device: torch.device) -> Generator:
             heldout_prompts=list(world.heldout_prompts),
             builtin_reward=world.reward,
         )
-    else:
+    elif model.family == "flux":
         generator = _build_flux(config, device)
+    else:
+        generator = _build_sd3(config, device)
+    if model.lora is not None:
+        if model.family == "digits":
+            raise ConfigError("model.lora", "the digits world trains all weights (it is tiny); LoRA is for flux and sd3")
+        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora
+
+        spec_kwargs = {"rank": model.lora.rank, "alpha": model.lora.alpha, "dropout": model.lora.dropout,
+                       "init": model.lora.init}
+        if model.lora.target_modules is not None:
+            spec_kwargs["target_modules"] = model.lora.target_modules
+        add_lora(generator.trainable, LoraSpec(**spec_kwargs))
+        generator.trainable = LoraWeights(generator.trainable)
     if config.data.train_prompts is not None:
         generator.train_prompts = read_prompt_file(config.data.train_prompts, "data.train_prompts")
     if config.data.heldout_prompts is not None:
@@ -87,14 +100,37 @@ def build_generator(config: TrainConfig, device: torch.device) -> Generator:
     return generator
 
 
+def _weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16}[config.model.dtype]
+
+
+def _build_sd3(config: TrainConfig, device: torch.device) -> Generator:
+    from branchgrpo.models.sd3 import SD3Adapter
+
+    model = config.model
+    if model.path is None:
+        raise ConfigError("model.path", "SD3 needs a local diffusers folder or a hub id (e.g. stabilityai/stable-diffusion-3.5-medium)")
+    adapter = SD3Adapter.from_pretrained(
+        model.path, dtype=_weights_dtype(config, device), device=device, vae_dtype=torch.float32,
+        height=model.height, width=model.width, guidance_scale=model.guidance_scale,
+        negative_prompt=model.negative_prompt, prompt_cache_dir=model.prompt_cache_dir,
+        max_sequence_length=model.max_sequence_length, decode_batch_size=model.decode_batch,
+    )
+    return Generator(
+        family="sd3", policy=adapter.velocity_model(), trainable=adapter.transformer,
+        latent_shape=tuple(adapter.latent_shape()), encode_prompts=adapter.encode_prompts,
+        decode=adapter.decode, train_prompts=[], heldout_prompts=[],
+    )
+
+
 def _build_flux(config: TrainConfig, device: torch.device) -> Generator:
     from branchgrpo.models.flux import FluxAdapter
 
     model = config.model
     if model.path is None:
         raise ConfigError("model.path", "FLUX needs a local diffusers folder or a hub id (e.g. black-forest-labs/FLUX.1-dev)")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[model.dtype]
+    dtype = _weights_dtype(config, device)
     adapter = FluxAdapter.from_pretrained(
         model.path, dtype=dtype, device=device, height=model.height, width=model.width,
         guidance_scale=model.guidance_scale, prompt_cache_dir=model.prompt_cache_dir,

@@ -16,14 +16,31 @@ from branchgrpo.tree.spec import MethodConfig
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the transformer; only they are trained (see models/lora.py)."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0  # > 0 makes the on-policy ratio differ from 1 (dropout in training mode)
+    target_modules: list[str] | None = None  # None = the attention/feed-forward projections (Flow-GRPO's list)
+    init: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("model.lora", "rank >= 1, alpha > 0 and 0 <= dropout < 1 are required")
+
+
+@dataclass
 class ModelConfig:
     """Which generator to train and how to run it."""
 
-    family: Literal["digits", "flux"] = "digits"
+    family: Literal["digits", "flux", "sd3"] = "digits"
     path: str | None = None  # flux: diffusers folder or hub id; digits: generator .safetensors (None = shipped)
     height: int = 720  # flux image size in pixels
     width: int = 720
-    guidance_scale: float = 3.5  # FLUX.1-dev guidance embedding
+    guidance_scale: float = 3.5  # FLUX.1-dev guidance embedding; SD3: classifier-free guidance scale
+    negative_prompt: str = ""  # SD3 classifier-free guidance
+    lora: LoraConfig | None = None  # train LoRA adapters instead of all weights
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     prompt_cache_dir: str | None = None  # flux: on-disk prompt-embedding cache (branchgrpo preprocess)
     max_sequence_length: int = 512  # flux T5 tokens

@@ -93,6 +93,19 @@ class Trainer:
         self.generator: Generator = generator or build_generator(config, self.device)
         self.reward: RewardFn = reward or build_reward(config, self.generator, self.device)
         self.dist.broadcast_module(self.generator.trainable)
+        self.reference = None
+        if config.method.update.kl_coef > 0:
+            if config.model.lora is None:
+                from branchgrpo.config import ConfigError
+
+                raise ConfigError(
+                    "method.update.kl_coef",
+                    "the KL term needs a reference model: train with model.lora (the reference is the model with "
+                    "its adapter disabled, no second copy) or set kl_coef=0",
+                )
+            from branchgrpo.models.lora import ReferenceVelocity
+
+            self.reference = ReferenceVelocity(self.generator.policy)
         params = [p for p in self.generator.trainable.parameters() if p.requires_grad]
         update = config.method.update
         self.optimizer = torch.optim.AdamW(params, lr=update.learning_rate, weight_decay=update.weight_decay)
@@ -154,6 +167,7 @@ class Trainer:
         stats = policy_update(
             gen.policy, self.optimizer, edges, conditioning, method,
             generator=iteration_generator(cfg.run.seed, it, 2, self.dist.rank), sync=self.dist,
+            reference_model=self.reference,
         )
         gen.policy.eval()
         self.update_ema()

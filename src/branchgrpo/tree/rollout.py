@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
-from branchgrpo.sde import correlated_split_noise, gaussian_log_prob, sigma_schedule, transition_mean
+from branchgrpo.sde import correlated_split_noise, gaussian_log_prob, sigma_schedule
+from branchgrpo.sde_flowgrpo import get_transition
 from branchgrpo.tree.spec import TreeSpec
 
 
@@ -160,6 +161,7 @@ def rollout(
     sigmas = sigma_schedule(spec.steps, spec.shift)
     sde = spec.sde_steps(iteration)
     branching = spec.branching()
+    transition = get_transition(spec.transition)
 
     roots = topology.parent[0].numel()
     shape = tuple(latent_shape)
@@ -179,7 +181,7 @@ def rollout(
             model, x, sigma, topology.group[i], conditioning, micro_batch
         )
         rollout_calls += x.shape[0]
-        mean, std, x0_pred = transition_mean(x, velocity, sigma, sigma_next, spec.eta, sde=sde[i])
+        mean, std, x0_pred = transition(x, velocity, sigma, sigma_next, spec.eta, sde=sde[i])
         parent = topology.parent[i + 1].to(device)
         child_mean = mean.repeat_interleave(branching[i], dim=0) if branching[i] > 1 else mean
         if sde[i]:

@@ -64,6 +64,7 @@ class TreeSpec:
     shared_root_noise: bool = False  # the same root noise for every prompt of a batch
     sde_window: SdeWindow | None = None  # None: every step SDE; else only split steps + window
     logprob_reduction: Literal["mean", "sum"] = "mean"  # reduction of the per-edge log-prob
+    transition: Literal["flowsde", "flowgrpo"] = "flowsde"  # SDE: SPEC §3 (constant η) or Flow-GRPO's σ-dependent noise (η = a)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -200,6 +201,7 @@ class UpdateSpec:
 
     clip_range: float = 1e-3  # ε of the ratio clip
     kl_coef: float = 0.0  # β_KL of the optional KL-to-reference term (0 = off, no reference forward)
+    kl_form: Literal["gaussian", "flowgrpo"] = "gaussian"  # true Gaussian KL, or Flow-GRPO's scale (× Δσ)
     updates_per_iteration: int = 1  # optimizer steps per iteration; trained edges split evenly among them
     max_grad_norm: float = 1.0  # gradient-norm clip (0 = off)
     learning_rate: float = 1e-5
