@@ -157,13 +157,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config.eval.samples_per_prompt = args.samples
     result = evaluate(generator, reward, generator.heldout_prompts, config, device)
     rows = result.per_prompt()
-    width = max(len(p) for p in rows)
-    print(f"{'prompt':<{width}}  {config.reward.name}")
-    for prompt, value in rows.items():
-        print(f"{prompt:<{width}}  {value:.4f}")
-    print(f"{'mean':<{width}}  {result.mean_reward:.4f}")
+    means = result.means()
+    columns = list(means)
+    width = max(len(p) for p in list(rows) + ["prompt"])
+    print(f"{'prompt':<{width}}  " + "  ".join(f"{c:>10}" for c in columns))
+    for prompt, values in rows.items():
+        print(f"{prompt:<{width}}  " + "  ".join(f"{values[c]:>10.4f}" for c in columns))
+    print(f"{'mean':<{width}}  " + "  ".join(f"{means[c]:>10.4f}" for c in columns))
     if args.json:
-        Path(args.json).write_text(json.dumps({"mean": result.mean_reward, "per_prompt": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"mean": means, "per_prompt": rows}, indent=2) + "\n")
     return 0
 
 

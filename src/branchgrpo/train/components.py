@@ -13,7 +13,6 @@ from branchgrpo.config import ConfigError
 from branchgrpo.train.config import TrainConfig
 
 RewardFn = Callable[[Tensor, list[str]], Tensor]
-KNOWN_REWARDS = ("digits", "hps", "pickscore", "imagereward", "clip", "aesthetic")
 
 
 @dataclass
@@ -149,36 +148,71 @@ def _build_flux(config: TrainConfig, device: torch.device) -> Generator:
     )
 
 
+def _is_list(name: str) -> bool:
+    return "," in name or ":" in name
+
+
 def check_reward_config(config: TrainConfig) -> None:
     """Fail fast (before any model loads) on an unknown reward or a missing checkpoint file."""
+    from branchgrpo.rewards import RewardSpecError, available_rewards, parse_reward_weights
+
     reward = config.reward
-    if reward.name not in KNOWN_REWARDS:
-        raise ConfigError("reward.name", f"unknown reward {reward.name!r}; allowed values: {', '.join(KNOWN_REWARDS)}")
-    if reward.name == "digits":
-        if config.model.family != "digits":
+    known = list(available_rewards())
+    try:
+        names = [n for n, _ in parse_reward_weights(reward.name, known=known)] if _is_list(reward.name) else [reward.name]
+    except RewardSpecError as err:
+        raise ConfigError("reward.name", str(err)) from None
+    for name in names:
+        if name not in known:
+            raise ConfigError("reward.name", f"unknown reward {name!r}; allowed values: {', '.join(known)}")
+        if name == "digits" and config.model.family != "digits":
             raise ConfigError("reward.name", "the digits reward scores digits-world images only (model.family=digits)")
-        return
-    if reward.checkpoint is None:
-        raise ConfigError(
-            "reward.checkpoint",
-            f"reward {reward.name!r} needs its checkpoint file; set reward.checkpoint=PATH (see docs/rewards.md)",
-        )
-    if not Path(reward.checkpoint).is_file():
-        raise ConfigError("reward.checkpoint", f"checkpoint file {reward.checkpoint} for reward {reward.name!r} does not exist")
+        if name in ("digits", "remote"):
+            continue
+        field_name = "reward.checkpoint" if len(names) == 1 and not _is_list(reward.name) else f"reward.checkpoints.{name}"
+        path = reward.checkpoint if field_name == "reward.checkpoint" else reward.checkpoints.get(name)
+        if path is None:
+            raise ConfigError(field_name, f"reward {name!r} needs its checkpoint; set {field_name}=PATH (see docs/rewards.md)")
+        if not Path(path).exists():
+            raise ConfigError(field_name, f"checkpoint {path} for reward {name!r} does not exist (see docs/rewards.md)")
 
 
-def build_reward(config: TrainConfig, generator: Generator, device: torch.device) -> RewardFn:
+def build_reward(config: TrainConfig, generator: Generator, device: torch.device):
     """The reward named by ``reward.name`` (checked by :func:`check_reward_config` first)."""
+    from branchgrpo.rewards import build_reward as build
+
     check_reward_config(config)
-    if config.reward.name == "digits":
-        assert generator.builtin_reward is not None
-        return generator.builtin_reward
     reward = config.reward
-    raise ConfigError(
-        "reward.name",
-        f"reward {reward.name!r} is not built into this version yet (only 'digits' is); "
-        "it comes with the rewards module",
-    )
+    if reward.name == "digits" and generator.builtin_reward is not None:
+        return generator.builtin_reward
+    options = dict(reward.options)
+    if _is_list(reward.name):
+        return build(reward.name, dict(reward.checkpoints), device=device, dtype=reward.dtype,
+                     normalize=reward.normalize, components=options)
+    return build(reward.name, reward.checkpoint, device=device, dtype=reward.dtype, **options)
+
+
+def score_images(reward, images: Tensor, prompts: list[str], group_ids: Tensor, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Leaf rewards ``[B]`` (CPU float32) and, for a weighted list, each component's raw scores.
+
+    Components are scored in batches; per-group normalisation is applied once over all of them
+    (a group must not be split across reward batches).
+    """
+    from branchgrpo.rewards import CompositeReward
+
+    if isinstance(reward, CompositeReward):
+        parts: dict[str, list[Tensor]] = {}
+        for start in range(0, images.shape[0], batch_size):
+            chunk = reward.components(images[start : start + batch_size], prompts[start : start + batch_size])
+            for name, value in chunk.items():
+                parts.setdefault(name, []).append(value.float().cpu())
+        components = {name: torch.cat(values) for name, values in parts.items()}
+        total = reward.combine(components, group_ids.cpu()).total.float().cpu()
+    else:
+        total, components = batched_reward(reward, images, prompts, batch_size), {}
+    if not torch.isfinite(total).all():
+        raise RuntimeError("the reward returned NaN or Inf; refusing to train on missing rewards")
+    return total, components
 
 
 def batched_reward(reward: RewardFn, images: Tensor, prompts: list[str], batch_size: int) -> Tensor:

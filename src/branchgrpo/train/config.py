@@ -55,10 +55,14 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
-    """What the leaves are scored by (see :mod:`branchgrpo.rewards`)."""
+    """What the leaves are scored by (see docs/rewards.md and :mod:`branchgrpo.rewards`)."""
 
-    name: str = "digits"  # digits | hps | pickscore | imagereward | clip | aesthetic
-    checkpoint: str | None = None  # local checkpoint file of the reward model
+    name: str = "digits"  # a reward (digits | hps | pickscore | imagereward | clip | aesthetic | remote) or "hps:1.0,clip:0.5"
+    checkpoint: str | None = None  # checkpoint file/folder of a single reward
+    checkpoints: dict[str, str] = field(default_factory=dict)  # per component of a weighted list
+    options: dict[str, Any] = field(default_factory=dict)  # reward options (e.g. processor, tokenizer, url); per component for lists
+    normalize: Literal["none", "group", "batch"] = "none"  # z-score each component per prompt group before the weighted sum
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     batch_size: int = 64  # images per reward call
 
     def __post_init__(self) -> None:

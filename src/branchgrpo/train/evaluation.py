@@ -18,17 +18,29 @@ from branchgrpo.tree.spec import TreeSpec
 class EvalResult:
     prompts: list[str]  # one per image
     images: Tensor  # [P·S, C, H, W] in [0, 1], prompt-major
-    rewards: Tensor  # [P·S]
+    rewards: Tensor  # [P·S] (a weighted list: the weighted sum of raw component scores)
+    components: dict[str, Tensor] | None = None  # raw scores per component of a weighted list
 
     @property
     def mean_reward(self) -> float:
         return float(self.rewards.mean())
 
-    def per_prompt(self) -> dict[str, float]:
-        out: dict[str, list[float]] = {}
-        for prompt, reward in zip(self.prompts, self.rewards.tolist()):
-            out.setdefault(prompt, []).append(reward)
-        return {p: sum(v) / len(v) for p, v in out.items()}
+    def columns(self) -> dict[str, Tensor]:
+        """Every reported score: the components of a weighted list (then their sum), or the reward."""
+        if self.components:
+            return {**self.components, "weighted": self.rewards}
+        return {"reward": self.rewards}
+
+    def per_prompt(self) -> dict[str, dict[str, float]]:
+        """``{prompt: {column: mean over the prompt's samples}}``."""
+        out: dict[str, dict[str, list[float]]] = {}
+        for column, values in self.columns().items():
+            for prompt, value in zip(self.prompts, values.tolist()):
+                out.setdefault(prompt, {}).setdefault(column, []).append(value)
+        return {p: {c: sum(v) / len(v) for c, v in cols.items()} for p, cols in out.items()}
+
+    def means(self) -> dict[str, float]:
+        return {column: float(values.mean()) for column, values in self.columns().items()}
 
 
 @torch.no_grad()
@@ -66,6 +78,18 @@ def evaluate(generator: Generator, reward: RewardFn, prompts: list[str], config:
         generator, prompts, config.eval.samples_per_prompt, config.method.tree, eta, config.eval.seed,
         config.method.engine.rollout_micro_batch, device,
     )
+    from branchgrpo.rewards import CompositeReward
+
+    if isinstance(reward, CompositeReward):
+        # held-out scores are absolute: raw components and their weighted sum, never normalised
+        parts: dict[str, list[Tensor]] = {}
+        for start in range(0, images.shape[0], config.reward.batch_size):
+            end = start + config.reward.batch_size
+            for name, value in reward.components(images[start:end], image_prompts[start:end]).items():
+                parts.setdefault(name, []).append(value.float().cpu())
+        components = {name: torch.cat(values) for name, values in parts.items()}
+        rewards = sum(reward.weights[name] * value for name, value in components.items())
+        return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=rewards, components=components)
     rewards = batched_reward(reward, images, image_prompts, config.reward.batch_size)
     return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=rewards)
 

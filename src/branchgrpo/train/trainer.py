@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from branchgrpo.train.components import (
-    Generator, RewardFn, batched_reward, build_generator, build_reward, check_reward_config, resolve_device,
+    Generator, RewardFn, build_generator, build_reward, check_reward_config, resolve_device, score_images,
 )
 from branchgrpo.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from branchgrpo.config import to_dict
@@ -155,7 +155,9 @@ class Trainer:
         leaf_prompts = [prompts[int(g)] for g in tree.group[-1]]
         with torch.no_grad():
             images = gen.decode(tree.leaf_x0)
-        leaf_rewards = batched_reward(self.reward, images, leaf_prompts, cfg.reward.batch_size)
+        leaf_rewards, reward_components = score_images(
+            self.reward, images, leaf_prompts, tree.group[-1], cfg.reward.batch_size
+        )
         times["reward"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -208,6 +210,10 @@ class Trainer:
             "time/iteration": sum(times.values()),
             "memory/peak_gb": peak_memory_gb(self.device),
         }
+        for name, values in reward_components.items():
+            everything = self.dist.gather(values.float())
+            metrics.update({f"reward/{name}_mean": float(everything.mean()), f"reward/{name}_std": float(everything.std()),
+                            f"reward/{name}_min": float(everything.min()), f"reward/{name}_max": float(everything.max())})
         metrics.update(self.dist.mean(local_metrics))
         metrics["iteration"] = it
         metrics["processes"] = self.dist.world_size
