@@ -163,7 +163,9 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
             handle.write(b"partial")  # a crash half-way through the write
         raise OSError("disk full")
 
-    monkeypatch.setattr(dump_module, "save_file", crash)
+    import branchgrpo.atomic as atomic_module
+
+    monkeypatch.setattr(atomic_module, "save_file", crash)
     other_tree, other_scores, _ = scored(*CASES[1], seed=5)
     with pytest.raises(OSError, match="disk full"):
         save_tree(path, other_tree, other_scores, config)

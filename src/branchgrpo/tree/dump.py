@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from branchgrpo.atomic import atomic_save_safetensors
 
 from branchgrpo.config import to_dict
 from branchgrpo.tree.rollout import RolloutTree
@@ -80,15 +81,7 @@ def save_tree(
         "num_groups": str(tree.num_groups),
         "root_entropy_ratio": json.dumps(scores.fused.root_entropy_ratio()),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 def load_tree(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
