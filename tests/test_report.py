@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import re
 import select
@@ -43,7 +42,8 @@ def run_dir(tmp_path_factory) -> Path:
     from test_trainer import brightness_reward, make_trainer, tiny_generator  # noqa: F401 - conftest puts tests/ on the path
 
     out = tmp_path_factory.mktemp("run")
-    trainer = make_trainer(out, "branchgrpo-mix", "split_plan=1:2,3:2", "tree.sde_window.size=3", "run.iterations=3", "eval.every=1")
+    trainer = make_trainer(out, "branchgrpo-mix", "split_plan=1:2,3:2", "tree.sde_window.size=3",
+                           "run.iterations=3", "eval.every=1")
     trainer.run()
     add_thumbnails(out / "trees" / THUMB_DUMP)
     return out
@@ -56,7 +56,8 @@ def add_thumbnails(path: Path) -> None:
     tensors = load_file(str(path))
     n = tensors["parent"].shape[0]
     ramp = torch.linspace(0, 1, n)[:, None, None, None]
-    thumbs = torch.cat([ramp.expand(n, 1, 6, 8), 1 - ramp.expand(n, 1, 6, 8), torch.rand(n, 1, 6, 8, generator=torch.Generator().manual_seed(0))], 1)
+    noise = torch.rand(n, 1, 6, 8, generator=torch.Generator().manual_seed(0))
+    thumbs = torch.cat([ramp.expand(n, 1, 6, 8), 1 - ramp.expand(n, 1, 6, 8), noise], 1)
     tensors["x0_thumbnails"] = thumbs.contiguous()
     save_file(tensors, str(path), metadata=metadata)
 
@@ -69,10 +70,8 @@ def big_tree_run(root: Path, source: Path, leaves_k: int = 4, splits: tuple[int,
     shutil.copy(source / "metrics.jsonl", root / "metrics.jsonl")
     gen = np.random.default_rng(0)
     parent, depth, tree_id = [], [], []
-    frontier = [[-1] for _ in range(groups)]  # per group: parent row of each frontier node (roots: -1)
-    width = 1
+    frontier: list[list[int]] = [[] for _ in range(groups)]  # per group: rows of the current frontier
     rows = 0
-    levels = []
     for d in range(steps + 1):
         level = []
         for g in range(groups):
@@ -90,7 +89,6 @@ def big_tree_run(root: Path, source: Path, leaves_k: int = 4, splits: tuple[int,
             rows += len(parents)
             new_frontier.append(ids)
         frontier = new_frontier
-        levels.append(width)
     n = rows
     depth_a = np.array(depth, dtype=np.int32)
     leaf_reward = np.full(n, np.nan, dtype=np.float32)
@@ -99,13 +97,15 @@ def big_tree_run(root: Path, source: Path, leaves_k: int = 4, splits: tuple[int,
         "parent": torch.tensor(parent, dtype=torch.int64), "depth": torch.from_numpy(depth_a),
         "step": torch.from_numpy(depth_a - 1), "tree_id": torch.tensor(tree_id, dtype=torch.int32),
         "logp": torch.from_numpy(gen.normal(1, 0.05, n).astype(np.float32)), "is_sde": torch.ones(n, dtype=torch.bool),
-        "leaf_reward": torch.from_numpy(leaf_reward), "fused_reward": torch.from_numpy(gen.random(n).astype(np.float32)),
+        "leaf_reward": torch.from_numpy(leaf_reward),
+        "fused_reward": torch.from_numpy(gen.random(n).astype(np.float32)),
         "advantage": torch.from_numpy(gen.normal(0, 1, n).astype(np.float32)),
         "trained": torch.from_numpy(gen.random(n) < 0.6),
     }
     columns["advantage"][columns["depth"] == 0] = 0
-    metadata = {"format": "branchgrpo-tree/1", "spec": json.dumps({"steps": steps}), "method": json.dumps({"name": "synthetic"}),
-                "beta": "1.0", "reduction": "mean", "iteration": "7", "num_groups": str(groups), "root_entropy_ratio": "0.99"}
+    metadata = {"format": "branchgrpo-tree/1", "spec": json.dumps({"steps": steps}),
+                "method": json.dumps({"name": "synthetic"}), "beta": "1.0", "reduction": "mean", "iteration": "7",
+                "num_groups": str(groups), "root_entropy_ratio": "0.99"}
     (root / "trees").mkdir(exist_ok=True)
     save_file(columns, str(root / "trees" / "iter_000007.safetensors"), metadata=metadata)
     return root
@@ -147,7 +147,7 @@ def test_report_content(run_dir, tmp_path):
         assert png == (run_dir / "samples" / s["file"]).read_bytes()
         assert (s["width"], s["height"]) == png_size(png)
     # every tree dump, column for column
-    assert [t["file"] for t in data["trees"]] == ["iter_000000.safetensors", "iter_000001.safetensors", "iter_000002.safetensors"]
+    assert [t["file"] for t in data["trees"]] == [f"iter_00000{i}.safetensors" for i in range(3)]
     for tree in data["trees"]:
         columns, meta = load_tree(run_dir / "trees" / tree["file"])
         decoded = decode_tree_blob(tree)
@@ -185,13 +185,25 @@ def test_default_output_limits_and_partial_runs(run_dir, tmp_path):
 
 
 def test_png_encoder_round_trip():
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     pixels = (np.arange(5 * 7 * 3).reshape(5, 7, 3) * 7 % 256).astype(np.uint8)
     for array in (pixels, pixels[..., 0]):
         image = Image.open(io.BytesIO(encode_png(array)))
         np.testing.assert_array_equal(np.asarray(image), array)
+
+
+def test_large_sample_grids_are_embedded_smaller():
+    from branchgrpo.report.data import SAMPLE_MAX_SIDE, shrink_image
+
+    gen = np.random.default_rng(0)
+    small = encode_png(gen.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    assert shrink_image(small, (60, 40)) == (small, "image/png", (60, 40))
+    big = encode_png(gen.integers(0, 255, (300, SAMPLE_MAX_SIDE + 400, 3), dtype=np.uint8), level=1)
+    data, mime, size = shrink_image(big, (SAMPLE_MAX_SIDE + 400, 300))
+    assert mime == "image/jpeg" and max(size) == SAMPLE_MAX_SIDE and len(data) < len(big)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -201,7 +213,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "branchgrpo.report", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
@@ -254,7 +266,7 @@ class Browser:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
         self.log = log
-        self._log_file = open(log, "wb")
+        self._log_file = open(log, "wb")  # noqa: SIM115 - the browser's stdout/stderr until close()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _PIPE_EXEC, str(to_browser_r), str(from_browser_w),
              binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"],
@@ -333,8 +345,12 @@ class Browser:
     def open_page(self, width: int = 1400, height: int = 1000) -> None:
         targets = self.call("Target.getTargets", session=False)["targetInfos"]
         pages = [t for t in targets if t["type"] == "page"]
-        target = pages[0]["targetId"] if pages else self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        if pages:
+            target = pages[0]["targetId"]
+        else:
+            target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)
+        self.session = attached["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
         self.set_viewport(width, height)
@@ -344,13 +360,18 @@ class Browser:
         self.call("Page.navigate", {"url": url})
         self.wait_event("Page.loadEventFired")
 
-    def screenshot(self, path: Path, selector: str | None = None, full_page: bool = False, max_height: int = 8000) -> Path:
+    def screenshot(self, path: Path, selector: str | None = None, full_page: bool = False,
+                   max_height: int = 8000) -> Path:
         """PNG of the viewport, of the whole page, or of one element.
 
         For a page or an element taller than the window the viewport itself is made taller for the
         capture (Chromium's captureBeyondViewport can return a blank first image)."""
         width, height = self.viewport
-        target = "document.documentElement" if full_page else f"document.querySelector({json.dumps(selector)})" if selector else None
+        target = None
+        if full_page:
+            target = "document.documentElement"
+        elif selector:
+            target = f"document.querySelector({json.dumps(selector)})"
         if target is not None:
             need = self.evaluate(f"Math.ceil({target}.getBoundingClientRect().height)")
             if need > height:
@@ -374,7 +395,8 @@ class Browser:
     def set_viewport(self, width: int, height: int, remember: bool = True) -> None:
         if remember:
             self.viewport = (width, height)
-        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.call("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
 
     # -- what went wrong on the page
     def problems(self) -> list[str]:
@@ -385,7 +407,8 @@ class Browser:
                 details = params["exceptionDetails"]
                 out.append("exception: " + details.get("exception", {}).get("description", details.get("text", "")))
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                out.append("console." + params["type"] + ": " + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+                args = " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+                out.append(f"console.{params['type']}: {args}")
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
                 out.append("log: " + params["entry"].get("text", ""))
         return out
@@ -445,14 +468,31 @@ def colourful_pixels(png: Path) -> int:
 def node_center(browser: Browser, index: int) -> tuple[float, float]:
     """Window coordinates of a drawn node (a circle, or a nested <svg> thumbnail) after scrolling to it."""
     return tuple(browser.evaluate(
-        f"(() => {{ const n = document.querySelectorAll('#tree-svg [data-i]')[{index}]; n.scrollIntoView({{block: 'center'}});"
-        "const s = document.getElementById('tree-svg').getBoundingClientRect(), a = k => +n.getAttribute(k);"
-        "return n.tagName === 'circle' ? [s.x + a('cx'), s.y + a('cy')] : [s.x + a('x') + a('width') / 2, s.y + a('y') + a('height') / 2]; })()"
+        f"(() => {{ const n = document.querySelectorAll('#tree-svg [data-i]')[{index}];"
+        " n.scrollIntoView({block: 'center'});"
+        " const s = document.getElementById('tree-svg').getBoundingClientRect(), a = k => +n.getAttribute(k);"
+        " return n.tagName === 'circle' ? [s.x + a('cx'), s.y + a('cy')]"
+        " : [s.x + a('x') + a('width') / 2, s.y + a('y') + a('height') / 2]; })()"
     ))
 
 
+def count(browser: Browser, selector: str) -> int:
+    return browser.evaluate(f"document.querySelectorAll({json.dumps(selector)}).length")
+
+
+def set_control(browser: Browser, element_id: str, value) -> None:
+    """Set a <select> value or a checkbox as a user would (a change event follows)."""
+    prop = "checked" if isinstance(value, bool) else "value"
+    browser.evaluate(f"(() => {{ const e = document.getElementById({json.dumps(element_id)}); "
+                     f"e.{prop} = {json.dumps(value if isinstance(value, bool) else str(value))}; "
+                     "e.dispatchEvent(new Event('change')); })()")
+
+
+def hover(browser: Browser, x: float, y: float) -> None:
+    browser.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+
+
 def test_report_in_headless_chromium(run_dir, browser, tmp_path):
-    started = time.monotonic()
     out = write_report(run_dir, tmp_path / "report.html")
     data = read_report_data(out)
     browser.navigate(out.as_uri())
@@ -462,49 +502,47 @@ def test_report_in_headless_chromium(run_dir, browser, tmp_path):
     # every section rendered, charts have lines, images decoded
     for sid, _ in SECTIONS:
         assert browser.evaluate(f"document.querySelector('#{sid}-body').children.length > 0"), sid
-    assert browser.evaluate("document.querySelectorAll('#rewards svg.chart path.line').length") >= 3  # train, eval, loss
-    assert browser.evaluate("document.querySelectorAll('#metrics svg.chart path.line').length") >= 4
-    assert browser.evaluate("document.querySelectorAll('#cost #time-bars rect').length") >= 3 * 4
-    assert browser.evaluate("document.querySelectorAll('#nfe-table tbody tr').length") >= 7
-    assert browser.evaluate("[...document.querySelectorAll('#samples img')].every(i => i.complete && i.naturalWidth > 0)")
-    assert browser.evaluate("document.querySelectorAll('#samples figure').length") == len(data["samples"])
+    assert count(browser, "#rewards svg.chart path.line") >= 3  # train reward, eval reward, loss
+    assert count(browser, "#metrics svg.chart path.line") >= 4
+    assert count(browser, "#cost #time-bars rect") >= 3 * 4
+    assert count(browser, "#nfe-table tbody tr") >= 7
+    assert browser.evaluate("[...document.querySelectorAll('#samples img')].every(i => i.naturalWidth > 0)")
+    assert count(browser, "#samples figure") == len(data["samples"])
 
     # the tree: default = last dump, first group; one circle per node of that group
     last = decode_tree_blob(data["trees"][-1])
-    expected = int((last["tree_id"] == data["trees"][-1]["groups"][0]["id"]).sum())
-    assert browser.evaluate("document.querySelectorAll('#tree-svg circle.n').length") == expected
-    assert browser.evaluate("document.querySelectorAll('#tree-svg path.e-sz, #tree-svg path.e-oz').length") >= 1  # zero advantage
-    assert browser.evaluate("document.querySelectorAll('#tree-svg path.e-ou').length") == 1  # ODE edges
-    assert browser.evaluate("document.querySelectorAll('#tree-svg path.e-st').length") == 1  # trained SDE edges
+    in_group = last["tree_id"] == data["trees"][-1]["groups"][0]["id"]
+    assert count(browser, "#tree-svg circle.n") == int(in_group.sum())
+    assert count(browser, "#tree-svg path.e-sz, #tree-svg path.e-oz") >= 1  # zero advantage (the trunk)
+    assert count(browser, "#tree-svg path.e-ou") == 1  # ODE edges (never trained: dashed)
+    assert count(browser, "#tree-svg path.e-st") == 1  # trained SDE edges
 
     # hover a leaf: tooltip with the node's numbers and the highlighted path to the root
-    x, y = node_center(browser, expected - 1)
-    browser.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+    hover(browser, *node_center(browser, int(in_group.sum()) - 1))
     browser.wait_for("!document.getElementById('tip').hidden")
     text = browser.evaluate("document.getElementById('tip').textContent")
     for word in ("depth", "step", "log p", "fused reward", "advantage", "leaf reward", "trained"):
         assert word in text, text
-    assert browser.evaluate("document.getElementById('tree-hl').getAttribute('d').split('L').length") == 7  # T = 6 edges
+    points = browser.evaluate("document.getElementById('tree-hl').getAttribute('d').split('L').length")
+    assert points == int(last["depth"][in_group].max()) + 1
     screenshot = browser.screenshot(tmp_path / "report-tree-hover.png", "#trees")
     assert colourful_pixels(screenshot) > 200, "the tree's nodes are not drawn"
     keep_artifact(screenshot)
-    browser.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 5, "y": 5})
+    hover(browser, 5, 5)
 
     # controls: colour by advantage, second group, the dump with thumbnails drawn on the nodes
     browser.evaluate("document.querySelector('#tree-color button[data-mode=advantage]').click()")
     browser.wait_for("document.querySelector('#tree-legend').textContent.includes('edge advantage')")
     thumb_index = [t["file"] for t in data["trees"]].index(THUMB_DUMP)
-    browser.evaluate(f"(() => {{ const s = document.getElementById('tree-dump'); s.value = '{thumb_index}'; s.dispatchEvent(new Event('change')); }})()")
-    browser.evaluate("(() => { const s = document.getElementById('tree-group'); s.value = '1'; s.dispatchEvent(new Event('change')); })()")
-    cols = decode_tree_blob(data["trees"][thumb_index])
-    group1 = int((cols["tree_id"] == 1).sum())
+    set_control(browser, "tree-dump", thumb_index)
+    set_control(browser, "tree-group", 1)
+    group1 = int((decode_tree_blob(data["trees"][thumb_index])["tree_id"] == 1).sum())
     browser.wait_for(f"document.querySelectorAll('#tree-svg circle.n').length === {group1}")
-    browser.evaluate("(() => { const c = document.getElementById('tree-thumbs'); c.checked = true; c.dispatchEvent(new Event('change')); })()")
+    set_control(browser, "tree-thumbs", True)
     browser.wait_for(f"document.querySelectorAll('#tree-svg svg.th use').length === {group1}")
     browser.evaluate("window.scrollTo(0, 0)")
     keep_artifact(browser.screenshot(tmp_path / "report-full.png", full_page=True))
-    x, y = node_center(browser, 0)
-    browser.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+    hover(browser, *node_center(browser, 0))
     browser.wait_for("document.getElementById('tip-thumb') && document.getElementById('tip-thumb').width > 0")
     keep_artifact(browser.screenshot(tmp_path / "report-thumbnails.png", "#trees"))
 
@@ -515,7 +553,6 @@ def test_report_in_headless_chromium(run_dir, browser, tmp_path):
 
     assert browser.problems() == []
     assert [u for u in browser.requested_urls() if not u.startswith(("file:", "data:", "about:"))] == []
-    assert time.monotonic() - started < 25
 
 
 def test_256_leaf_tree_is_fast(run_dir, browser, tmp_path):
@@ -527,7 +564,7 @@ def test_256_leaf_tree_is_fast(run_dir, browser, tmp_path):
     browser.events.clear()
     browser.navigate(out.as_uri())
     browser.wait_for("document.body.dataset.treeReady")
-    assert browser.evaluate("document.querySelectorAll('#tree-svg .n').length") == group["nodes"]
+    assert count(browser, "#tree-svg .n") == group["nodes"]
     ms = float(browser.evaluate("document.getElementById('tree-svg').dataset.renderMs"))
     assert ms < 1500, f"drawing a 256-leaf tree took {ms:.0f} ms"
     # switching colour mode redraws the whole tree

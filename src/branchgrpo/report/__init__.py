@@ -20,8 +20,15 @@ from branchgrpo.report.data import ReportError, check_run_dir, collect, decode_t
 from branchgrpo.report.page import SECTIONS, render_page
 
 __all__ = [
-    "ReportError", "SECTIONS", "add_arguments", "build_report", "decode_tree_blob", "main", "read_report_data",
-    "run_from_args", "write_report",
+    "SECTIONS",
+    "ReportError",
+    "add_arguments",
+    "build_report",
+    "decode_tree_blob",
+    "main",
+    "read_report_data",
+    "run_from_args",
+    "write_report",
 ]
 
 DEFAULT_MAX_TREE_DUMPS = 24
@@ -71,7 +78,7 @@ def read_report_data(path: str | Path) -> dict:
     import re
 
     text = Path(path).read_text(encoding="utf-8")
-    match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
+    match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.DOTALL)
     if match is None:
         raise ValueError(f"{path} holds no branchgrpo report data")
     return json.loads(match.group(1))
@@ -84,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-trees", type=int, default=DEFAULT_MAX_TREE_DUMPS, metavar="N",
                         help=f"embed at most N tree dumps, evenly spaced; 0 = all (default {DEFAULT_MAX_TREE_DUMPS})")
     parser.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLE_GRIDS, metavar="N",
-                        help=f"embed at most N sample grids, evenly spaced; 0 = all (default {DEFAULT_MAX_SAMPLE_GRIDS})")
+                        help="embed at most N sample grids, evenly spaced; 0 = all "
+                             f"(default {DEFAULT_MAX_SAMPLE_GRIDS})")
     return parser
 
 

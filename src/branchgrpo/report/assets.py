@@ -32,8 +32,8 @@ h3 { font-size:14px; margin:14px 0 6px; }
 .facts { display:flex; flex-wrap:wrap; gap:6px; margin:4px 0 12px; }
 .fact { background:#fff; border:1px solid var(--line); border-radius:14px; padding:2px 10px; font-size:12.5px; }
 .fact b { font-weight:600; color:var(--muted); margin-right:5px; font-size:11.5px; text-transform:uppercase; letter-spacing:.02em; }
-.stats { display:grid; grid-template-columns:repeat(auto-fit,minmax(165px,1fr)); gap:10px; }
-.stat .v { font-size:20px; font-weight:600; }
+.stats { display:grid; grid-template-columns:repeat(auto-fit,minmax(180px,1fr)); gap:10px; }
+.stat .v { font-size:18px; font-weight:600; }
 .stat .l { color:var(--muted); font-size:12px; }
 .stat .d { font-size:12px; }
 .up { color:#15803d; } .down { color:#b91c1c; }
@@ -67,7 +67,8 @@ table.t tr.total td { font-weight:600; border-top:1px solid #cbd5e1; }
 .hbars .val { text-align:right; font-variant-numeric:tabular-nums; }
 .gallery { display:flex; flex-wrap:wrap; gap:12px; align-items:flex-start; }
 .gallery figure { margin:0; background:#fff; border:1px solid var(--line); border-radius:8px; padding:6px; cursor:zoom-in; }
-.gallery img { display:block; image-rendering:pixelated; max-width:100%; }
+.gallery img { display:block; image-rendering:pixelated; max-width:100%; height:auto; }
+.gallery img.smooth { image-rendering:auto; }
 .gallery figcaption { font-size:12px; color:var(--muted); margin-top:4px; }
 .gallery figcaption b { color:var(--fg); }
 #lightbox { position:fixed; inset:0; background:rgba(15,23,42,.85); z-index:20; display:flex; flex-direction:column;
@@ -417,7 +418,8 @@ function openLightbox(i) {
   const scale = Math.max(1, Math.floor(Math.min(window.innerWidth * 0.9 / s.width, window.innerHeight * 0.8 / s.height)));
   lightbox.innerHTML = '';
   lightbox.append(el('img', {src: s.src, width: s.width * scale, height: s.height * scale, alt: 'samples at iteration ' + s.iteration}),
-    el('div', {class: 'cap', text: 'iteration ' + s.iteration + (isNum(s.eval_reward) ? ' \u00b7 held-out reward ' + fmt(s.eval_reward, 4) : '') + '   (\u2190 \u2192 to browse, Esc to close)'}));
+    el('div', {class: 'cap', text: 'iteration ' + s.iteration + (isNum(s.eval_reward) ? ' \u00b7 held-out reward ' + fmt(s.eval_reward, 4) : '') +
+      ' \u00b7 samples/' + s.file + (s.original ? ' (' + s.original[0] + '\u00d7' + s.original[1] + ', shown reduced)' : '') + '   (\u2190 \u2192 to browse, Esc to close)'}));
   lightbox.hidden = false;
 }
 lightbox.addEventListener('click', () => { lightbox.hidden = true; });
@@ -432,11 +434,13 @@ section('samples', b => {
   if (!S.length) { b.append(el('p', {class: 'empty', text: 'No sample grids in samples/ (written at every evaluation).'})); return; }
   b.append(el('p', {class: 'tree-info', text: 'Held-out sample grids (one row per prompt, fixed seeds) after the given number of iterations. Click to enlarge.' + (D.samples_omitted ? ' ' + D.samples_omitted + ' more grids not embedded.' : '')}));
   const gal = el('div', {class: 'gallery'});
+  // small grids are enlarged by a whole factor (crisp pixels); tall or wide ones shrunk to fit a row
   const maxSide = Math.max.apply(null, S.map(s => Math.max(s.width, s.height)));
-  const scale = Math.max(1, Math.floor(260 / maxSide));
+  const maxH = Math.max.apply(null, S.map(s => s.height)), maxW = Math.max.apply(null, S.map(s => s.width));
+  const scale = maxSide < 130 ? Math.floor(260 / maxSide) : Math.min(1, 460 / maxH, 640 / maxW);
   S.forEach((s, i) => {
     gal.append(el('figure', {onclick: () => openLightbox(i)}, [
-      el('img', {src: s.src, width: s.width * scale, height: s.height * scale, alt: 'samples at iteration ' + s.iteration, loading: 'eager'}),
+      el('img', {src: s.src, width: Math.round(s.width * scale), height: Math.round(s.height * scale), alt: 'samples at iteration ' + s.iteration, class: scale < 1 ? 'smooth' : null}),
       el('figcaption', {html: '<b>iteration ' + s.iteration + '</b>' + (isNum(s.eval_reward) ? ' \u00b7 reward ' + esc(fmt(s.eval_reward, 4)) : '')}),
     ]));
   });
@@ -684,9 +688,16 @@ section('trees', b => {
     groupSel.value = TV.group;
     thumbLabel.style.display = t.thumbs ? '' : 'none';
   }
-  let pending = Promise.resolve();
+  // renders are serialised, and a burst of inputs (dragging the slider) coalesces into one
+  let pending = Promise.resolve(), queued = false, resetQueued = false;
   function update(resetSpacing) {
+    resetQueued = resetQueued || resetSpacing;
+    if (queued) return pending;
+    queued = true;
     pending = pending.then(async () => {
+      queued = false;
+      const resetSpacing = resetQueued;
+      resetQueued = false;
       const t = trees[TV.dump];
       await treeColumns(t);
       const m = groupModel(t, TV.group);
@@ -787,7 +798,7 @@ function drawTree(t, m, wrap, info, legend) {
     if (c.parent[g] < 0) return '#bdbdbd';
     return ramp(DIV, m.amax > 0 ? 0.5 + c.advantage[g] / (2 * m.amax) : 0.5);
   };
-  let s = '<svg id="tree-svg" width="' + W + '" height="' + H + '" viewBox="0 0 ' + W + ' ' + H + '" data-nodes="' + m.n + '">';
+  let s = '<svg id="tree-svg" width="' + W + '" height="' + H + '" viewBox="0 0 ' + W + ' ' + H + '" data-nodes="' + m.n + '" data-dump="' + TV.dump + '" data-group="' + m.gid + '">';
   if (thumbs) s += '<defs><image id="tree-sprite" href="' + t.thumbs.src + '" width="' + (t.thumbs.cols * t.thumbs.w) + '" height="' + (Math.ceil(t.nodes / t.thumbs.cols) * t.thumbs.h) + '" style="image-rendering:pixelated"/></defs>';
   // depth axis: depth labels, SDE/ODE of the edges into each depth, branching factors
   for (let d = 0; d <= m.maxDepth; d++) {

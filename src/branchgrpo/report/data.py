@@ -29,6 +29,8 @@ TREE_LAYOUT = (
 )
 THUMBNAIL_KEY = "x0_thumbnails"
 THUMBNAIL_MAX_SIDE = 32
+SAMPLE_MAX_BYTES = 1_500_000  # larger sample grids are embedded as a JPEG ...
+SAMPLE_MAX_SIDE = 2048  # ... of at most this many pixels on a side
 _ITER_FILE = re.compile(r"^iter_(\d+)\.(png|safetensors)$")
 
 
@@ -57,6 +59,10 @@ def _clean(value):
     return None
 
 
+def _number(value):
+    return _clean(value) if isinstance(value, (int, float)) else None
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
     """The run directory as a Path; :class:`ReportError` when it is missing or not a run."""
     path = Path(run_dir)
@@ -66,7 +72,8 @@ def check_run_dir(run_dir: str | Path) -> Path:
         raise ReportError(f"{run_dir} is not a directory; pass the folder `branchgrpo train` wrote")
     if not (path / "config.yaml").is_file() and not (path / "metrics.jsonl").is_file():
         raise ReportError(
-            f"{run_dir} is not a run directory (no config.yaml or metrics.jsonl); pass the folder `branchgrpo train` wrote"
+            f"{run_dir} is not a run directory (no config.yaml or metrics.jsonl); "
+            "pass the folder `branchgrpo train` wrote"
         )
     return path
 
@@ -128,6 +135,33 @@ def _iter_files(folder: Path, suffix: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def shrink_image(data: bytes, size: tuple[int, int]) -> tuple[bytes, str, tuple[int, int]]:
+    """A large sample grid (full-resolution FLUX grids reach tens of MB) as a smaller JPEG.
+
+    Grids within :data:`SAMPLE_MAX_BYTES` and :data:`SAMPLE_MAX_SIDE` (all small-image grids) are
+    kept byte for byte. Needs Pillow (installed with the models extra); without it, kept as is.
+    """
+    if len(data) <= SAMPLE_MAX_BYTES and max(size) <= SAMPLE_MAX_SIDE:
+        return data, "image/png", size
+    try:
+        import io
+
+        from PIL import Image
+    except ImportError:
+        return data, "image/png", size
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        scale = min(1.0, SAMPLE_MAX_SIDE / max(image.size))
+        if scale < 1.0:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=88)
+        if out.tell() >= len(data):
+            return data, "image/png", size
+        return out.getvalue(), "image/jpeg", image.size
+
+
 def read_samples(run_dir: Path, evals: dict, limit: int | None, warnings: _Warnings) -> tuple[list, int]:
     eval_by_iteration = dict(zip(evals["iteration"], evals["eval_reward"]))
     files, omitted = _evenly(_iter_files(run_dir / "samples", "png"), limit)
@@ -138,10 +172,12 @@ def read_samples(run_dir: Path, evals: dict, limit: int | None, warnings: _Warni
         if size is None:
             warnings.add(f"samples/{path.name}: not a PNG file; skipped")
             continue
+        embedded, mime, shown = shrink_image(data, size)
         samples.append({
-            "iteration": iteration, "file": path.name, "width": size[0], "height": size[1],
+            "iteration": iteration, "file": path.name, "width": shown[0], "height": shown[1],
+            "original": list(size) if shown != size or mime != "image/png" else None,
             "eval_reward": eval_by_iteration.get(iteration),
-            "src": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+            "src": f"data:{mime};base64," + base64.b64encode(embedded).decode("ascii"),
         })
     if omitted:
         warnings.add(f"samples: showing {len(samples)} of {len(samples) + omitted} grids (evenly spaced)")
@@ -153,7 +189,9 @@ def _thumbnail_sprite(thumbs, nodes: int, name: str, warnings: _Warnings) -> dic
     import torch
 
     if thumbs.ndim != 4 or thumbs.shape[0] != nodes:
-        warnings.add(f"trees/{name}: {THUMBNAIL_KEY} has shape {tuple(thumbs.shape)}, expected [{nodes}, C, h, w]; ignored")
+        warnings.add(
+            f"trees/{name}: {THUMBNAIL_KEY} has shape {tuple(thumbs.shape)}, expected [{nodes}, C, h, w]; ignored"
+        )
         return None
     x = thumbs.detach().cpu()
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -226,9 +264,9 @@ def read_tree(path: Path, warnings: _Warnings) -> dict | None:
         "nodes": nodes,
         "max_depth": max_depth,
         "steps": spec.get("steps", max_depth),
-        "beta": _clean(meta.get("beta")) if isinstance(meta.get("beta"), (int, float)) else None,
+        "beta": _number(meta.get("beta")),
         "reduction": str(meta.get("reduction", "")),
-        "root_entropy_ratio": _clean(meta["root_entropy_ratio"]) if isinstance(meta.get("root_entropy_ratio"), (int, float)) else None,
+        "root_entropy_ratio": _number(meta.get("root_entropy_ratio")),
         "method": (meta.get("method") or {}).get("name") if isinstance(meta.get("method"), dict) else None,
         "groups": groups,
         "trained_edges": int(arrays["trained"].sum()),

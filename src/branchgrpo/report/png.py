@@ -33,7 +33,8 @@ def encode_png(pixels: np.ndarray, level: int = 9) -> bytes:
     raw[:, 0] = 1
     raw[:, 1:] = (filtered & 0xFF).astype(np.uint8)
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0)
-    return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _chunk(b"IEND", b"")
+    data = zlib.compress(raw.tobytes(), level)
+    return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
