@@ -179,9 +179,28 @@ def test_default_output_limits_and_partial_runs(run_dir, tmp_path):
     partial.mkdir()
     shutil.copy(run_dir / "config.yaml", partial / "config.yaml")
     (partial / "metrics.jsonl").write_text('{"iteration": 0, "eval_reward": 0.5}\n{"reward_mean": 0.4, "iter')
+    (partial / "trees").mkdir()
+    (partial / "trees" / "iter_000000.safetensors").write_bytes(b"cut short")
+    (partial / "samples").mkdir()
+    (partial / "samples" / "iter_000000.png").write_bytes(b"not a png")
     data = read_report_data(write_report(partial))
     assert data["train"]["iteration"] == [] and data["eval"]["eval_reward"] == [0.5]
-    assert data["trees"] == [] and data["samples"] == [] and any("unreadable" in w for w in data["warnings"])
+    assert data["trees"] == [] and data["samples"] == []
+    assert [w.split(":")[0] for w in data["warnings"]] == ["metrics.jsonl", "samples/iter_000000.png",
+                                                           "trees/iter_000000.safetensors"]
+
+
+def test_thumbnails_are_downscaled_to_fit():
+    from branchgrpo.report.data import THUMBNAIL_MAX_SIDE, THUMBNAIL_PIXEL_BUDGET, _thumbnail_sprite, _Warnings
+
+    sprite = _thumbnail_sprite(torch.rand(20, 3, 64, 48), 20, "x", _Warnings())
+    assert (sprite["h"], sprite["w"], sprite["cols"]) == (THUMBNAIL_MAX_SIDE, 24, 5)
+    many = 5000
+    sprite = _thumbnail_sprite(torch.rand(many, 1, 32, 32), many, "x", _Warnings())
+    assert sprite["h"] == sprite["w"] and many * sprite["h"] ** 2 <= THUMBNAIL_PIXEL_BUDGET < many * 32**2
+    warnings = _Warnings()
+    assert _thumbnail_sprite(torch.rand(3, 3, 8, 8), 4, "x", warnings) is None
+    assert "expected [4, C, h, w]" in warnings.items[0]
 
 
 def test_png_encoder_round_trip():

@@ -29,6 +29,7 @@ TREE_LAYOUT = (
 )
 THUMBNAIL_KEY = "x0_thumbnails"
 THUMBNAIL_MAX_SIDE = 32
+THUMBNAIL_PIXEL_BUDGET = 4_000_000  # per dump: many-node dumps get smaller thumbnails
 SAMPLE_MAX_BYTES = 1_500_000  # larger sample grids are embedded as a JPEG ...
 SAMPLE_MAX_SIDE = 2048  # ... of at most this many pixels on a side
 _ITER_FILE = re.compile(r"^iter_(\d+)\.(png|safetensors)$")
@@ -204,9 +205,9 @@ def _thumbnail_sprite(thumbs, nodes: int, name: str, warnings: _Warnings) -> dic
     h, w = x.shape[2], x.shape[3]
     if h < 1 or w < 1:
         return None
-    if max(h, w) > THUMBNAIL_MAX_SIDE:
-        scale = THUMBNAIL_MAX_SIDE / max(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    scale = min(THUMBNAIL_MAX_SIDE / max(h, w), math.sqrt(THUMBNAIL_PIXEL_BUDGET / (nodes * h * w)))
+    if scale < 1:
+        size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
         x = torch.nn.functional.interpolate(x, size=size, mode="area")
         h, w = size
     cols = max(1, math.ceil(math.sqrt(nodes)))
