@@ -46,6 +46,7 @@ svg .grid { stroke:#eef0f3; }
 svg .axis { stroke:#9ca3af; }
 svg .xhair { stroke:#111827; stroke-dasharray:3 3; pointer-events:none; }
 svg .line { fill:none; stroke-linejoin:round; stroke-linecap:round; }
+svg text.xlbl { fill:#9ca3af; }
 .toolbar { display:flex; flex-wrap:wrap; gap:8px 18px; align-items:center; margin:0 0 10px; font-size:13px; }
 .toolbar label { display:inline-flex; align-items:center; gap:6px; }
 select, input, button { font:inherit; font-size:13px; }
@@ -252,7 +253,7 @@ function drawChart(c) {
     g += '<text x="' + x + '" y="' + (m.t + ph + 16) + '" text-anchor="middle">' + v + '</text>';
   }
   g += '<line class="axis" x1="' + m.l + '" x2="' + (W - m.r) + '" y1="' + (m.t + ph) + '" y2="' + (m.t + ph) + '"/>';
-  g += '<text x="' + (W - m.r) + '" y="' + (H - 1) + '" text-anchor="end" fill="#9ca3af">' + esc(s.xlabel || 'iteration') + '</text>';
+  g += '<text x="' + (W - m.r) + '" y="' + (H - 1) + '" text-anchor="end" class="xlbl">' + esc(s.xlabel || 'iteration') + '</text>';
   for (const b of bands) g += '<path d="' + bandOf(b.x, b.lo, b.hi, X, Y) + '" fill="' + b.color + '" fill-opacity="' + (b.opacity || 0.15) + '" stroke="none"/>';
   for (const sr of series) {
     const d = pathOf(sr.x, sr.y, X, Y);
@@ -533,7 +534,7 @@ function stackedBars(host, phases, color) {
   const step = Math.max(1, Math.ceil(nb / Math.max(2, Math.round(pw / 70))));
   for (let j = 0; j < nb; j += step) g += '<text x="' + (m.l + (j + 0.5) * bw).toFixed(1) + '" y="' + (H - 12) + '" text-anchor="middle">' + bins[j].first + '</text>';
   g += '<line class="axis" x1="' + m.l + '" x2="' + (W - m.r) + '" y1="' + (m.t + ph) + '" y2="' + (m.t + ph) + '"/>';
-  g += '<text x="' + (W - m.r) + '" y="' + (H - 1) + '" text-anchor="end" fill="#9ca3af">iteration' + (bin > 1 ? ' (mean of ' + bin + ')' : '') + ' \u00b7 seconds</text>';
+  g += '<text x="' + (W - m.r) + '" y="' + (H - 1) + '" text-anchor="end" class="xlbl">iteration' + (bin > 1 ? ' (mean of ' + bin + ')' : '') + ' \u00b7 seconds</text>';
   g += '<rect class="hover" x="' + m.l + '" y="' + m.t + '" width="' + pw + '" height="' + ph + '" fill="transparent"/>';
   const legend = phases.map((p, i) => '<span><span class="sw" style="background:' + color(p, i) + '"></span>' + esc(p) + '</span>').join('');
   host.innerHTML = '<div class="legend">' + legend + '</div><svg class="chart" id="time-bars" width="' + W + '" height="' + H + '">' + g + '</svg>';
@@ -804,8 +805,8 @@ function drawTree(t, m, wrap, info, legend) {
   for (let d = 0; d <= m.maxDepth; d++) {
     const x = X(d).toFixed(1);
     s += '<line x1="' + x + '" x2="' + x + '" y1="' + (mt - 6) + '" y2="' + (H - mb) + '" stroke="#f1f5f9"/>';
-    s += '<text class="dlbl" x="' + x + '" y="12" text-anchor="middle"' + (m.depthSde[d] === 0 ? ' fill="#0284c7"' : '') + '>' + d + '</text>';
-    if (d > 0 && m.width[d - 1] > 0 && m.width[d] > m.width[d - 1]) s += '<text class="dlbl" x="' + (X(d - 0.5)).toFixed(1) + '" y="24" text-anchor="middle" fill="#b45309">\u00d7' + fmt(m.width[d] / m.width[d - 1], 3) + '</text>';
+    s += '<text class="dlbl" x="' + x + '" y="12" text-anchor="middle"' + (m.depthSde[d] === 0 ? ' style="fill:#0284c7"' : '') + '>' + d + '</text>';
+    if (d > 0 && m.width[d - 1] > 0 && m.width[d] > m.width[d - 1]) s += '<text class="dlbl" x="' + (X(d - 0.5)).toFixed(1) + '" y="24" text-anchor="middle" style="fill:#b45309">\u00d7' + fmt(m.width[d] / m.width[d - 1], 3) + '</text>';
   }
   // edges: one path per style
   const paths = {st: [], su: [], sz: [], ot: [], ou: [], oz: []};
