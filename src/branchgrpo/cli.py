@@ -210,14 +210,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from branchgrpo.report import write_report
+    from branchgrpo.report import run_from_args
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise CliError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    path = write_report(run_dir, args.out)
-    print(f"wrote {path}")
-    return 0
+    return int(run_from_args(args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a run")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="output HTML file (default: RUN_DIR/report.html)")
+    from branchgrpo.report import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("presets", help="list the method presets")
