@@ -41,6 +41,17 @@ def test_train_two_iterations_then_sample_and_eval(tmp_path):
     assert 0.0 <= scores["mean"]["reward"] <= 1.0
     assert "mean" in result.stdout
 
+    result = cli("export", str(run), str(tmp_path / "export"))
+    assert result.returncode == 0, result.stderr
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    exported = FluxTransformer2DModel.from_pretrained(tmp_path / "export").state_dict()
+    trained = load_file(str(run / "weights" / "model.safetensors"))
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
 
 @pytest.mark.parametrize(
     "args, message",

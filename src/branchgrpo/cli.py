@@ -126,7 +126,10 @@ def _load_run_generator(args: argparse.Namespace):
     generator = build_generator(config, device)
     weights = args.weights
     if weights is None and args.run is not None:
-        weights = Path(args.run) / "weights" / "model.safetensors"
+        name = "ema.safetensors" if getattr(args, "ema", False) else "model.safetensors"
+        weights = Path(args.run) / "weights" / name
+        if getattr(args, "ema", False) and not weights.is_file():
+            raise CliError(f"{weights} does not exist: the run kept no EMA (train with run.ema_decay=0.995)")
     if weights is not None:
         if not Path(weights).exists():
             raise CliError(f"weights file {weights} does not exist")
@@ -166,6 +169,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'mean':<{width}}  " + "  ".join(f"{means[c]:>10.4f}" for c in columns))
     if args.json:
         Path(args.json).write_text(json.dumps({"mean": means, "per_prompt": rows}, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from branchgrpo.models.export import export_full, export_lora
+
+    config, _, generator, _ = _load_run_generator(args)
+    out = Path(args.out)
+    if config.model.lora is not None:
+        target = out if out.suffix == ".safetensors" else out / "lora.safetensors"
+        path = export_lora(generator.policy.transformer, target)
+        print(f"wrote LoRA {path}; load it with pipe.load_lora_weights({str(path)!r})")
+        return 0
+    transformer = generator.policy.transformer
+    if config.model.family == "digits":
+        transformer.save_pretrained(out, safe_serialization=True)
+        print(f"wrote {out} (FluxTransformer2DModel.from_pretrained({str(out)!r}))")
+        return 0
+    path = export_full(transformer, config.model.path, out, link=args.link)
+    print(f"wrote pipeline folder {path}; load it with DiffusionPipeline.from_pretrained({str(path)!r})")
     return 0
 
 
@@ -242,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file (default: RUN/config.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=func)
+        p.add_argument("--ema", action="store_true", help="use the run's EMA weights (run.ema_decay > 0)")
         if name == "sample":
             p.add_argument("--prompt", action="append", help="prompt (repeatable; default: the held-out prompts)")
             p.add_argument("--num", type=int, default=4, help="images per prompt")
@@ -251,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--samples", type=int, help="samples per prompt (default: eval.samples_per_prompt)")
             p.add_argument("--json", help="also write the scores to this JSON file")
+
+    p = sub.add_parser("export", help="write a run's result for diffusers: a pipeline folder, or a LoRA file")
+    p.add_argument("run", help="run directory written by `branchgrpo train`")
+    p.add_argument("out", help="output folder (full fine-tune) or .safetensors file (LoRA)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--link", choices=["symlink", "copy", "hardlink"], default="symlink",
+                   help="how the base model's other components get into the folder")
+    p.add_argument("--weights", help="weights file (default: RUN/weights/model.safetensors)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_export, config=None)
 
     p = sub.add_parser("preprocess", help="fill the FLUX prompt-embedding cache ahead of training")
     p.add_argument("--config", help="YAML config file (needs model.path, model.prompt_cache_dir, data.*_prompts)")
