@@ -115,3 +115,10 @@ def test_bench_writes_table_for_every_method(tmp_path):
     assert by_method["dancegrpo"]["nfe_old_per_leaf"] == round(145 / 16, 4)
     assert by_method["branchgrpo"]["nfe_old_per_leaf"] == round(43 / 16, 4)
     assert (tmp_path / "bench.md").read_text().count("|") > 20
+
+
+def test_digits_config_file_equals_the_builtin_defaults():
+    from pathlib import Path
+
+    shipped = load_train_config(Path(__file__).parents[1] / "configs" / "digits-branchgrpo.yaml")
+    assert shipped == load_train_config()
