@@ -17,7 +17,7 @@ COMMON = [
     "run.progress=false", "run.tensorboard=false", "run.dump_tree_every=0", "run.device=cpu",
     "data.prompts_per_iteration=2", "eval.samples_per_prompt=1", "eval.every=0", "tree.steps=5",
     "split_plan=0:2,2:2", "run.checkpoint_every=0", "update.learning_rate=1e-3", "update.clip_range=0.2",
-    "run.iterations=3",
+    "run.iterations=3", "update.updates_per_iteration=1",
 ]
 
 

@@ -38,7 +38,7 @@ def make_trainer(tmp_path, preset, *overrides):
     config = load_train_config(None, preset, [
         f"run.output_dir={tmp_path}", "run.iterations=1", "run.progress=false", "run.tensorboard=false",
         "run.dump_tree_every=1", "data.prompts_per_iteration=2", "eval.samples_per_prompt=2", "tree.steps=6",
-        "run.device=cpu", *overrides,
+        "run.device=cpu", "update.updates_per_iteration=1", *overrides,
     ])
     return Trainer(config, generator=tiny_generator(), reward=brightness_reward)
 
