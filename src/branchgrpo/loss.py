@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from branchgrpo.sde import Reduction, per_row
+from branchgrpo.sde import Reduction, per_row, reduce_rows
 
 
 def clipped_surrogate(
@@ -32,5 +32,4 @@ def gaussian_kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor | float, re
     diff = mean.float() - ref_mean.float()
     sd = per_row(std, diff)
     elementwise = diff * diff / (2.0 * sd * sd)
-    flat = elementwise.reshape(elementwise.shape[0], -1)
-    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
+    return reduce_rows(elementwise, reduction)

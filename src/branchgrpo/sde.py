@@ -34,6 +34,24 @@ def per_row(value: Tensor | float, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def select_rows(mask: bool | Tensor, if_true: Tensor, if_false: Tensor) -> Tensor:
+    """Per-row choice between two ``[N, ...]`` tensors; ``mask`` is a scalar or ``[N]`` bool."""
+    flag = torch.as_tensor(mask, device=if_true.device)
+    if flag.ndim == 0:
+        return if_true if bool(flag) else if_false
+    return torch.where(flag.reshape(-1, *([1] * (if_true.ndim - 1))), if_true, if_false)
+
+
+def reduce_rows(elementwise: Tensor, reduction: Reduction) -> Tensor:
+    """``[N, ...]`` → ``[N]`` by ``mean`` or ``sum`` over all but the first dim."""
+    flat = elementwise.reshape(elementwise.shape[0], -1)
+    if reduction == "mean":
+        return flat.mean(dim=1)
+    if reduction == "sum":
+        return flat.sum(dim=1)
+    raise ValueError(f"log-prob reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
 def transition_mean(
     latents: Tensor,
     velocity: Tensor,
@@ -62,12 +80,7 @@ def transition_mean(
     score = -(x - (1.0 - s) * x0_pred) / (s * s)
     mean_sde = mean_ode + 0.5 * eta * eta * score * delta
     std = (eta * delta.sqrt()).clamp_min(STD_FLOOR).reshape(delta.shape[:1])
-    sde_mask = torch.as_tensor(sde, device=x.device)
-    if sde_mask.ndim == 0:
-        mean = mean_sde if bool(sde_mask) else mean_ode
-    else:
-        mean = torch.where(sde_mask.reshape(-1, *([1] * (x.ndim - 1))), mean_sde, mean_ode)
-    return mean, std, x0_pred
+    return select_rows(sde, mean_sde, mean_ode), std, x0_pred
 
 
 def gaussian_log_prob(
@@ -81,12 +94,7 @@ def gaussian_log_prob(
     mu = mean.float()
     sd = per_row(std, x)
     elementwise = -((x - mu) ** 2) / (2.0 * sd * sd) - sd.log() - _HALF_LOG_2PI
-    flat = elementwise.reshape(elementwise.shape[0], -1)
-    if reduction == "mean":
-        return flat.mean(dim=1)
-    if reduction == "sum":
-        return flat.sum(dim=1)
-    raise ValueError(f"log-prob reduction must be 'mean' or 'sum', got {reduction!r}")
+    return reduce_rows(elementwise, reduction)
 
 
 def correlated_split_noise(

@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from branchgrpo.sde import STD_FLOOR, Reduction, per_row, transition_mean
+from branchgrpo.sde import STD_FLOOR, Reduction, per_row, reduce_rows, select_rows, transition_mean
 
 TransitionName = Literal["flowsde", "flowgrpo"]
 Transition = Callable[..., "tuple[Tensor, Tensor, Tensor]"]
@@ -78,12 +78,7 @@ def transition_mean_flowgrpo(
     variance = std_dev_t * std_dev_t
     mean_sde = x * (1.0 + variance / (2.0 * s) * dt) + v * (1.0 + variance * (1.0 - s) / (2.0 * s)) * dt
     std = (std_dev_t * torch.sqrt(-dt)).clamp_min(STD_FLOOR).reshape(dt.shape[:1])
-    sde_mask = torch.as_tensor(sde, device=x.device)
-    if sde_mask.ndim == 0:
-        mean = mean_sde if bool(sde_mask) else mean_ode
-    else:
-        mean = torch.where(sde_mask.reshape(-1, *([1] * (x.ndim - 1))), mean_sde, mean_ode)
-    return mean, std, x0_pred
+    return select_rows(sde, mean_sde, mean_ode), std, x0_pred
 
 
 def flowgrpo_kl(
@@ -103,8 +98,7 @@ def flowgrpo_kl(
     s_next = per_row(sigma_next, diff)
     coeff = flowgrpo_std_dev(s, s_next, eta)
     elementwise = diff * diff / (2.0 * coeff * coeff)
-    flat = elementwise.reshape(elementwise.shape[0], -1)
-    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
+    return reduce_rows(elementwise, reduction)
 
 
 TRANSITIONS: dict[str, Transition] = {
