@@ -241,6 +241,18 @@ def test_cli_writes_report(run_dir, tmp_path, capsys):
     assert "r.html" in capsys.readouterr().out and (tmp_path / "r.html").is_file()
 
 
+def test_css_and_js_are_package_data_inlined_in_the_page(run_dir, tmp_path):
+    from importlib import resources
+
+    static = resources.files("branchgrpo.report") / "static"
+    css = (static / "report.css").read_text(encoding="utf-8")
+    js = (static / "report.js").read_text(encoding="utf-8")
+    assert "#tree-svg" in css and "report-data" in js
+    html = write_report(run_dir, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert f"<style>\n{css}</style>" in html and f"<script>\n{js}</script>" in html
+    assert not re.search(r"(?i)<script[^>]+src=|<link\b", html)
+
+
 # ----------------------------------------------------------------------------- headless Chromium
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 

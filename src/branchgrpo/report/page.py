@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 
-from branchgrpo.report.assets import CSS, JS
+from branchgrpo.report.assets import script, stylesheet
 
 SECTIONS = (
     ("overview", "Overview"),
@@ -42,7 +42,8 @@ def render_page(payload: dict) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="generator" content="branchgrpo {html.escape(payload['run']['version'])}">
 <title>branchgrpo report · {name}</title>
-<style>{CSS}</style>
+<style>
+{stylesheet()}</style>
 </head>
 <body>
 <header class="top">
@@ -55,7 +56,8 @@ def render_page(payload: dict) -> str:
 <div id="tip" hidden></div>
 <div id="lightbox" hidden></div>
 <script type="application/json" id="report-data">{embed_json(payload)}</script>
-<script>{JS}</script>
+<script>
+{script()}</script>
 </body>
 </html>
 """
