@@ -115,6 +115,15 @@ def test_bench_writes_table_for_every_method(tmp_path):
     assert by_method["dancegrpo"]["nfe_old_per_leaf"] == round(145 / 16, 4)
     assert by_method["branchgrpo"]["nfe_old_per_leaf"] == round(43 / 16, 4)
     assert (tmp_path / "bench.md").read_text().count("|") > 20
+    # in-run unit costs: the reference's phase seconds over the model calls it made (2 iterations, 1 prompt)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    dance = saved["per_iteration"]["dancegrpo"]
+    assert dance["calls"]["rollout_calls"] == 2 * 145
+    assert saved["meta"]["unit_cost_rollout_row_s"] == pytest.approx(sum(dance["phase_times"]["rollout"]) / 290)
+    forwards = dance["calls"]["training_forwards"]
+    assert 0 < forwards <= 2 * 145
+    assert saved["meta"]["unit_cost_train_row_s"] == pytest.approx(sum(dance["phase_times"]["train"]) / forwards)
+    assert "## Targets" in (tmp_path / "bench.md").read_text()
 
 
 def test_digits_config_file_equals_the_builtin_defaults():

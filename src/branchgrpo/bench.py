@@ -34,6 +34,13 @@ class MethodRecord:
     phase_times: dict[str, list[float]] = field(default_factory=dict)
     nfe: dict[str, float] = field(default_factory=dict)  # per leaf, averaged over iterations
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, train seconds, reward)
+    calls: dict[str, float] = field(default_factory=dict)  # absolute model calls summed over iterations
+
+    def unit_costs(self) -> tuple[float, float]:
+        """Seconds per rollout call and per training forward(+backward) row, measured in this
+        method's own iterations: phase seconds over the model calls that phase made."""
+        return (sum(self.phase_times["rollout"]) / self.calls["rollout_calls"],
+                sum(self.phase_times["train"]) / max(self.calls["training_forwards"], 1.0))
 
     @property
     def train_seconds(self) -> float:
@@ -132,20 +139,32 @@ def run_bench(
             leaves = metrics["nfe/leaves"]
             for key in ("rollout_calls", "trained_edges", "training_forwards"):
                 record.nfe[key] = record.nfe.get(key, 0.0) + metrics[f"nfe/{key}"] / leaves / iterations
+            # nfe/* are per prompt group; the model ran them for every group of this process
+            groups = metrics["nfe/rollout_calls_measured"] / metrics["nfe/rollout_calls"]
+            record.calls["rollout_calls"] = record.calls.get("rollout_calls", 0.0) + metrics["nfe/rollout_calls_measured"]
+            record.calls["training_forwards"] = (record.calls.get("training_forwards", 0.0)
+                                                 + metrics["nfe/training_forwards"] * groups)
             if (it + 1) % eval_every == 0 or it + 1 == iterations:
                 record.evals.append((it + 1, record.train_seconds, trainer._evaluate(f"{name}-{it + 1}")))
-    roll_cost, train_cost = measure_unit_costs(next(iter(trainers.values())))
-    return write_results(records, methods, roll_cost, train_cost, base, iterations, out_dir)
+    probe_costs = measure_unit_costs(next(iter(trainers.values())))
+    return write_results(records, methods, probe_costs, base, iterations, out_dir)
 
 
-def write_results(records, methods, roll_cost, train_cost, base, iterations, out_dir: Path) -> dict:
+def write_results(records, methods, probe_costs, base, iterations, out_dir: Path) -> dict:
+    """``ideal_ratio`` prices every method's model calls at the reference's own measured cost per
+    call (its rollout seconds per rollout call, its training seconds per training forward), so
+    ``measured_over_ideal`` isolates what the tree engine adds beyond its model calls compared with
+    the flat one. ``ideal_ratio_probe`` uses isolated full-micro-batch probes instead (shown for
+    reference: warm-cache probes miss what real iterations pay, e.g. small early frontiers)."""
     reference = "dancegrpo" if "dancegrpo" in records else methods[0]
+    roll_cost, train_cost = records[reference].unit_costs()
 
-    def ideal(record: MethodRecord) -> float:
-        return record.nfe["rollout_calls"] * roll_cost + record.nfe["training_forwards"] * train_cost
+    def ideal(record: MethodRecord, costs: tuple[float, float]) -> float:
+        return record.nfe["rollout_calls"] * costs[0] + record.nfe["training_forwards"] * costs[1]
 
     ref_time = statistics.median(records[reference].iteration_times)
-    ref_ideal = ideal(records[reference])
+    ref_ideal = ideal(records[reference], (roll_cost, train_cost))
+    ref_probe = ideal(records[reference], probe_costs)
     budget = min(r.train_seconds for r in records.values())
     ref_final = records[reference].evals[-1][2]
     rows = []
@@ -160,8 +179,11 @@ def write_results(records, methods, roll_cost, train_cost, base, iterations, out
             "trained_edges_per_leaf": round(r.nfe["trained_edges"], 4),
             "iter_time_s": round(median, 4),
             "time_ratio": round(median / ref_time, 4),
-            "ideal_ratio": round(ideal(r) / ref_ideal, 4),
-            "measured_over_ideal": round((median / ref_time) / (ideal(r) / ref_ideal), 4),
+            "ideal_ratio": round(ideal(r, (roll_cost, train_cost)) / ref_ideal, 4),
+            "measured_over_ideal": round((median / ref_time) / (ideal(r, (roll_cost, train_cost)) / ref_ideal), 4),
+            "ideal_ratio_probe": round(ideal(r, probe_costs) / ref_probe, 4),
+            "rollout_ms_per_call": round(r.unit_costs()[0] * 1e3, 4),
+            "train_ms_per_forward": round(r.unit_costs()[1] * 1e3, 4),
             "rollout_s": round(statistics.median(r.phase_times["rollout"]), 4),
             "train_s": round(statistics.median(r.phase_times["train"]), 4),
             "start_reward": round(r.evals[0][2], 4),
@@ -184,20 +206,27 @@ def write_results(records, methods, roll_cost, train_cost, base, iterations, out
         "model": base.model.family,
         "unit_cost_rollout_row_s": roll_cost,
         "unit_cost_train_row_s": train_cost,
+        "probe_cost_rollout_row_s": probe_costs[0],
+        "probe_cost_train_row_s": probe_costs[1],
         "equal_time_budget_s": budget,
         "reference": reference,
     }
-    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows,
-                                                    "evals": {k: r.evals for k, r in records.items()}}, indent=2))
+    per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls}
+                     for k, r in records.items()}
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "evals": {k: r.evals for k, r in records.items()},
+                                                    "per_iteration": per_iteration}, indent=2))
     lines = [
         f"# branchgrpo bench — {meta['model']} world, {iterations} interleaved iterations",
         "",
         f"- date: {meta['date']}; machine: {meta['machine']}",
         f"- prompts per iteration: {meta['prompts_per_iteration']}; reference: `{reference}`",
-        f"- unit costs on this engine: one rollout row (forward) {roll_cost * 1e3:.3f} ms, one training row "
-        f"(forward + backward) {train_cost * 1e3:.3f} ms (ratio {train_cost / roll_cost:.2f})",
+        f"- unit costs measured in `{reference}`'s iterations: one rollout call (forward) {roll_cost * 1e3:.3f} ms, "
+        f"one training row (forward + backward) {train_cost * 1e3:.3f} ms (ratio {train_cost / roll_cost:.2f}); "
+        f"isolated full-micro-batch probes: {probe_costs[0] * 1e3:.3f} ms and {probe_costs[1] * 1e3:.3f} ms "
+        f"(ratio {probe_costs[1] / probe_costs[0]:.2f})",
         f"- `ideal_ratio` = (rollout calls × rollout cost + training forwards × training cost) relative to "
-        f"`{reference}`; `time_ratio` = measured median iteration time relative to `{reference}`",
+        f"`{reference}` with the in-run unit costs (`ideal_ratio_probe`: with the probes); `time_ratio` = "
+        f"measured median iteration time relative to `{reference}`",
         f"- reward at equal wall-clock: the last held-out evaluation within {budget:.1f} s of training "
         "(the shortest total among the methods)",
         "",
@@ -206,9 +235,36 @@ def write_results(records, methods, roll_cost, train_cost, base, iterations, out
     ]
     for row in rows:
         lines.append("| " + " | ".join("–" if v is None else str(v) for v in row.values()) + " |")
+    lines += _target_lines({row["method"]: row for row in rows}, reference)
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     _plots(records, out_dir)
     return {"meta": meta, "rows": rows}
+
+
+# Issue targets on the digits world: method → largest time_ratio to `dancegrpo`.
+TIME_RATIO_TARGETS = {"branchgrpo": 0.70, "branchgrpo-widpru": 0.50, "branchgrpo-deppru": 0.50, "branchgrpo-mix": 0.35}
+
+
+def _target_lines(rows: dict[str, dict], reference: str) -> list[str]:
+    """The project's efficiency targets checked against this run (only those whose methods ran)."""
+    if reference != "dancegrpo":
+        return []
+    lines = ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for name, row in rows.items():
+        met = row["measured_over_ideal"] <= 1.05
+        lines.append(f"| `{name}` measured/ideal ≤ 1.05 | {row['measured_over_ideal']} | {'yes' if met else 'no'} |")
+    for name, limit in TIME_RATIO_TARGETS.items():
+        if name in rows:
+            ratio = rows[name]["time_ratio"]
+            lines.append(f"| `{name}` time_ratio ≤ {limit} | {ratio} | {'yes' if ratio <= limit else 'no'} |")
+    if "branchgrpo-deppru" in rows:
+        row = rows["branchgrpo-deppru"]
+        fraction = row["fraction_of_reference_time"]
+        reached = fraction is not None and fraction <= 0.5 and row["final_reward"] >= rows[reference]["final_reward"]
+        shown = "not reached" if fraction is None else f"{fraction} of the time, final {row['final_reward']}"
+        lines.append(f"| `branchgrpo-deppru` reaches `dancegrpo`'s final reward ({rows[reference]['final_reward']}) "
+                     f"in ≤ 50% of its wall-clock and ends at or above it | {shown} | {'yes' if reached else 'no'} |")
+    return lines
 
 
 def _plots(records: dict[str, MethodRecord], out_dir: Path) -> None:
