@@ -9,7 +9,8 @@
   other component symlinked or copied from the base folder — or saved from in-memory components.
 
 Pipelines are inferred from the transformer class (``SD3Transformer2DModel`` →
-``StableDiffusion3Pipeline``, ``FluxTransformer2DModel`` → ``FluxPipeline``) or given.
+``StableDiffusion3Pipeline``, ``FluxTransformer2DModel`` → ``FluxPipeline``, ``WanTransformer3DModel`` →
+``WanPipeline``) or given.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ LinkMode = Literal["symlink", "copy", "hardlink"]
 _PIPELINES = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline",
     "FluxTransformer2DModel": "FluxPipeline",
+    "WanTransformer3DModel": "WanPipeline",
 }
 
 

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from branchgrpo.models.prompt_cache import (
-    PromptEmbeddingCache,
-    PromptNotCachedError,
-    cached_encode,
-    config_fingerprint,
-    encoder_identity,
-    tokenizer_fingerprint,
-)
+from branchgrpo.models.base import DiffusersAdapter, autocast_context
+from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.protocol import Conditioning
 
 
@@ -91,12 +84,7 @@ class FluxVelocity(torch.nn.Module):
             if self.guidance_scale is not None
             else None
         )
-        autocast = (
-            torch.autocast(latents.device.type, dtype=dtype)
-            if self.compute_dtype is not None and self.compute_dtype != torch.float32
-            else nullcontext()
-        )
-        with autocast:
+        with autocast_context(latents.device, self.compute_dtype):
             out = self.transformer(
                 hidden_states=latents.to(param.dtype),
                 encoder_hidden_states=prompt_embeds.to(param.dtype),
@@ -136,25 +124,13 @@ def flux_encoder_config(
     dtype: torch.dtype | str,
 ) -> dict[str, Any]:
     """Everything that changes FLUX prompt embeddings, hashed into the cache's encoder identity."""
-    return {
-        "family": "flux",
-        "text_encoder": config_fingerprint(text_encoder_config),
-        "text_encoder_2": config_fingerprint(text_encoder_2_config),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "tokenizer_2": tokenizer_fingerprint(tokenizer_2),
-        "max_sequence_length": int(max_sequence_length),
-        "dtype": str(dtype).replace("torch.", ""),
-    }
+    return _encoder_fingerprint(
+        "flux", {"text_encoder": text_encoder_config, "text_encoder_2": text_encoder_2_config},
+        {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}, max_sequence_length, dtype,
+    )
 
 
-def _module_device(module: torch.nn.Module | None) -> torch.device | None:
-    if module is None:
-        return None
-    param = next(module.parameters(), None)
-    return param.device if param is not None else None
-
-
-class FluxAdapter:
+class FluxAdapter(DiffusersAdapter):
     """FLUX.1 (dev/schnell-style) behind the engine's protocols.
 
     Holds the ``FluxTransformer2DModel``, the ``AutoencoderKL`` and the CLIP-L + T5-XXL text
@@ -176,6 +152,13 @@ class FluxAdapter:
         encoder_config: the :func:`flux_encoder_config` of the text encoders, needed for the cache
             identity when the encoders are not loaded; derived from them when they are.
     """
+
+    family = "flux"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    required_text_encoders = 2
+    dtype_text_encoder = "text_encoder_2"
+    device_modules = ("transformer", "text_encoder_2", "vae")
 
     def __init__(
         self,
@@ -205,17 +188,14 @@ class FluxAdapter:
         self.tokenizer = tokenizer
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
-        self.source = str(source)
-        self.max_sequence_length = int(max_sequence_length)
         self.guidance_scale = guidance_scale
         self.height, self.width = int(height), int(width)
-        self.compute_dtype = compute_dtype
-        self.prompt_cache_dir = prompt_cache_dir
-        self.encode_batch_size = int(encode_batch_size)
-        self.decode_batch_size = int(decode_batch_size)
-        self._device = torch.device(device) if device is not None else None
-        self._text_encoder_loader = text_encoder_loader
-        self._encoder_config = dict(encoder_config) if encoder_config is not None else None
+        self._init_common(
+            source=source, max_sequence_length=max_sequence_length, compute_dtype=compute_dtype,
+            prompt_cache_dir=prompt_cache_dir, encode_batch_size=encode_batch_size,
+            decode_batch_size=decode_batch_size, device=device, text_encoder_loader=text_encoder_loader,
+            encoder_config=encoder_config,
+        )
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
@@ -225,25 +205,7 @@ class FluxAdapter:
 
         return load_flux_adapter(path_or_hub_id, dtype=dtype, device=device, **kwargs)
 
-    # -- devices and sizes ------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        """Where outputs go: the given device, else the transformer's, else the text encoder's, else CPU."""
-        if self._device is not None:
-            return self._device
-        for module in (self.transformer, self.text_encoder_2, self.vae):
-            found = _module_device(module)
-            if found is not None:
-                return found
-        return torch.device("cpu")
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for FLUX), diffusers' ``2 ** (len(block_out_channels) − 1)``."""
-        if self.vae is None:
-            return 8
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
+    # -- sizes --------------------------------------------------------------------------------
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Unpacked latent ``(H, W)`` of an image of ``height × width`` pixels."""
         height, width = height or self.height, width or self.width
@@ -278,72 +240,17 @@ class FluxAdapter:
 
         ``guidance_scale``/``compute_dtype`` default to the adapter's; ``torch.float32`` = no autocast.
         """
-        if self.transformer is None:
-            raise ValueError("this FluxAdapter was built without a transformer (load it with load_transformer=True)")
+        transformer = self._require_transformer()
         latent_h, latent_w = self.latent_size(height, width)
-        compute_dtype = self.compute_dtype if compute_dtype is None else compute_dtype
-        if compute_dtype == "auto":
-            on_cuda = (_module_device(self.transformer) or torch.device("cpu")).type == "cuda"
-            compute_dtype = torch.bfloat16 if on_cuda else None
         return FluxVelocity(
-            self.transformer,
+            transformer,
             latent_h,
             latent_w,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=compute_dtype,
+            compute_dtype=self._compute_dtype(compute_dtype),
         )
 
     # -- prompts ----------------------------------------------------------------------------
-    @property
-    def encoder_config(self) -> dict[str, Any]:
-        """:func:`flux_encoder_config` of the text encoders (what the cache identity hashes)."""
-        if self._encoder_config is not None:  # fixed at load time, so lazy loading never moves the cache
-            return {**self._encoder_config, "max_sequence_length": self.max_sequence_length}
-        if self.text_encoder is not None and self.text_encoder_2 is not None:
-            return flux_encoder_config(
-                self.text_encoder.config, self.text_encoder_2.config, self.tokenizer, self.tokenizer_2,
-                self.max_sequence_length, self.text_encoder_2.dtype,
-            )
-        raise ValueError(
-            "the prompt-cache identity needs the text encoders or their encoder_config "
-            "(FluxAdapter.from_pretrained provides it)"
-        )
-
-    @property
-    def encoder_identity(self) -> str:
-        """Cache folder name: ``source`` + hash of :attr:`encoder_config`."""
-        return encoder_identity(self.source, self.encoder_config)
-
-    @property
-    def encoder_description(self) -> dict[str, Any]:
-        return {"source": self.source, "config": self.encoder_config}
-
-    def prompt_cache(self, cache_dir: str | os.PathLike | None = None) -> PromptEmbeddingCache | None:
-        """The cache for this encoder under ``cache_dir`` (default: ``prompt_cache_dir``), or None."""
-        cache_dir = cache_dir if cache_dir is not None else self.prompt_cache_dir
-        if cache_dir is None:
-            return None
-        return PromptEmbeddingCache(cache_dir, self.encoder_identity, self.encoder_description)
-
-    def _ensure_text_encoders(self, missing: Sequence[str]) -> None:
-        if self.text_encoder is not None and self.text_encoder_2 is not None:
-            return
-        if self._text_encoder_loader is None:
-            where = f" in the prompt cache {self.prompt_cache(None).directory}" if self.prompt_cache_dir else ""
-            raise PromptNotCachedError(
-                f"{len(missing)} prompt(s) have no embedding{where} and no text encoders are loaded "
-                f"(first: {missing[0]!r}). Run `branchgrpo preprocess` on these prompts first, or load the "
-                "adapter with text_encoders='load' or 'lazy'."
-            )
-        self.text_encoder, self.text_encoder_2 = self._text_encoder_loader()
-
-    def release_text_encoders(self) -> None:
-        """Drop the text encoders (e.g. after preprocessing) so their memory can be reclaimed."""
-        if self.text_encoder is not None and self.text_encoder_2 is not None and self._encoder_config is None:
-            self._encoder_config = self.encoder_config
-        self.text_encoder = None
-        self.text_encoder_2 = None
-
     @torch.no_grad()
     def encode_prompts_uncached(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Encode without the cache, through diffusers' ``FluxPipeline.encode_prompt``."""
@@ -361,17 +268,6 @@ class FluxAdapter:
         )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """``P`` prompts → ``{"prompt_embeds": [P, L, D], "pooled_prompt_embeds": [P, D']}`` on :attr:`device`.
-
-        With ``prompt_cache_dir`` set, cached prompts are read back and the others encoded in
-        batches of ``encode_batch_size`` and stored (text encoders load only on a miss).
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        encoded = cached_encode(self, list(prompts), self.prompt_cache(), self.encode_batch_size)
-        return {name: value.to(self.device) for name, value in encoded.items()}
-
     # -- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
     def decode(
@@ -388,18 +284,12 @@ class FluxAdapter:
         """
         from diffusers.image_processor import VaeImageProcessor
 
-        if self.vae is None:
-            raise ValueError("this FluxAdapter was built without a VAE (load it with load_vae=True)")
+        config = self._require_vae().config
         latent_h, latent_w = self.latent_size(height, width)
-        batch_size = batch_size or self.decode_batch_size
-        config = self.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
-        vae_device, vae_dtype = _module_device(self.vae), self.vae.dtype
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
-        images = []
-        for start in range(0, packed_latents.shape[0], batch_size):
-            packed = packed_latents[start : start + batch_size].float()
-            latents = unpack_latents(packed, latent_h, latent_w) / config.scaling_factor + shift
-            image = self.vae.decode(latents.to(device=vae_device, dtype=vae_dtype), return_dict=False)[0]
-            images.append(processor.postprocess(image.float(), output_type="pt"))
-        return torch.cat(images, dim=0)
+        return self._decode_batches(
+            packed_latents, batch_size,
+            vae_input=lambda packed: unpack_latents(packed, latent_h, latent_w) / config.scaling_factor + shift,
+            postprocess=lambda image: processor.postprocess(image, output_type="pt"),
+        )

@@ -1,10 +1,12 @@
-"""Loading FLUX.1 weights from a diffusers-layout folder or the Hugging Face hub.
+"""Loading diffusers-layout weights from a folder or the Hugging Face hub (every family), and FLUX.1's loader.
 
 Everything goes through the libraries' own ``from_pretrained`` with ``subfolder=`` (transformer,
-vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2), safetensors weights only, never
-``trust_remote_code``. A local folder is checked first and loaded with ``local_files_only``; a
-hub id is resolved from the local hub cache when offline. Missing files raise one
-:class:`ModelFilesNotFoundError` that names what to download and where to put it.
+vae, text_encoder, tokenizer, …), safetensors weights only, never ``trust_remote_code``. A local
+folder is checked first and loaded with ``local_files_only``; a hub id is resolved from the local
+hub cache when offline. Missing files raise one :class:`ModelFilesNotFoundError` (or a family's
+subclass) that names what to download and where to put it. :class:`PretrainedFolder` does this for
+FLUX (:func:`load_flux_adapter`), SD3 (``models/sd3.py``) and Wan (``models/wan.py``); a family
+describes its folder with a :class:`ModelFiles`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -45,27 +49,64 @@ FLUX_LAYOUT_TEXT = """\
     tokenizer_2/      spiece.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json"""
 
 
-class ModelFilesNotFoundError(FileNotFoundError):
-    """Model weights or configs are missing; the message says what to download and where."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """What one family's diffusers folder must hold and how to get it (for checks and error messages)."""
 
-    def __init__(self, location: str, missing: Iterable[str], hub_id: str = FLUX_DEV_HUB_ID,
-                 layout: str = FLUX_LAYOUT_TEXT, detail: str | None = None):
+    title: str  # "FLUX", "Stable Diffusion 3", ... as the error message names the family
+    hub_id: str  # the default model to download
+    layout: Mapping[str, tuple[tuple[str, ...], ...]]  # subfolder -> groups of globs (see FLUX_LAYOUT)
+    layout_text: str  # the expected layout, for humans
+    download_patterns: tuple[str, ...]  # ``hf download --include`` patterns: only the diffusers subfolders
+    placeholder: str  # the ``--local-dir`` suggested when the user gave a hub id
+    gated: bool = True  # needs a licence click and ``hf auth login``
+    error_class: type | None = None  # the family's ModelFilesNotFoundError subclass (None: the base class)
+
+    def __post_init__(self) -> None:
+        if self.error_class is not None:  # so the subclass, raised by itself, knows its family
+            _FAMILY_FILES[self.error_class] = self
+
+    def error(self, location: str, missing: Iterable[str], detail: str | None = None) -> "ModelFilesNotFoundError":
+        """The family's error for ``missing`` files at ``location``."""
+        return (self.error_class or ModelFilesNotFoundError)(location, missing, detail=detail, files=self)
+
+
+_FAMILY_FILES: dict[type, ModelFiles] = {}
+
+FLUX_FILES = ModelFiles(
+    title="FLUX", hub_id=FLUX_DEV_HUB_ID, layout=FLUX_LAYOUT, layout_text=FLUX_LAYOUT_TEXT,
+    download_patterns=_DOWNLOAD_PATTERNS, placeholder="/path/to/FLUX.1-dev",
+)
+
+
+class ModelFilesNotFoundError(FileNotFoundError):
+    """Model weights or configs are missing; the message says what to download and where.
+
+    Every family raises this class or a subclass (``SD3FilesNotFoundError``, ``WanFilesNotFoundError``),
+    so one ``except`` serves all; ``files`` says which family (default: the subclass's, else FLUX).
+    """
+
+    def __init__(self, location: str, missing: Iterable[str], hub_id: str | None = None,
+                 layout: str | None = None, detail: str | None = None, *, files: ModelFiles | None = None):
+        files = files or _FAMILY_FILES.get(type(self), FLUX_FILES)
         self.location = location
         self.missing = list(missing)
-        self.hub_id = hub_id
-        lines = [f"FLUX weights not found at {location!r}."]
+        self.hub_id = hub_id = hub_id or files.hub_id
+        self.files = files
+        lines = [f"{files.title} weights not found at {location!r}."]
         if self.missing:
             lines.append("Missing: " + "; ".join(self.missing) + ".")
         if detail:
             lines.append(f"({detail})")
-        target = location if not _looks_like_hub_id(location) or os.path.isabs(location) else "/path/to/FLUX.1-dev"
-        include = " ".join(f"--include '{pattern}'" for pattern in _DOWNLOAD_PATTERNS)
+        target = location if not _looks_like_hub_id(location) or os.path.isabs(location) else files.placeholder
+        include = " ".join(f"--include '{pattern}'" for pattern in files.download_patterns)
+        access = (f" (gated: accept its licence on https://huggingface.co/{hub_id} and run `hf auth login` first)"
+                  if files.gated else "")
         lines += [
-            f"Download {hub_id} (gated: accept its licence on https://huggingface.co/{hub_id} and run "
-            "`hf auth login` first), only the diffusers subfolders:",
+            f"Download {hub_id}{access}, only the diffusers subfolders:",
             f"    hf download {hub_id} --local-dir {target} {include}",
             "and pass that folder as the model path. Expected layout:",
-            layout,
+            layout or files.layout_text,
         ]
         super().__init__("\n".join(lines))
 
@@ -110,7 +151,8 @@ def missing_files(folder: str | os.PathLike, subfolders: Iterable[str], layout=F
     return missing
 
 
-def _resolve_local(path_or_hub_id: str, local_files_only: bool | None) -> tuple[str, bool]:
+def _resolve_local(path_or_hub_id: str, local_files_only: bool | None,
+                   files: ModelFiles = FLUX_FILES) -> tuple[str, bool]:
     """``(location, is_local_folder)``; an offline hub id becomes its cached snapshot folder."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists() or not _looks_like_hub_id(path_or_hub_id):
@@ -122,7 +164,7 @@ def _resolve_local(path_or_hub_id: str, local_files_only: bool | None) -> tuple[
     try:
         return snapshot_download(path_or_hub_id, local_files_only=True), True
     except Exception as err:  # noqa: BLE001 - any hub failure means "not downloaded"
-        raise ModelFilesNotFoundError(
+        raise files.error(
             path_or_hub_id, ["the whole model (not in the local hub cache; offline)"],
             detail=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
         ) from None
@@ -133,6 +175,91 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+TEXT_ENCODER_MODES = ("load", "lazy", "none")
+
+
+class PretrainedFolder:
+    """One ``from_pretrained`` source, shared by every family's loader.
+
+    Resolves ``path_or_hub_id`` (a folder, or a hub id: from the local cache when offline),
+    checks a folder for the ``needed`` subfolders up front, and loads parts through the libraries'
+    ``from_pretrained(subfolder=...)`` (safetensors only, never remote code). Library errors about
+    absent files become the family's :class:`ModelFilesNotFoundError` inside :meth:`errors`.
+    """
+
+    def __init__(self, path_or_hub_id: str | os.PathLike, files: ModelFiles, needed: Sequence[str], *,
+                 text_encoders: str = "lazy", local_files_only: bool | None = None, revision: str | None = None,
+                 device: torch.device | str | None = None):
+        if text_encoders not in TEXT_ENCODER_MODES:
+            raise ValueError(f"text_encoders must be 'load', 'lazy' or 'none', got {text_encoders!r}")
+        self.text_encoders = text_encoders
+        self.requested = str(path_or_hub_id)
+        self.files = files
+        self.needed = list(needed)
+        self.location, self.is_local = _resolve_local(self.requested, local_files_only, files)
+        if self.is_local:
+            absent = missing_files(self.location, self.needed, layout=files.layout)
+            if absent:
+                raise files.error(self.location if self._exists else self.requested, absent)
+        self.common: dict[str, Any] = {"local_files_only": True if self.is_local else bool(local_files_only)}
+        if revision is not None:
+            self.common["revision"] = revision
+        self.device = torch.device(device) if device is not None else None
+
+    @property
+    def _exists(self) -> bool:
+        return Path(self.requested).expanduser().exists()
+
+    @property
+    def source(self) -> str:
+        """What the prompt-cache identity records: the resolved folder, or the hub id as given."""
+        return self.location if self._exists else self.requested
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Onto the target device, frozen, in eval mode (training code switches what it trains)."""
+        module = module.to(self.device) if self.device is not None else module
+        return module.eval().requires_grad_(False)
+
+    def model(self, cls: Any, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
+        """``cls.from_pretrained(subfolder=...)`` weights in ``dtype``, placed (diffusers or transformers)."""
+        dtype_kwarg = _dtype_kwarg(dtype) if cls.__module__.startswith("transformers") else {"torch_dtype": dtype}
+        return self.place(cls.from_pretrained(self.location, subfolder=subfolder, use_safetensors=True,
+                                              **self.common, **dtype_kwarg))
+
+    def config(self, cls: Any, subfolder: str) -> Any:
+        """A tokenizer or config (no weights) from ``subfolder``."""
+        return cls.from_pretrained(self.location, subfolder=subfolder, **self.common)
+
+    def initial_text_encoders(self, load: Callable[[], tuple], count: int) -> tuple:
+        """The text encoders now (``text_encoders="load"``) or ``count`` Nones (lazy / cache only)."""
+        return load() if self.text_encoders == "load" else (None,) * count
+
+    def adapter_kwargs(self, load_text_encoders: Callable[[], tuple], encoder_config: Mapping[str, Any],
+                       max_sequence_length: int) -> dict[str, Any]:
+        """What every adapter's constructor takes from its loader (source, device, lazy loading, cache identity)."""
+        return {
+            "source": self.source,  # a hub id stays a hub id
+            "max_sequence_length": max_sequence_length,
+            "device": self.device,
+            "text_encoder_loader": load_text_encoders if self.text_encoders == "lazy" else None,
+            "encoder_config": encoder_config,
+        }
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn what the hub and ``from_pretrained`` raise for absent files into the family's error."""
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            yield
+        except (OSError, EntryNotFoundError) as err:
+            if isinstance(err, ModelFilesNotFoundError):
+                raise
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise self.files.error(self.requested, self.needed if not self.is_local else [],
+                                   detail=f"{type(err).__name__}: {first_line}") from None
 
 
 def load_flux_adapter(
@@ -165,59 +292,31 @@ def load_flux_adapter(
         ModelFilesNotFoundError: a folder lacks files, or a hub id cannot be fetched.
     """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from huggingface_hub.errors import EntryNotFoundError
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     from branchgrpo.models.flux import FluxAdapter, flux_encoder_config
 
-    if text_encoders not in ("load", "lazy", "none"):
-        raise ValueError(f"text_encoders must be 'load', 'lazy' or 'none', got {text_encoders!r}")
-    requested = str(path_or_hub_id)
-    location, is_local = _resolve_local(requested, local_files_only)
     needed = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"]
     needed += ["transformer"] * load_transformer + ["vae"] * load_vae
-    if is_local:
-        absent = missing_files(location, needed)
-        if absent:
-            raise ModelFilesNotFoundError(location if Path(requested).exists() else requested, absent)
-    common = {"local_files_only": True} if is_local else {"local_files_only": bool(local_files_only)}
-    if revision is not None:
-        common["revision"] = revision
-    weights = {**common, "use_safetensors": True}
-    device = torch.device(device) if device is not None else None
-
-    def place(module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to(device) if device is not None else module
-        return module.eval().requires_grad_(False)
+    folder = PretrainedFolder(path_or_hub_id, FLUX_FILES, needed, text_encoders=text_encoders,
+                              local_files_only=local_files_only, revision=revision, device=device)
 
     def load_text_encoders():
-        clip = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights, **_dtype_kwarg(dtype))
-        t5 = T5EncoderModel.from_pretrained(location, subfolder="text_encoder_2", **weights, **_dtype_kwarg(dtype))
-        return place(clip), place(t5)
+        with folder.errors():
+            return (folder.model(CLIPTextModel, "text_encoder", dtype),
+                    folder.model(T5EncoderModel, "text_encoder_2", dtype))
 
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common)
-        tokenizer_2 = T5TokenizerFast.from_pretrained(location, subfolder="tokenizer_2", **common)
-        clip_config = CLIPTextConfig.from_pretrained(location, subfolder="text_encoder", **common)
-        t5_config = T5Config.from_pretrained(location, subfolder="text_encoder_2", **common)
+    with folder.errors():
+        tokenizer = folder.config(CLIPTokenizer, "tokenizer")
+        tokenizer_2 = folder.config(T5TokenizerFast, "tokenizer_2")
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
-        encoder_config = flux_encoder_config(clip_config, t5_config, tokenizer, tokenizer_2, max_sequence_length, dtype)
-        text_encoder = text_encoder_2 = None
-        if text_encoders == "load":
-            text_encoder, text_encoder_2 = load_text_encoders()
-        transformer = vae = None
-        if load_transformer:
-            transformer = place(FluxTransformer2DModel.from_pretrained(
-                location, subfolder="transformer", torch_dtype=dtype, **weights))
-        if load_vae:
-            vae = place(AutoencoderKL.from_pretrained(
-                location, subfolder="vae", torch_dtype=vae_dtype or dtype, **weights))
-    except (OSError, EntryNotFoundError) as err:  # what the hub and from_pretrained raise for absent files
-        if isinstance(err, ModelFilesNotFoundError):
-            raise
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelFilesNotFoundError(requested, needed if not is_local else [],
-                                      detail=f"{type(err).__name__}: {first_line}") from None
+        encoder_config = flux_encoder_config(
+            folder.config(CLIPTextConfig, "text_encoder"), folder.config(T5Config, "text_encoder_2"),
+            tokenizer, tokenizer_2, max_sequence_length, dtype,
+        )
+        text_encoder, text_encoder_2 = folder.initial_text_encoders(load_text_encoders, 2)
+        transformer = folder.model(FluxTransformer2DModel, "transformer", dtype) if load_transformer else None
+        vae = folder.model(AutoencoderKL, "vae", vae_dtype or dtype) if load_vae else None
     return FluxAdapter(
         transformer=transformer,
         vae=vae,
@@ -225,20 +324,20 @@ def load_flux_adapter(
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        source=location if Path(requested).expanduser().exists() else requested,  # hub id stays a hub id
-        max_sequence_length=max_sequence_length,
-        device=device,
-        text_encoder_loader=load_text_encoders if text_encoders == "lazy" else None,
-        encoder_config=encoder_config,
+        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
         **adapter_kwargs,
     )
 
 
 __all__ = [
     "FLUX_DEV_HUB_ID",
+    "FLUX_FILES",
     "FLUX_LAYOUT",
     "FLUX_LAYOUT_TEXT",
+    "ModelFiles",
     "ModelFilesNotFoundError",
+    "PretrainedFolder",
+    "TEXT_ENCODER_MODES",
     "is_offline",
     "load_flux_adapter",
     "missing_files",

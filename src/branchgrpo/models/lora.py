@@ -38,6 +38,25 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "attn.to_v",
 )
 
+# Wan's blocks name their self- and cross-attention attn1 / attn2, so the names above match nothing
+# there: the same q/k/v/out projections in Wan's naming (Wan has no add_* text projections in T2V).
+WAN_TARGET_MODULES: tuple[str, ...] = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
+
+
+def default_target_modules(transformer: torch.nn.Module) -> list[str]:
+    """The LoRA targets for ``transformer``'s family: Wan's attention names, else Flow-GRPO's list."""
+    names = {cls.__name__ for cls in type(transformer).__mro__}
+    return list(WAN_TARGET_MODULES if "WanTransformer3DModel" in names else DEFAULT_TARGET_MODULES)
+
 
 @dataclass
 class LoraSpec:
@@ -272,9 +291,11 @@ class LoraWeights(torch.nn.Module):
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LoraSpec",
+    "WAN_TARGET_MODULES",
     "LoraWeights",
     "ReferenceVelocity",
     "add_lora",
+    "default_target_modules",
     "disabled_adapter",
     "has_lora",
     "load_lora_state_dict",

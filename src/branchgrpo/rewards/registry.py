@@ -24,6 +24,10 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "aesthetic": ("branchgrpo.rewards.clip_rewards:AestheticReward", "LAION aesthetic predictor v2 on CLIP ViT-L/14"),
     "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
     "remote": ("branchgrpo.rewards.remote:RemoteReward", "a reward served over HTTP by python -m branchgrpo.rewards.server"),
+    "frames": ("branchgrpo.rewards.video:FrameAveragedReward",
+               "videos: an image reward (option image_reward) averaged over num_frames evenly spaced frames"),
+    "videoalign": ("branchgrpo.rewards.video:videoalign_reward",
+                   "videos: a learned video reward (e.g. VideoAlign MQ) from your server (url) or entry_point"),
 }
 
 

@@ -24,7 +24,7 @@ class Generator:
     trainable: torch.nn.Module  # the module whose state dict is saved (the transformer)
     latent_shape: tuple[int, ...]
     encode_prompts: Callable[[list[str]], dict[str, Tensor]]
-    decode: Callable[[Tensor], Tensor]  # leaf x̂0 latents → images [B, C, H, W] in [0, 1]
+    decode: Callable[[Tensor], Tensor]  # leaf x̂0 latents → [0, 1] images [B, C, H, W] (wan: videos [B, F, C, H, W])
     train_prompts: list[str]
     heldout_prompts: list[str]
     builtin_reward: RewardFn | None = None
@@ -73,17 +73,19 @@ def build_generator(config: TrainConfig, device: torch.device) -> Generator:
         )
     elif model.family == "flux":
         generator = _build_flux(config, device)
-    else:
+    elif model.family == "sd3":
         generator = _build_sd3(config, device)
+    else:
+        generator = _build_wan(config, device)
     if model.lora is not None:
         if model.family == "digits":
-            raise ConfigError("model.lora", "the digits world trains all weights (it is tiny); LoRA is for flux and sd3")
-        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora
+            raise ConfigError("model.lora", "the digits world trains all weights (it is tiny); LoRA is for flux, sd3 and wan")
+        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora, default_target_modules
 
         spec_kwargs = {"rank": model.lora.rank, "alpha": model.lora.alpha, "dropout": model.lora.dropout,
                        "init": model.lora.init}
-        if model.lora.target_modules is not None:
-            spec_kwargs["target_modules"] = model.lora.target_modules
+        spec_kwargs["target_modules"] = (model.lora.target_modules if model.lora.target_modules is not None
+                                         else default_target_modules(generator.trainable))  # Wan: attn1/attn2 names
         add_lora(generator.trainable, LoraSpec(**spec_kwargs))
         generator.trainable = LoraWeights(generator.trainable)
     if config.data.train_prompts is not None:
@@ -99,9 +101,37 @@ def build_generator(config: TrainConfig, device: torch.device) -> Generator:
     return generator
 
 
-def _weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """``model.dtype``: what the transformer computes in (``auto``: bfloat16 on CUDA, float32 on CPU)."""
     return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
             "float32": torch.float32, "bfloat16": torch.bfloat16}[config.model.dtype]
+
+
+def _weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """Frozen weights (VAE, text encoders, a LoRA run's base transformer) load in the compute
+    dtype; :func:`use_master_weights` then gives the trainable tensors float32 masters."""
+    return compute_dtype(config, device)
+
+
+def use_master_weights(generator: Generator, dtype: torch.dtype) -> None:
+    """Mixed precision: trainable tensors (and so their gradients and optimizer state) in float32,
+    the policy's forward in ``dtype``.
+
+    Without FSDP the forward runs under ``torch.autocast(dtype)`` (the policy's ``compute_dtype``):
+    matmuls and attention in bf16 on bf16 casts of the float32 masters, reductions and norms in
+    float32, gradients land on the masters in float32. That is the simplest correct choice: no
+    second copy of the weights to keep in sync, and one code path for full and LoRA training
+    (whose frozen base stays in bf16 and is cast for free). Under FSDP the same masters are the
+    sharded parameters and ``MixedPrecisionPolicy`` all-gathers them in ``dtype``.
+    """
+    for param in generator.trainable.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if hasattr(generator.policy, "compute_dtype"):
+        generator.policy.compute_dtype = None if dtype == torch.float32 else dtype
+    elif dtype != torch.float32:
+        raise ConfigError("model.dtype", f"the {generator.family} policy has no compute_dtype (autocast); "
+                          "use model.dtype=float32")
 
 
 def _build_sd3(config: TrainConfig, device: torch.device) -> Generator:
@@ -118,6 +148,31 @@ def _build_sd3(config: TrainConfig, device: torch.device) -> Generator:
     )
     return Generator(
         family="sd3", policy=adapter.velocity_model(), trainable=adapter.transformer,
+        latent_shape=tuple(adapter.latent_shape()), encode_prompts=adapter.encode_prompts,
+        decode=adapter.decode, train_prompts=[], heldout_prompts=[],
+    )
+
+
+def _build_wan(config: TrainConfig, device: torch.device) -> Generator:
+    from branchgrpo.models.wan import WanAdapter
+
+    model = config.model
+    if model.path is None:
+        raise ConfigError("model.path", "Wan needs a local diffusers folder or a hub id "
+                          "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    try:  # the video size, checked against Wan2.1's VAE and patch factors before any weights load
+        WanAdapter(height=model.height, width=model.width, num_frames=model.num_frames)
+    except ValueError as err:
+        raise ConfigError("model.height/width/num_frames", str(err)) from None
+    adapter = WanAdapter.from_pretrained(
+        model.path, dtype=_weights_dtype(config, device), device=device, vae_dtype=torch.float32,
+        height=model.height, width=model.width, num_frames=model.num_frames,
+        guidance_scale=model.guidance_scale, negative_prompt=model.negative_prompt,
+        prompt_cache_dir=model.prompt_cache_dir, max_sequence_length=model.max_sequence_length,
+        decode_batch_size=model.decode_batch,
+    )
+    return Generator(
+        family="wan", policy=adapter.velocity_model(), trainable=adapter.transformer,
         latent_shape=tuple(adapter.latent_shape()), encode_prompts=adapter.encode_prompts,
         decode=adapter.decode, train_prompts=[], heldout_prompts=[],
     )
@@ -167,6 +222,8 @@ def check_reward_config(config: TrainConfig) -> None:
             raise ConfigError("reward.name", f"unknown reward {name!r}; allowed values: {', '.join(known)}")
         if name == "digits" and config.model.family != "digits":
             raise ConfigError("reward.name", "the digits reward scores digits-world images only (model.family=digits)")
+        if _check_video_reward(config, name, single=len(names) == 1 and not _is_list(reward.name)):
+            continue
         if name in ("digits", "remote"):
             continue
         field_name = "reward.checkpoint" if len(names) == 1 and not _is_list(reward.name) else f"reward.checkpoints.{name}"
@@ -175,6 +232,32 @@ def check_reward_config(config: TrainConfig) -> None:
             raise ConfigError(field_name, f"reward {name!r} needs its checkpoint; set {field_name}=PATH (see docs/rewards.md)")
         if not Path(path).exists():
             raise ConfigError(field_name, f"checkpoint {path} for reward {name!r} does not exist (see docs/rewards.md)")
+
+
+def _check_video_reward(config: TrainConfig, name: str, single: bool) -> bool:
+    """Videos (wan) need a video reward and images an image reward; True when ``name`` needs no checkpoint."""
+    from branchgrpo.rewards.video import VIDEO_REWARDS
+
+    videos = config.model.family == "wan"
+    if (name in VIDEO_REWARDS) != videos:
+        if videos:
+            raise ConfigError("reward.name", f"model.family=wan decodes videos; {name!r} scores images. Use frames "
+                              f"(reward.options.image_reward={name}: averaged over frames) or videoalign")
+        raise ConfigError("reward.name", f"reward {name!r} scores videos; "
+                          f"model.family={config.model.family} decodes images")
+    prefix = "reward.options" if single else f"reward.options.{name}"
+    options = config.reward.options if single else (config.reward.options.get(name) or {})
+    if name == "videoalign":
+        if (options.get("url") is None) == (options.get("entry_point") is None):
+            raise ConfigError(prefix, "videoalign needs exactly one of url (your reward server) and entry_point "
+                              "('package.module:function' returning a video scorer); see docs/adapters.md")
+        return True
+    if name == "frames":
+        if not options.get("image_reward"):
+            raise ConfigError(f"{prefix}.image_reward", "the frames reward averages an image reward over frames; "
+                              "name it (e.g. hps, pickscore, clip)")
+        return options["image_reward"] in ("digits", "remote")
+    return False
 
 
 def build_reward(config: TrainConfig, generator: Generator, device: torch.device):

@@ -34,7 +34,7 @@ class LoraConfig:
 class ModelConfig:
     """Which generator to train and how to run it."""
 
-    family: Literal["digits", "flux", "sd3"] = "digits"
+    family: Literal["digits", "flux", "sd3", "wan"] = "digits"
     path: str | None = None  # flux: diffusers folder or hub id; digits: generator .safetensors (None = shipped)
     height: int = 720  # flux image size in pixels
     width: int = 720
@@ -46,11 +46,15 @@ class ModelConfig:
     max_sequence_length: int = 512  # flux T5 tokens
     decode_batch: int = 8  # latents per VAE decode call
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    num_frames: int = 33  # wan: frames per video, 4k + 1 (the VAE codes frame 0 alone, then 4 per latent frame)
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "decode_batch", "max_sequence_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ConfigError("model.num_frames",
+                              f"Wan videos have 4k + 1 frames (1, 5, ..., 33, ..., 81), got {self.num_frames}")
 
 
 @dataclass
@@ -119,8 +123,15 @@ class RunConfig:
     ema_decay: float = 0.0  # EMA of the trained weights (paper: 0.995); 0 = off
     wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works without network)
     wandb_project: str = "branchgrpo"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: whole model per rank; fsdp: FSDP2 shards (docs/distributed.md)
+    cpu_offload: bool = False  # fsdp only: sharded weights, grads and optimizer state in host memory
 
     def __post_init__(self) -> None:
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError("run.parallel", f"got {self.parallel!r}; allowed values: ddp, fsdp")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ConfigError("run.cpu_offload", "CPU offload works through FSDP; set run.parallel=fsdp "
+                              "(or run.cpu_offload=false)")
         if self.iterations < 0:
             raise ConfigError("run.iterations", f"must be >= 0, got {self.iterations}")
         if self.threads < 0:
