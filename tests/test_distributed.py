@@ -32,11 +32,11 @@ def make(out, *overrides):
     return Trainer(config, generator=tiny_generator(), reward=brightness_reward)
 
 
-def _worker(rank, world, port, out, inject):
+def _worker(rank, world, port, out, inject, overrides, factory):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    job = make(out)
+    job = factory(out, *overrides[rank])
     if inject == "nan_output" and rank == 1:
         forward = job.generator.policy.forward
         calls = {"n": 0}
@@ -57,8 +57,12 @@ def _worker(rank, world, port, out, inject):
     job.dist.close()
 
 
-def run_two(out, inject=None):
-    mp.start_processes(_worker, args=(2, free_port(), out, inject), nprocs=2, join=True, start_method="fork")
+def run_two(out, inject=None, overrides=(), rank_overrides=None, factory=make):
+    """Train in two forked gloo processes; ``rank_overrides[r]`` are extra overrides of rank ``r`` only;
+    ``factory(out, *overrides)`` builds each rank's trainer."""
+    per_rank = [list(overrides) + list((rank_overrides or {}).get(rank, [])) for rank in range(2)]
+    mp.start_processes(_worker, args=(2, free_port(), out, inject, per_rank, factory), nprocs=2, join=True,
+                       start_method="fork")
 
 
 def rows(out):
@@ -102,7 +106,7 @@ def test_prompts_must_divide_among_processes(tmp_path, monkeypatch):
     from branchgrpo.config import ConfigError
     from branchgrpo.train.distributed import DistributedContext
 
-    monkeypatch.setattr(DistributedContext, "initialise", classmethod(lambda cls, device: cls(0, 3, 0)))
+    monkeypatch.setattr(DistributedContext, "initialise", classmethod(lambda cls, device, **kw: cls(0, 3, 0)))
     with pytest.raises(ConfigError, match="data.prompts_per_iteration"):
         make(tmp_path)
 

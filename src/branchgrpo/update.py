@@ -141,10 +141,21 @@ def edge_log_probs(
 class GradientSync:
     """How gradients meet across processes. This base class is the single-process case (no-ops);
     the trainer's distributed helper overrides it with torch.distributed reductions, so the core
-    never imports torch.distributed."""
+    never imports torch.distributed.
+
+    ``sharded``: the model reduces gradients itself inside every backward (FSDP), so
+    :meth:`gradients` does nothing, every process must run the same number of forwards and
+    backwards, and parameters and gradients may be DTensors (only this process's shard is local).
+    """
+
+    sharded: bool = False
 
     def sum(self, value: float) -> float:
         """Sum of ``value`` over all processes."""
+        return value
+
+    def max(self, value: float) -> float:
+        """Largest ``value`` over all processes."""
         return value
 
     def any(self, flag: bool) -> bool:
@@ -153,6 +164,30 @@ class GradientSync:
 
     def gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient over all processes (in place)."""
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's shard of a DTensor (duck-typed, so the core needs no torch.distributed)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _padding_pass(
+    model: VelocityModel, reference_model: VelocityModel | None, edges: TrainingEdges, conditioning: Conditioning
+) -> None:
+    """A forward (and reference forward) and a backward whose gradient is exactly zero.
+
+    A sharded model communicates inside every forward and backward, so a process with fewer
+    micro-batches than another runs these until the counts match; the sum of gradients is
+    unchanged.
+    """
+    latents = edges.parent_latents
+    x = torch.zeros((1, *latents.shape[1:]), device=latents.device, dtype=latents.dtype)
+    sigma = torch.ones(1, device=latents.device)
+    rows = select_conditioning(conditioning, torch.zeros(1, dtype=torch.long))
+    velocity = model(x, sigma, rows)
+    if reference_model is not None:
+        reference_model(x, sigma, rows)
+    (velocity.sum() * 0.0).backward()
 
 
 def policy_update(
@@ -174,6 +209,8 @@ def policy_update(
     contribute exactly zero gradient, so skipping them is an exact speed-up. A micro-batch whose
     loss is not finite is skipped and counted; if any process ends a step with non-finite
     gradients, every process skips that optimizer step (and counts it), so none waits on another.
+    With a sharded model (``sync.sharded``, FSDP) gradients are reduced inside backward, before
+    they can be checked, so a non-finite micro-batch on any process skips the whole step.
     """
     update = config.update
     sync = sync or GradientSync()
@@ -195,7 +232,14 @@ def policy_update(
         if step_normaliser == 0:
             continue
         optimizer.zero_grad(set_to_none=True)
-        for parents in chunk.split(config.engine.train_micro_batch):
+        micro_batches: list[Tensor | None] = [p for p in chunk.split(config.engine.train_micro_batch) if p.numel()]
+        if sync.sharded:  # FSDP communicates in every forward/backward: every process runs the same count
+            micro_batches += [None] * (int(sync.max(len(micro_batches))) - len(micro_batches))
+        poisoned = False  # sharded only: a non-finite micro-batch's gradient is already reduced
+        for parents in micro_batches:
+            if parents is None:
+                _padding_pass(model, reference_model if update.kl_coef > 0 else None, edges, conditioning)
+                continue
             lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)
             rows_dev = rows.to(lp_new.device)
             loss_e, ratio, clipped = clipped_surrogate(
@@ -220,6 +264,9 @@ def policy_update(
             objective = (loss_e + update.kl_coef * kl_e).sum() / step_normaliser
             if not torch.isfinite(objective):
                 stats.nonfinite_micro_batches += 1
+                if sync.sharded:  # keep the collectives in step; the step is skipped below
+                    objective.backward()
+                    poisoned = True
                 continue
             objective.backward()
             if step_index == 0:
@@ -232,17 +279,18 @@ def policy_update(
         for p in params:  # every process joins the reduction with the same tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        local_bad = not all(bool(torch.isfinite(p.grad).all()) for p in params)
+        local_bad = poisoned or not all(bool(torch.isfinite(_local(p.grad)).all()) for p in params)
         if sync.any(local_bad):
             optimizer.zero_grad(set_to_none=True)
             stats.skipped_steps += 1
             continue
         sync.gradients(params)
-        if update.max_grad_norm > 0:
+        if update.max_grad_norm > 0:  # both handle DTensor gradients (the norm is over all shards)
             norm = torch.nn.utils.clip_grad_norm_(params, update.max_grad_norm)
         else:
-            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
-        stats.grad_norms.append(float(norm) if math.isfinite(float(norm)) else float("nan"))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        stats.grad_norms.append(norm if math.isfinite(norm) else float("nan"))
         optimizer.step()
         stats.optimizer_steps += 1
     n = max(edges.num_edges, 1)

@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from branchgrpo.train.components import (
-    Generator, RewardFn, build_generator, build_reward, check_reward_config, resolve_device, score_images,
+    Generator, RewardFn, build_generator, build_reward, check_reward_config, compute_dtype, resolve_device,
+    score_images, use_master_weights,
 )
-from branchgrpo.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from branchgrpo.train.checkpoint import (
+    TrainerState, find_resume, full_model_state, full_optimizer_state, full_state, load_checkpoint, save_checkpoint,
+)
 from branchgrpo.config import to_dict
 from branchgrpo.train.config import TrainConfig, dump_config
-from branchgrpo.train.distributed import DistributedContext
+from branchgrpo.train.distributed import DistributedContext, place_like
 from branchgrpo.train.evaluation import evaluate, save_image_grid
 from branchgrpo.train.logging import MetricsLogger
 from branchgrpo.train.weights import atomic_save_safetensors, save_weights
@@ -78,7 +81,9 @@ class Trainer:
         self.config = config
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
-        self.dist = DistributedContext.initialise(resolve_device(config.run.device))
+        self.dist = DistributedContext.initialise(
+            resolve_device(config.run.device), parallel=config.run.parallel, cpu_offload=config.run.cpu_offload
+        )
         self.device = self.dist.device(resolve_device(config.run.device))
         if config.data.prompts_per_iteration % self.dist.world_size:
             from branchgrpo.config import ConfigError
@@ -92,7 +97,11 @@ class Trainer:
             check_reward_config(config)
         self.generator: Generator = generator or build_generator(config, self.device)
         self.reward: RewardFn = reward or build_reward(config, self.generator, self.device)
+        self.compute_dtype = compute_dtype(config, self.device)
+        use_master_weights(self.generator, self.compute_dtype)
         self.dist.broadcast_module(self.generator.trainable)
+        if config.run.parallel == "fsdp":  # before the optimizer, so it holds only this rank's shards
+            self.dist.shard(_shard_root(self.generator), self.compute_dtype, cpu_offload=config.run.cpu_offload)
         self.reference = None
         if config.method.update.kl_coef > 0:
             if config.model.lora is None:
@@ -222,21 +231,25 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, tag: str) -> float | None:
-        """Held-out mean reward (rank 0 evaluates; the others wait and get None)."""
-        if not self.dist.is_main:
+        """Held-out mean reward (rank 0 evaluates; the others wait and get None).
+
+        A sharded (FSDP) model communicates in every forward, so there every rank runs the same
+        evaluation and rank 0 alone records it.
+        """
+        if not (self.dist.is_main or self.dist.sharded):
             self.dist.barrier()
             return None
-        result = self._evaluate(tag)
+        result = self._evaluate(tag, write=self.dist.is_main)
         self.dist.barrier()
-        return result
+        return result if self.dist.is_main else None
 
-    def _evaluate(self, tag: str) -> float:
+    def _evaluate(self, tag: str, write: bool = True) -> float:
         cfg = self.config
         prompts = self.generator.heldout_prompts
         if cfg.eval.max_prompts:
             prompts = prompts[: cfg.eval.max_prompts]
         result = evaluate(self.generator, self.reward, prompts, cfg, device=self.device)
-        if cfg.run.sample_grid_every:
+        if cfg.run.sample_grid_every and write:
             save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png", columns=cfg.eval.samples_per_prompt)
         return result.mean_reward
 
@@ -245,13 +258,18 @@ class Trainer:
         return TrainerState(self.iteration, self.sampler.position, eval_start, eval_last)
 
     def save_checkpoint(self, eval_start: float | None, eval_last: float | None) -> Path | None:
+        """Every rank joins (the RNG states and, with FSDP, the tensors are gathered); rank 0 writes."""
+        main = self.dist.is_main
         rng_states = self.dist.gather_objects(torch.get_rng_state())
-        if not self.dist.is_main:
+        model_state = full_model_state(self.generator.trainable, keep=main)
+        optimizer_state = full_optimizer_state(self.optimizer, keep=main)
+        ema = full_state(self.ema, keep=main) if self.ema is not None else None
+        if not main:
             self.dist.barrier()
             return None
         path = save_checkpoint(
-            self.output_dir / "checkpoints", self.state(eval_start, eval_last), self.generator.trainable,
-            self.optimizer, self.ema, keep=self.config.run.keep_checkpoints, rank_rng_states=rng_states,
+            self.output_dir / "checkpoints", self.state(eval_start, eval_last), model_state, optimizer_state,
+            ema, keep=self.config.run.keep_checkpoints, rank_rng_states=rng_states,
         )
         self.dist.barrier()
         return path
@@ -263,7 +281,7 @@ class Trainer:
         if self.ema is not None:
             if ema is None:
                 raise FileNotFoundError(f"run.ema_decay > 0 but checkpoint {path} holds no EMA weights")
-            self.ema = {k: v.float() for k, v in ema.items()}
+            self.ema = {k: place_like(v, self.ema[k], dtype=torch.float32) for k, v in ema.items()}
         return state
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -322,11 +340,13 @@ class Trainer:
                 signal.signal(sig, handler)
             if logger:
                 logger.close()
-        if self._stop_signal is None and main:
-            save_weights(self.generator.trainable, self.output_dir / "weights")
-            if self.ema is not None:
-                atomic_save_safetensors({k: v.contiguous() for k, v in self.ema.items()},
-                                        self.output_dir / "weights" / "ema.safetensors")
+        if self._stop_signal is None:  # every rank joins the gathers, rank 0 writes
+            weights = full_model_state(self.generator.trainable, keep=main)
+            ema = full_state(self.ema, keep=main) if self.ema is not None else None
+            if main:
+                save_weights(self.generator.trainable, self.output_dir / "weights", state=weights)
+                if ema is not None:
+                    atomic_save_safetensors(ema, self.output_dir / "weights" / "ema.safetensors")
         summary = RunSummary(
             output_dir=str(self.output_dir),
             iterations=self.iteration,
@@ -373,6 +393,14 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+def _shard_root(generator: Generator) -> torch.nn.Module:
+    """The module FSDP wraps: the transformer (of a LoRA run too: its frozen base is sharded as well)."""
+    from branchgrpo.models.lora import LoraWeights
+
+    trainable = generator.trainable
+    return trainable.transformer if isinstance(trainable, LoraWeights) else trainable
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -13,10 +14,15 @@ from branchgrpo.atomic import atomic_save_safetensors
 __all__ = ["atomic_save_safetensors", "save_weights", "load_weights"]
 
 
-def save_weights(module: torch.nn.Module, folder: Path) -> Path:
-    """``folder/model.safetensors`` (+ ``config.json`` for diffusers/transformers modules)."""
+def save_weights(module: torch.nn.Module, folder: Path, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """``folder/model.safetensors`` (+ ``config.json`` for diffusers/transformers modules).
+
+    ``state``: the tensors to write (default ``module.state_dict()``); an FSDP run passes the
+    gathered whole state (:func:`branchgrpo.train.checkpoint.full_model_state`).
+    """
     folder = Path(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = module.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     path = atomic_save_safetensors(state, folder / "model.safetensors")
     config = getattr(module, "config", None)
     if config is not None:
