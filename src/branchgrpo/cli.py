@@ -138,8 +138,12 @@ def _load_run_generator(args: argparse.Namespace):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from branchgrpo.train.evaluation import sample, save_image_grid
+    from branchgrpo.train.evaluation import sample, save_image_grid, save_video_grid
 
+    fps = getattr(args, "fps", 16.0)
+    frames = getattr(args, "frames", 4)
+    if not fps > 0 or frames < 1:
+        raise CliError("--fps must be > 0 and --frames >= 1")
     config, device, generator, _ = _load_run_generator(args)
     prompts = args.prompt or generator.heldout_prompts
     if not prompts:
@@ -147,6 +151,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     eta = config.method.tree.eta if args.eta is None else args.eta
     images, _ = sample(generator, prompts, args.num, config.method.tree, eta, args.seed,
                        config.method.engine.rollout_micro_batch, device)
+    if images.ndim == 5:  # videos [N, F, C, H, W] (wan): a PNG strip of frames and an animated GIF
+        png, gif = save_video_grid(images, Path(args.out), columns=args.num, fps=fps, frames=frames,
+                                   max_cell=getattr(args, "max_size", None) or None)
+        print(f"wrote {images.shape[0]} videos of {images.shape[1]} frames ({len(prompts)} prompts x {args.num}): "
+              f"frames to {png}, animation ({fps:g} fps) to {gif}")
+        return 0
     path = save_image_grid(images, Path(args.out), columns=args.num)
     print(f"wrote {images.shape[0]} images ({len(prompts)} prompts x {args.num}) to {path}")
     return 0
@@ -192,14 +202,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_encoder(config, device):
+    """The ``model.family`` adapter with only its text encoders (loaded now) and tokenizers, built
+    as training builds it (same source, dtype, ``max_sequence_length``, negative prompt), so the
+    cache identity it writes is the one training reads."""
+    from branchgrpo.train.components import _weights_dtype
+
+    model = config.model
+    if model.path is None:
+        raise ConfigError("model.path", f"preprocess loads the {model.family} text encoders: set model.path to the "
+                          "diffusers folder (or hub id) training uses")
+    common = dict(dtype=_weights_dtype(config, device), device=device, load_transformer=False, load_vae=False,
+                  text_encoders="load", max_sequence_length=model.max_sequence_length,
+                  prompt_cache_dir=model.prompt_cache_dir)
+    if model.family == "flux":
+        from branchgrpo.models.loading import load_flux_adapter
+
+        return load_flux_adapter(model.path, **common)
+    if model.family == "sd3":
+        from branchgrpo.models.sd3 import load_sd3_adapter
+
+        return load_sd3_adapter(model.path, negative_prompt=model.negative_prompt, **common)
+    if model.family == "wan":
+        from branchgrpo.models.wan import load_wan_adapter
+
+        return load_wan_adapter(model.path, negative_prompt=model.negative_prompt, **common)
+    raise ConfigError("model.family", f"preprocess fills the prompt-embedding cache of flux, sd3 and wan; "
+                      f"model.family={model.family} has no text encoder to cache")
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from branchgrpo.models.loading import load_flux_adapter
-    from branchgrpo.models.prompt_cache import preprocess_prompts
-    from branchgrpo.train.components import read_prompt_file
+    from branchgrpo.train.components import _weights_dtype, read_prompt_file, resolve_device
 
     config = _train_config(args)
-    if config.model.family != "flux":
-        raise CliError("preprocess fills the FLUX prompt-embedding cache; set model.family=flux (the digits world needs none)")
+    if config.model.family == "digits":
+        raise ConfigError("model.family", "the digits world encodes its prompts itself and has no prompt cache; "
+                          "preprocess is for model.family=flux, sd3 or wan")
     if config.model.prompt_cache_dir is None:
         raise CliError("set model.prompt_cache_dir=FOLDER: where the prompt embeddings are stored")
     prompts = []
@@ -208,12 +246,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             prompts += read_prompt_file(path, field)
     if not prompts:
         raise CliError("no prompt files: set data.train_prompts (and data.heldout_prompts)")
-    adapter = load_flux_adapter(
-        config.model.path, load_transformer=False, load_vae=False, text_encoders="load",
-        max_sequence_length=config.model.max_sequence_length, prompt_cache_dir=config.model.prompt_cache_dir,
-    )
-    report = preprocess_prompts(adapter, prompts, config.model.prompt_cache_dir)
+    device = resolve_device(config.run.device)
+    adapter = _prompt_encoder(config, device)
+    # the adapter's own preprocess_prompts also caches the negative prompt (sd3, wan: CFG)
+    report = adapter.preprocess_prompts(prompts, config.model.prompt_cache_dir)
     print(report)
+    dtype = str(_weights_dtype(config, device)).replace("torch.", "")
+    print(f"{config.model.family} prompt embeddings ({dtype}, as training on {device} computes them) are in "
+          f"{report.cache_directory}")
     return 0
 
 
@@ -256,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     for name, helptext, func in (
-        ("sample", "generate images from a run's weights", cmd_sample),
+        ("sample", "generate images (or videos) from a run's weights", cmd_sample),
         ("eval", "score weights on the held-out prompts", cmd_eval),
     ):
         p = sub.add_parser(name, help=helptext)
@@ -271,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num", type=int, default=4, help="images per prompt")
             p.add_argument("--eta", type=float, help="sampler eta (default: the method's; 0 = ODE)")
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--out", default="samples.png", help="output PNG grid")
+            p.add_argument("--out", default="samples.png",
+                           help="output PNG grid (videos: a PNG of frames, one row per video, and a GIF beside it)")
+            p.add_argument("--fps", type=float, default=16.0, help="videos: GIF frame rate (default 16, Wan2.1's)")
+            p.add_argument("--frames", type=int, default=4, help="videos: evenly spaced frames per video in the PNG")
+            p.add_argument("--max-size", type=int, default=0,
+                           help="videos: shrink frames to at most this many pixels on the long side (default: full)")
         else:
             p.add_argument("--samples", type=int, help="samples per prompt (default: eval.samples_per_prompt)")
             p.add_argument("--json", help="also write the scores to this JSON file")
@@ -286,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_export, config=None)
 
-    p = sub.add_parser("preprocess", help="fill the FLUX prompt-embedding cache ahead of training")
+    p = sub.add_parser("preprocess", help="fill the prompt-embedding cache (flux, sd3, wan) ahead of training")
     p.add_argument("--config", help="YAML config file (needs model.path, model.prompt_cache_dir, data.*_prompts)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_preprocess, run=None)

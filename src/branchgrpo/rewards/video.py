@@ -46,19 +46,30 @@ def frame_indices(num_frames: int, count: int) -> Tensor:
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_frames / count).floor().long()
 
 
+def check_video_inputs(reward: Reward, videos: Tensor, prompts: Sequence[str]) -> list[str]:
+    """``reward``'s input check for videos ``[B, F, C, H, W]``: the shape here, then the image
+    checks (channels, dtype, one prompt per video) on the first frames. Returns the prompts as a list."""
+    if not isinstance(videos, Tensor) or videos.ndim != 5:
+        shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
+        raise ValueError(
+            f"reward {reward.name!r} scores videos [B, F, C, H, W] in [0, 1] (WanAdapter.decode), got {shape}; "
+            "image rewards score images [B, C, H, W]"
+        )
+    return Reward.check_inputs(reward, videos[:, 0], prompts)
+
+
 class VideoReward(Reward):
-    """Base class of video rewards: inputs are ``[B, F, C, H, W]`` in ``[0, 1]``, one prompt per video."""
+    """Base class of video rewards: inputs are ``[B, F, C, H, W]`` in ``[0, 1]``, one prompt per video.
+
+    ``input_kind = "videos"`` is how a weighted list (:class:`~branchgrpo.rewards.CompositeReward`)
+    tells video rewards from image rewards; a video reward not derived from this class sets it too.
+    """
 
     input_channels: int | None = 3
+    input_kind = "videos"
 
     def check_inputs(self, videos: Tensor, prompts: Sequence[str]) -> list[str]:
-        if not isinstance(videos, Tensor) or videos.ndim != 5:
-            shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
-            raise ValueError(
-                f"reward {self.name!r} scores videos [B, F, C, H, W] in [0, 1] (WanAdapter.decode), got {shape}; "
-                "image rewards score images [B, C, H, W]"
-            )
-        return super().check_inputs(videos[:, 0], prompts)  # channels, dtype, one prompt per video
+        return check_video_inputs(self, videos, prompts)
 
 
 class FrameAveragedReward(VideoReward):
@@ -246,6 +257,7 @@ __all__ = [
     "RemoteVideoReward",
     "VIDEO_REWARDS",
     "VideoReward",
+    "check_video_inputs",
     "decode_videos",
     "frame_indices",
     "load_entry_point",

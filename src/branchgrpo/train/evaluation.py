@@ -1,4 +1,10 @@
-"""Held-out evaluation: fixed prompts and seeds, flat sampling, mean reward; image grids."""
+"""Held-out evaluation: fixed prompts and seeds, flat sampling, mean reward; sample grids.
+
+:func:`save_image_grid` writes images ``[N, C, H, W]`` as one PNG grid; given videos
+``[N, F, C, H, W]`` (what ``WanAdapter.decode`` returns) it writes :func:`save_video_grid`'s PNG
+strip of evenly spaced frames (one row per video) and an animated GIF of the whole grid next to it
+(PIL only: no imageio or ffmpeg).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +22,8 @@ from branchgrpo.tree.spec import TreeSpec
 
 @dataclass
 class EvalResult:
-    prompts: list[str]  # one per image
-    images: Tensor  # [P·S, C, H, W] in [0, 1], prompt-major
+    prompts: list[str]  # one per image (video)
+    images: Tensor  # [P·S, C, H, W] in [0, 1], prompt-major (videos: [P·S, F, C, H, W])
     rewards: Tensor  # [P·S] (a weighted list: the weighted sum of raw component scores)
     components: dict[str, Tensor] | None = None  # raw scores per component of a weighted list
 
@@ -94,10 +100,14 @@ def evaluate(generator: Generator, reward: RewardFn, prompts: list[str], config:
     return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=rewards)
 
 
-def save_image_grid(images: Tensor, path: Path, columns: int, min_cell: int = 64) -> Path:
-    """Write ``images [N, C, H, W]`` in [0, 1] as one PNG grid (small images upscaled, nearest)."""
-    from PIL import Image
+VIDEO_FPS = 16.0  # Wan2.1's frame rate: what a GIF of its videos plays at unless told otherwise
 
+
+def _grid_array(images: Tensor, columns: int, min_cell: int = 64, pad: int = 2):
+    """``images [N, C, H, W]`` in [0, 1] → one uint8 grid array ``[rows·(h+pad)+pad, columns·(w+pad)+pad(, C)]``.
+
+    Images smaller than ``min_cell`` pixels are upscaled by an integer factor (nearest); gaps are white.
+    """
     images = images.detach().float().clamp(0, 1).cpu()
     n, c, h, w = images.shape
     scale = max(1, min_cell // max(h, w))
@@ -106,14 +116,91 @@ def save_image_grid(images: Tensor, path: Path, columns: int, min_cell: int = 64
         h, w = h * scale, w * scale
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
-    pad = 2
     grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, columns)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    if c == 1:
-        array = array[..., 0]
+    return array[..., 0] if c == 1 else array
+
+
+def save_image_grid(images: Tensor, path: Path, columns: int, min_cell: int = 64, *, fps: float = VIDEO_FPS,
+                    video_frames: int = 4, video_max_cell: int | None = 256) -> Path:
+    """Write ``images [N, C, H, W]`` in [0, 1] as one PNG grid (small images upscaled, nearest).
+
+    Videos ``[N, F, C, H, W]`` go to :func:`save_video_grid` (a PNG of ``video_frames`` frames per
+    video and a GIF at ``fps`` beside it, frames shrunk to ``video_max_cell`` pixels on their long
+    side so that every evaluation's files stay small); the PNG's path is returned either way.
+    """
+    from PIL import Image
+
+    if images.ndim == 5:
+        return save_video_grid(images, path, columns, min_cell, fps=fps, frames=video_frames,
+                               max_cell=video_max_cell)[0]
+    if images.ndim != 4:
+        raise ValueError(
+            f"a sample grid needs images [N, C, H, W] or videos [N, F, C, H, W], got {tuple(images.shape)}"
+        )
+    array = _grid_array(images, columns, min_cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def strip_frames(num_frames: int, count: int) -> Tensor:
+    """``count`` evenly spaced frame indices of ``num_frames``, first and last included (all if fewer)."""
+    if count >= num_frames:
+        return torch.arange(num_frames)
+    if count == 1:
+        return torch.tensor([num_frames // 2])
+    return torch.linspace(0, num_frames - 1, count).round().long()
+
+
+def _shrink(images: Tensor, max_cell: int | None) -> Tensor:
+    """``images [N, C, H, W]`` scaled down (antialiased) so the long side is at most ``max_cell``."""
+    h, w = images.shape[-2:]
+    if not max_cell or max(h, w) <= max_cell:
+        return images
+    scale = max_cell / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
+def save_video_grid(videos: Tensor, path: Path, columns: int, min_cell: int = 64, *, fps: float = VIDEO_FPS,
+                    frames: int = 4, max_cell: int | None = None) -> tuple[Path, Path]:
+    """Write videos ``[N, F, C, H, W]`` in [0, 1] as a PNG frame strip and an animated GIF.
+
+    - ``path.with_suffix(".png")``: one row per video, ``frames`` evenly spaced frames of it
+      (:func:`strip_frames`: first and last included) left to right;
+    - ``path.with_suffix(".gif")``: ``F`` frames, frame ``t`` is the grid of every video's frame ``t``
+      laid out ``columns`` videos per row (as :func:`save_image_grid` lays out images); it loops,
+      each frame shown ``1/fps`` s (GIF timing is in 1/100 s, so 16 fps plays as 60 ms frames;
+      Pillow merges consecutive identical frames into one longer frame).
+
+    ``max_cell`` (None: full size) shrinks frames whose long side is larger (antialiased bilinear);
+    frames smaller than ``min_cell`` are enlarged (nearest), as in :func:`save_image_grid`.
+    Returns ``(png, gif)``.
+    """
+    from PIL import Image
+
+    if videos.ndim != 5:
+        raise ValueError(f"save_video_grid needs videos [N, F, C, H, W], got {tuple(videos.shape)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    videos = videos.detach()
+    num_frames = videos.shape[1]
+    png, gif = path.with_suffix(".png"), path.with_suffix(".gif")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    index = strip_frames(num_frames, frames).to(videos.device)
+    strip = videos.index_select(1, index)  # [N, K, C, H, W]
+    Image.fromarray(_grid_array(_shrink(strip.flatten(0, 1).cpu(), max_cell), strip.shape[1], min_cell)).save(png)
+    # one time step at a time: a batch of 480p videos is gigabytes in float32 already
+    pictures = [Image.fromarray(_grid_array(_shrink(videos[:, t].cpu(), max_cell), columns, min_cell))
+                for t in range(num_frames)]
+    pictures = [p.convert("RGB") for p in pictures]  # grey videos too: one palette conversion path
+    pictures[0].save(gif, save_all=True, append_images=pictures[1:], duration=max(10, round(1000.0 / fps)),
+                     loop=0, disposal=1)
+    return png, gif
