@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
+
+import torch
 
 
 class MetricsLogger:
@@ -76,3 +79,28 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric rows at or after ``iteration`` (written by a run killed after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        is_eval = "eval_reward" in row
+        if row.get("iteration", 0) < iteration or (is_eval and row.get("iteration", 0) <= iteration):
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of the process (CPU), in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux

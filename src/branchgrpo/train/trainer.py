@@ -25,7 +25,7 @@ from branchgrpo.config import to_dict
 from branchgrpo.train.config import TrainConfig, dump_config
 from branchgrpo.train.distributed import DistributedContext, place_like
 from branchgrpo.train.evaluation import evaluate, save_image_grid
-from branchgrpo.train.logging import MetricsLogger
+from branchgrpo.train.logging import MetricsLogger, peak_memory_gb, truncate_metrics
 from branchgrpo.train.weights import atomic_save_safetensors, save_weights
 from branchgrpo.tree.dump import save_tree
 from branchgrpo.tree.rollout import rollout
@@ -304,7 +304,7 @@ class Trainer:
             state = self.restore(resume_from)
             eval_start, eval_end = state.eval_reward_start, state.eval_reward_last
             if main:
-                _truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
+                truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
         if main:
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         logger = (
@@ -377,39 +377,12 @@ def _can_handle_signals() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric rows at or after ``iteration`` (written by a run killed after its checkpoint)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        is_eval = "eval_reward" in row
-        if row.get("iteration", 0) < iteration or (is_eval and row.get("iteration", 0) <= iteration):
-            kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-
-
 def _shard_root(generator: Generator) -> torch.nn.Module:
     """The module FSDP wraps: the transformer (of a LoRA run too: its frozen base is sharded as well)."""
     from branchgrpo.models.lora import LoraWeights
 
     trainable = generator.trainable
     return trainable.transformer if isinstance(trainable, LoraWeights) else trainable
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory (CUDA) or peak resident memory of the process (CPU), in GB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
 
 
 def train(config: TrainConfig) -> RunSummary:
