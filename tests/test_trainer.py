@@ -126,6 +126,27 @@ def test_bench_writes_table_for_every_method(tmp_path):
     assert "## Targets" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_equal_time_trains_every_method_to_the_reference_seconds(tmp_path):
+    from branchgrpo.bench import run_bench
+
+    methods = ["dancegrpo", "branchgrpo-mix"]
+    result = run_bench(
+        methods, iterations=1, eval_every=2, out_dir=tmp_path, equal_time=True,
+        overrides=["run.device=cpu", "data.prompts_per_iteration=1", "eval.samples_per_prompt=1", "tree.steps=6",
+                   "split_plan=0:2,2:2", "tree.sde_window.size=2"],
+        make_trainer=lambda config: Trainer(config, generator=tiny_generator(), reward=brightness_reward),
+    )
+    rows = {r["method"]: r for r in result["rows"]}
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert rows["dancegrpo"]["iterations"] == 1
+    for name in methods:
+        assert rows[name]["iterations"] >= 1
+        assert rows[name]["train_seconds"] >= rows["dancegrpo"]["train_seconds"] - 0.01
+        evals = saved["evals"][name]
+        assert evals[0][0] == 0 and evals[-1][0] == rows[name]["iterations"]  # the last iteration is evaluated
+        assert len(saved["per_iteration"][name]["iteration_times"]) == rows[name]["iterations"]
+
+
 def test_digits_config_file_equals_the_builtin_defaults():
     from pathlib import Path
 

@@ -32,7 +32,7 @@ class MethodRecord:
     method: str
     iteration_times: list[float] = field(default_factory=list)  # rollout + reward + train, per iteration
     phase_times: dict[str, list[float]] = field(default_factory=dict)
-    nfe: dict[str, float] = field(default_factory=dict)  # per leaf, averaged over iterations
+    nfe_sums: dict[str, float] = field(default_factory=dict)  # per leaf, summed over iterations
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, train seconds, reward)
     calls: dict[str, float] = field(default_factory=dict)  # absolute model calls summed over iterations
 
@@ -41,6 +41,11 @@ class MethodRecord:
         method's own iterations: phase seconds over the model calls that phase made."""
         return (sum(self.phase_times["rollout"]) / self.calls["rollout_calls"],
                 sum(self.phase_times["train"]) / max(self.calls["training_forwards"], 1.0))
+
+    @property
+    def nfe(self) -> dict[str, float]:
+        """Per-leaf NFE counts averaged over this method's iterations."""
+        return {k: v / len(self.iteration_times) for k, v in self.nfe_sums.items()}
 
     @property
     def train_seconds(self) -> float:
@@ -111,10 +116,14 @@ def run_bench(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     make_trainer=None,
+    equal_time: bool = False,
 ) -> dict:
     """Train every method for ``iterations`` interleaved iterations; write the result files.
 
-    Each method's config is ``config_file`` + its preset + ``overrides`` (the same for all).
+    Each method's config is ``config_file`` + its preset + ``overrides`` (the same for all). With
+    ``equal_time`` the methods then keep training, still interleaved, until each has spent the
+    reference's (``dancegrpo``'s) training seconds: rewards compare at equal wall-clock and
+    ``seconds_to_reference_final`` can be measured past the equal-iteration budget.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,28 +138,45 @@ def run_bench(
     records = {name: MethodRecord(name) for name in methods}
     for name, trainer in trainers.items():
         records[name].evals.append((0, 0.0, trainer._evaluate(f"{name}-start")))
-    for it in range(iterations):
-        for name, trainer in trainers.items():
-            metrics = trainer.step()
-            record = records[name]
-            record.iteration_times.append(metrics["time/iteration"])
-            for phase in ("encode", "rollout", "reward", "train"):
-                record.phase_times.setdefault(phase, []).append(metrics[f"time/{phase}"])
-            leaves = metrics["nfe/leaves"]
-            for key in ("rollout_calls", "trained_edges", "training_forwards"):
-                record.nfe[key] = record.nfe.get(key, 0.0) + metrics[f"nfe/{key}"] / leaves / iterations
-            # nfe/* are per prompt group; the model ran them for every group of this process
-            groups = metrics["nfe/rollout_calls_measured"] / metrics["nfe/rollout_calls"]
-            record.calls["rollout_calls"] = record.calls.get("rollout_calls", 0.0) + metrics["nfe/rollout_calls_measured"]
-            record.calls["training_forwards"] = (record.calls.get("training_forwards", 0.0)
-                                                 + metrics["nfe/training_forwards"] * groups)
-            if (it + 1) % eval_every == 0 or it + 1 == iterations:
-                record.evals.append((it + 1, record.train_seconds, trainer._evaluate(f"{name}-{it + 1}")))
+    reference = "dancegrpo" if "dancegrpo" in methods else methods[0]
+
+    def step(name: str) -> None:
+        trainer, record = trainers[name], records[name]
+        _record_step(record, trainer.step())
+        done = len(record.iteration_times)
+        if done % eval_every == 0:
+            record.evals.append((done, record.train_seconds, trainer._evaluate(f"{name}-{done}")))
+
+    for _ in range(iterations):
+        for name in methods:
+            step(name)
+    if equal_time:  # keep cheaper methods training (still interleaved) up to the reference's seconds
+        budget = records[reference].train_seconds
+        while behind := [n for n in methods if records[n].train_seconds < budget]:
+            for name in behind:
+                step(name)
+    for name in methods:  # a final evaluation where the last step was not an evaluation step
+        record, done = records[name], len(records[name].iteration_times)
+        if record.evals[-1][0] != done:
+            record.evals.append((done, record.train_seconds, trainers[name]._evaluate(f"{name}-{done}")))
     probe_costs = measure_unit_costs(next(iter(trainers.values())))
-    return write_results(records, methods, probe_costs, base, iterations, out_dir)
+    return write_results(records, methods, probe_costs, base, iterations, out_dir, equal_time)
 
 
-def write_results(records, methods, probe_costs, base, iterations, out_dir: Path) -> dict:
+def _record_step(record: MethodRecord, metrics: dict) -> None:
+    record.iteration_times.append(metrics["time/iteration"])
+    for phase in ("encode", "rollout", "reward", "train"):
+        record.phase_times.setdefault(phase, []).append(metrics[f"time/{phase}"])
+    leaves = metrics["nfe/leaves"]
+    for key in ("rollout_calls", "trained_edges", "training_forwards"):  # per-leaf sums; averaged when written
+        record.nfe_sums[key] = record.nfe_sums.get(key, 0.0) + metrics[f"nfe/{key}"] / leaves
+    # nfe/* are per prompt group; the model ran them for every group of this process
+    groups = metrics["nfe/rollout_calls_measured"] / metrics["nfe/rollout_calls"]
+    record.calls["rollout_calls"] = record.calls.get("rollout_calls", 0.0) + metrics["nfe/rollout_calls_measured"]
+    record.calls["training_forwards"] = record.calls.get("training_forwards", 0.0) + metrics["nfe/training_forwards"] * groups
+
+
+def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False) -> dict:
     """``ideal_ratio`` prices every method's model calls at the reference's own measured cost per
     call (its rollout seconds per rollout call, its training seconds per training forward), so
     ``measured_over_ideal`` isolates what the tree engine adds beyond its model calls compared with
@@ -174,6 +200,8 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         reach = r.seconds_to_reach(ref_final)
         rows.append({
             "method": name,
+            "iterations": len(r.iteration_times),
+            "train_seconds": round(r.train_seconds, 2),
             "nfe_old_per_leaf": round(r.nfe["rollout_calls"], 4),
             "nfe_train_per_leaf": round(r.nfe["training_forwards"], 4),
             "trained_edges_per_leaf": round(r.nfe["trained_edges"], 4),
@@ -202,6 +230,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "machine": f"{platform.machine()} {platform.node()} torch {torch.__version__} "
                    f"threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}",
         "iterations": iterations,
+        "equal_time": equal_time,
         "prompts_per_iteration": base.data.prompts_per_iteration,
         "model": base.model.family,
         "unit_cost_rollout_row_s": roll_cost,
@@ -216,7 +245,8 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "evals": {k: r.evals for k, r in records.items()},
                                                     "per_iteration": per_iteration}, indent=2))
     lines = [
-        f"# branchgrpo bench — {meta['model']} world, {iterations} interleaved iterations",
+        f"# branchgrpo bench — {meta['model']} world, {iterations} interleaved iterations"
+        + (f", then each method up to `{reference}`'s training seconds" if equal_time else ""),
         "",
         f"- date: {meta['date']}; machine: {meta['machine']}",
         f"- prompts per iteration: {meta['prompts_per_iteration']}; reference: `{reference}`",

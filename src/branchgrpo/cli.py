@@ -267,7 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--methods: unknown preset(s) {', '.join(unknown)}; available: {', '.join(list_presets())}")
     if args.iterations < 1 or args.eval_every < 1:
         raise CliError("--iterations and --eval-every must be >= 1")
-    result = run_bench(methods, args.iterations, args.eval_every, Path(args.out), args.config, args.overrides)
+    result = run_bench(methods, args.iterations, args.eval_every, Path(args.out), args.config, args.overrides,
+                       equal_time=args.equal_time)
     print((Path(args.out) / "bench.md").read_text())
     return 0 if result["rows"] else 1
 
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=16,
                    help="interleaved iterations per method (default 16: about 14 minutes on a quiet 2-core CPU)")
     p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--equal-time", action="store_true",
+                   help="after --iterations, keep cheaper methods training up to dancegrpo's training seconds")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every method")
     p.set_defaults(func=cmd_bench)
