@@ -66,6 +66,11 @@ class MethodRecord:
         return None
 
 
+def reference_method(methods: list[str]) -> str:
+    """What the ratios divide by: ``dancegrpo`` (tf = 1.0) when it ran, else the first method."""
+    return "dancegrpo" if "dancegrpo" in methods else methods[0]
+
+
 def measure_unit_costs(trainer: Trainer, repeats: int = 5) -> tuple[float, float]:
     """Seconds per rollout row (forward) and per training row (forward + backward) at the
     engine's micro-batch sizes, on the bench's own model."""
@@ -138,7 +143,7 @@ def run_bench(
     records = {name: MethodRecord(name) for name in methods}
     for name, trainer in trainers.items():
         records[name].evals.append((0, 0.0, trainer._evaluate(f"{name}-start")))
-    reference = "dancegrpo" if "dancegrpo" in methods else methods[0]
+    reference = reference_method(methods)
 
     def step(name: str) -> None:
         trainer, record = trainers[name], records[name]
@@ -182,7 +187,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     ``measured_over_ideal`` isolates what the tree engine adds beyond its model calls compared with
     the flat one. ``ideal_ratio_probe`` uses isolated full-micro-batch probes instead (shown for
     reference: warm-cache probes miss what real iterations pay, e.g. small early frontiers)."""
-    reference = "dancegrpo" if "dancegrpo" in records else methods[0]
+    reference = reference_method(methods)
     roll_cost, train_cost = records[reference].unit_costs()
 
     def ideal(record: MethodRecord, costs: tuple[float, float]) -> float:

@@ -140,8 +140,7 @@ def _load_run_generator(args: argparse.Namespace):
 def cmd_sample(args: argparse.Namespace) -> int:
     from branchgrpo.train.evaluation import sample, save_image_grid, save_video_grid
 
-    fps = getattr(args, "fps", 16.0)
-    frames = getattr(args, "frames", 4)
+    fps, frames = args.fps, args.frames
     if not fps > 0 or frames < 1:
         raise CliError("--fps must be > 0 and --frames >= 1")
     config, device, generator, _ = _load_run_generator(args)
@@ -153,7 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                        config.method.engine.rollout_micro_batch, device)
     if images.ndim == 5:  # videos [N, F, C, H, W] (wan): a PNG strip of frames and an animated GIF
         png, gif = save_video_grid(images, Path(args.out), columns=args.num, fps=fps, frames=frames,
-                                   max_cell=getattr(args, "max_size", None) or None)
+                                   max_cell=args.max_size or None)
         print(f"wrote {images.shape[0]} videos of {images.shape[1]} frames ({len(prompts)} prompts x {args.num}): "
               f"frames to {png}, animation ({fps:g} fps) to {gif}")
         return 0
