@@ -22,6 +22,7 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "imagereward": ("branchgrpo.rewards.imagereward:ImageReward", "ImageReward v1.0 (BLIP), standardised score"),
     "clip": ("branchgrpo.rewards.clip_rewards:ClipScoreReward", "CLIP score: 100 * cosine (transformers CLIPModel)"),
     "aesthetic": ("branchgrpo.rewards.clip_rewards:AestheticReward", "LAION aesthetic predictor v2 on CLIP ViT-L/14"),
+    "ocr": ("branchgrpo.rewards.ocr:OCRReward", "Flow-GRPO text rendering: 1 - edit distance/len of the quoted text"),
     "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
     "remote": ("branchgrpo.rewards.remote:RemoteReward", "a reward served over HTTP by python -m branchgrpo.rewards.server"),
     "frames": ("branchgrpo.rewards.video:FrameAveragedReward",
