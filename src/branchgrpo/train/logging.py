@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import resource
 import sys
 from pathlib import Path
@@ -39,7 +41,7 @@ class MetricsLogger:
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True)
 
     def log(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
+        self.file.write(metrics_line(metrics) + "\n")
         step = int(metrics["iteration"])
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -57,7 +59,7 @@ class MetricsLogger:
             )
 
     def log_eval(self, iteration: int, mean_reward: float) -> None:
-        self.file.write(json.dumps({"iteration": iteration, "eval_reward": mean_reward}) + "\n")
+        self.file.write(metrics_line({"iteration": iteration, "eval_reward": mean_reward}) + "\n")
         if self.writer is not None:
             self.writer.add_scalar("eval/reward", mean_reward, iteration)
         if self.wandb is not None:
@@ -79,6 +81,40 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def metrics_line(row: dict) -> str:
+    """One ``metrics.jsonl`` line, always strict JSON (RFC 8259 has no NaN or Infinity).
+
+    A non-finite float becomes ``null`` and its key (``a.b`` / ``a[0]`` when nested) is listed in
+    ``nonfinite_keys``; ``allow_nan=False`` makes anything that slips past this an error, not a line
+    that JSON readers reject.
+    """
+    nonfinite: list[str] = []
+    clean = _finite_or_null(row, "", nonfinite)
+    if nonfinite:
+        clean["nonfinite_keys"] = nonfinite
+    return json.dumps(clean, allow_nan=False)
+
+
+def _finite_or_null(value, key: str, nonfinite: list[str]):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # float, numpy floats
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        nonfinite.append(key)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{key}.{k}" if key else str(k), nonfinite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{key}[{i}]", nonfinite) for i, v in enumerate(value)]
+    return value  # anything else: json.dumps raises rather than writing something unreadable
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
