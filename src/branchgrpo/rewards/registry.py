@@ -25,6 +25,7 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "ocr": ("branchgrpo.rewards.ocr:OCRReward", "Flow-GRPO text rendering: 1 - edit distance/len of the quoted text"),
     "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
     "remote": ("branchgrpo.rewards.remote:RemoteReward", "a reward served over HTTP by python -m branchgrpo.rewards.server"),
+    "vlm": ("branchgrpo.rewards.vlm:VLMJudgeReward", "a VLM judge on an OpenAI-compatible server (vLLM, SGLang): pointwise or pairwise"),
     "frames": ("branchgrpo.rewards.video:FrameAveragedReward",
                "videos: an image reward (option image_reward) averaged over num_frames evenly spaced frames"),
     "videoalign": ("branchgrpo.rewards.video:videoalign_reward",
