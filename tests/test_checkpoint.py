@@ -22,7 +22,7 @@ COMMON = [
 
 def trainer(out, *overrides):
     config = load_train_config(None, "branchgrpo", [f"run.output_dir={out}", *COMMON, *overrides])
-    return Trainer(config, generator=tiny_generator(), reward=brightness_reward)
+    return Trainer(config, model=tiny_generator(), reward=brightness_reward)
 
 
 def train_rows(out):
@@ -87,8 +87,8 @@ def test_sigterm_finishes_the_iteration_writes_a_checkpoint_and_returns(tmp_path
 
 def test_ema_follows_the_closed_form(tmp_path):
     job = trainer(tmp_path, "run.iterations=1")
-    start = {k: v.detach().float().clone() for k, v in job.generator.trainable.state_dict().items()}
+    start = {k: v.detach().float().clone() for k, v in job.model.trainable.state_dict().items()}
     job.step()
-    now = job.generator.trainable.state_dict()
+    now = job.model.trainable.state_dict()
     for key in start:
         torch.testing.assert_close(job.ema[key], 0.9 * start[key] + 0.1 * now[key].float())

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def make(out, *overrides):
     config = load_train_config(None, "branchgrpo", [f"run.output_dir={out}", *COMMON, *overrides])
-    return Trainer(config, generator=tiny_generator(), reward=brightness_reward)
+    return Trainer(config, model=tiny_generator(), reward=brightness_reward)
 
 
 def _worker(rank, world, port, out, inject, overrides, factory):
@@ -38,7 +38,7 @@ def _worker(rank, world, port, out, inject, overrides, factory):
     torch.set_num_threads(1)
     job = factory(out, *overrides[rank])
     if inject == "nan_output" and rank == 1:
-        forward = job.generator.policy.forward
+        forward = job.model.policy.forward
         calls = {"n": 0}
 
         def poisoned(latents, sigmas, conditioning):
@@ -49,9 +49,9 @@ def _worker(rank, world, port, out, inject, overrides, factory):
                     return out_ * float("nan")
             return out_
 
-        job.generator.policy.forward = poisoned
+        job.model.policy.forward = poisoned
     if inject == "nan_grad" and rank == 1:
-        first = next(job.generator.trainable.parameters())
+        first = next(job.model.trainable.parameters())
         first.register_hook(lambda g: g * float("nan"))
     job.run()
     job.dist.close()

@@ -59,7 +59,7 @@ def make_lora(out, *overrides):
     config = load_train_config(None, "branchgrpo", [
         f"run.output_dir={out}", *COMMON, "model.lora.rank=4", "model.lora.alpha=8", "update.kl_coef=0.1", *overrides,
     ])
-    return Trainer(config, generator=generator, reward=brightness_reward)
+    return Trainer(config, model=generator, reward=brightness_reward)
 
 
 def test_lora_with_kl_on_two_fsdp_processes_equals_one_process(tmp_path):
@@ -126,9 +126,9 @@ def test_cpu_offload_runs_and_equals_the_plain_update(tmp_path, single_process_f
     assert job.dist.sharded
     metrics = job.step()
     assert metrics["optimizer_steps"] == 1
-    params = dict(job.generator.trainable.named_parameters())
+    params = dict(job.model.trainable.named_parameters())
     assert all(type(p).__name__ == "DTensor" and p.device.type == "cpu" for p in params.values())
-    for name, want in plain.generator.trainable.named_parameters():
+    for name, want in plain.model.trainable.named_parameters():
         torch.testing.assert_close(params[name].full_tensor(), want.detach(), rtol=1e-4, atol=1e-6)
 
 
@@ -136,7 +136,7 @@ def test_fsdp_bf16_compute_keeps_float32_master_shards(tmp_path, single_process_
     job = make(tmp_path, "run.iterations=1", "run.parallel=fsdp", "model.dtype=bfloat16")
     single_process_fsdp.append(job)
     job.step()
-    root = job.generator.trainable
+    root = job.model.trainable
     assert root.transformer_blocks[0]._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in root.parameters())
     states = [v for s in job.optimizer.state.values() for k, v in s.items() if k != "step"]
@@ -147,9 +147,9 @@ def test_fsdp_bf16_compute_keeps_float32_master_shards(tmp_path, single_process_
 
 def test_bf16_compute_keeps_float32_masters_and_optimizer_state(tmp_path):
     job = make(tmp_path, "run.iterations=1", "model.dtype=bfloat16")
-    assert job.generator.policy.compute_dtype == torch.bfloat16
+    assert job.model.policy.compute_dtype == torch.bfloat16
     job.step()
-    assert all(p.dtype == torch.float32 for p in job.generator.trainable.parameters())
+    assert all(p.dtype == torch.float32 for p in job.model.trainable.parameters())
     states = [v for s in job.optimizer.state.values() for k, v in s.items() if k != "step"]
     assert states and all(v.dtype == torch.float32 for v in states)
 

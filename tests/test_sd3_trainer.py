@@ -12,7 +12,7 @@ import torch
 
 from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora
 from branchgrpo.models.sd3 import SD3Adapter
-from branchgrpo.train.components import Generator
+from branchgrpo.families import PolicyBundle
 from branchgrpo.train.config import LoraConfig, load_train_config
 from branchgrpo.train.trainer import Trainer
 
@@ -37,12 +37,12 @@ def test_branchgrpo_run_with_cfg_lora_and_kl_logs_a_finite_kl_and_trains_only_lo
         "update.kl_coef=0.1", "update.updates_per_iteration=2", "update.learning_rate=1e-2",
     ])
     config.model.lora = LoraConfig(rank=4, alpha=8.0)  # the trainer's KL reference needs LoRA
-    generator = Generator(
+    generator = PolicyBundle(
         family="sd3", policy=adapter.velocity_model(), trainable=LoraWeights(adapter.transformer),
         latent_shape=adapter.latent_shape(), encode_prompts=adapter.encode_prompts, decode=adapter.decode,
         train_prompts=PROMPTS, heldout_prompts=PROMPTS[:1],
     )
-    trainer = Trainer(config, generator=generator, reward=brightness)
+    trainer = Trainer(config, model=generator, reward=brightness)
     assert trainer.reference is not None
 
     negative = adapter.encode_prompts([NEGATIVE], with_negative=False)["prompt_embeds"][0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from policies import tiny_flux, tiny_flux_conditioning
 
-from branchgrpo.train.components import Generator
+from branchgrpo.families import ModelFamily, PolicyBundle, register_family
 from branchgrpo.train.config import load_train_config
 from branchgrpo.train.trainer import PromptSampler, Trainer
 from branchgrpo.tree.dump import load_tree
@@ -15,7 +15,7 @@ from branchgrpo.tree.presets import TABLE1_PRESETS
 PROMPTS = ["red", "green", "blue"]
 
 
-def tiny_generator() -> Generator:
+def tiny_generator() -> PolicyBundle:
     policy, info = tiny_flux(seed=0)
     table = tiny_flux_conditioning(len(PROMPTS))
 
@@ -23,11 +23,24 @@ def tiny_generator() -> Generator:
         index = torch.tensor([PROMPTS.index(p) for p in prompts])
         return {k: v[index] for k, v in table.items()}
 
-    return Generator(
+    return PolicyBundle(
         family="tiny", policy=policy, trainable=policy.transformer, latent_shape=(info["tokens"], info["channels"]),
         encode_prompts=encode, decode=lambda x: x.mean(dim=-1, keepdim=True).unsqueeze(1).sigmoid(),
         train_prompts=PROMPTS, heldout_prompts=PROMPTS[:2],
     )
+
+
+class TinyFamily(ModelFamily):
+    """The tiny FLUX as a registered family, so a run's config.yaml can be loaded again."""
+
+    name = "tiny"
+    builtin_prompts = True
+
+    def build(self, config, device, dtype):
+        return tiny_generator()
+
+
+register_family(TinyFamily(), replace=True)
 
 
 def brightness_reward(images, prompts):
@@ -40,7 +53,7 @@ def make_trainer(tmp_path, preset, *overrides):
         "run.dump_tree_every=1", "data.prompts_per_iteration=2", "eval.samples_per_prompt=2", "tree.steps=6",
         "run.device=cpu", "update.updates_per_iteration=1", *overrides,
     ])
-    return Trainer(config, generator=tiny_generator(), reward=brightness_reward)
+    return Trainer(config, model=tiny_generator(), reward=brightness_reward)
 
 
 @pytest.mark.parametrize("preset", TABLE1_PRESETS)
@@ -51,9 +64,9 @@ def test_one_iteration_of_every_table1_preset(tmp_path, preset):
     if preset == "branchgrpo-deppru":
         overrides = overrides + ["depth_pruning.size=2"]
     trainer = make_trainer(tmp_path, preset, *overrides)
-    before = {k: v.clone() for k, v in trainer.generator.trainable.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.model.trainable.state_dict().items()}
     metrics = trainer.step()
-    after = trainer.generator.trainable.state_dict()
+    after = trainer.model.trainable.state_dict()
     assert metrics["iteration"] == 0 and trainer.iteration == 1
     assert metrics["nfe/rollout_calls_measured"] == metrics["nfe/rollout_calls"] * 2
     # before the first optimizer step the policy is the rollout policy: ratio 1 (SPEC §8)
@@ -102,7 +115,7 @@ def test_bench_writes_table_for_every_method(tmp_path):
     result = run_bench(
         methods, iterations=2, eval_every=1, out_dir=tmp_path,
         overrides=["run.device=cpu", "data.prompts_per_iteration=1", "eval.samples_per_prompt=1", "tree.steps=10"],
-        make_trainer=lambda config: Trainer(config, generator=tiny_generator(), reward=brightness_reward),
+        make_trainer=lambda config: Trainer(config, model=tiny_generator(), reward=brightness_reward),
     )
     with open(tmp_path / "bench.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -134,7 +147,7 @@ def test_bench_equal_time_trains_every_method_to_the_reference_seconds(tmp_path)
         methods, iterations=1, eval_every=2, out_dir=tmp_path, equal_time=True,
         overrides=["run.device=cpu", "data.prompts_per_iteration=1", "eval.samples_per_prompt=1", "tree.steps=6",
                    "split_plan=0:2,2:2", "tree.sde_window.size=2"],
-        make_trainer=lambda config: Trainer(config, generator=tiny_generator(), reward=brightness_reward),
+        make_trainer=lambda config: Trainer(config, model=tiny_generator(), reward=brightness_reward),
     )
     rows = {r["method"]: r for r in result["rows"]}
     saved = json.loads((tmp_path / "bench.json").read_text())

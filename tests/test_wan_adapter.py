@@ -26,7 +26,8 @@ from branchgrpo.models.wan import WanAdapter, WanFilesNotFoundError, WanVelocity
 from branchgrpo.rewards import RewardError, build_reward
 from branchgrpo.rewards.video import FrameAveragedReward, frame_indices
 from branchgrpo.sde import sigma_schedule
-from branchgrpo.train.components import Generator, check_reward_config
+from branchgrpo.families import PolicyBundle
+from branchgrpo.train.components import check_reward_config
 from branchgrpo.train.config import LoraConfig, load_train_config
 from branchgrpo.train.trainer import Trainer
 from branchgrpo.tree.rollout import rollout
@@ -370,8 +371,8 @@ def test_reward_config_matches_videos_to_video_rewards():
     configured = config("reward.name=videoalign")
     configured.reward.options = {"entry_point": "my_rewards:load"}  # no checkpoint needed: the hook's own business
     check_reward_config(configured)
-    with pytest.raises(ConfigError, match="model.num_frames"):
-        config("model.num_frames=32")
+    with pytest.raises(ConfigError, match="model.options.num_frames"):
+        config("model.options.num_frames=32")
 
 
 # -- BranchGRPO iterations for Wan through the Trainer --------------------------------------------
@@ -389,12 +390,12 @@ def wan_trainer(tmp_path, adapter: WanAdapter, reward, lora: LoraConfig | None =
         add_lora(adapter.transformer, LoraSpec(rank=lora.rank, alpha=lora.alpha,
                                                target_modules=default_target_modules(adapter.transformer)))
         trainable = LoraWeights(adapter.transformer)
-    generator = Generator(
+    generator = PolicyBundle(
         family="wan", policy=adapter.velocity_model(), trainable=trainable, latent_shape=adapter.latent_shape(),
         encode_prompts=adapter.encode_prompts, decode=adapter.decode, train_prompts=PROMPTS,
         heldout_prompts=PROMPTS[:1],
     )
-    return Trainer(config, generator=generator, reward=reward)
+    return Trainer(config, model=generator, reward=reward)
 
 
 def test_one_branchgrpo_iteration_for_wan_with_a_frame_averaged_reward(tmp_path):

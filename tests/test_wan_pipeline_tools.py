@@ -18,7 +18,7 @@ import torch
 from branchgrpo.cli import main
 from branchgrpo.rewards import CompositeReward, Reward, RewardSpecError, build_reward, group_normalize
 from branchgrpo.rewards.video import FrameAveragedReward
-from branchgrpo.train.components import build_generator, score_images
+from branchgrpo.train.components import build_policy, score_rewards
 from branchgrpo.train.config import load_train_config
 from branchgrpo.train.evaluation import VIDEO_FPS, evaluate, save_image_grid, save_video_grid, strip_frames
 
@@ -77,7 +77,7 @@ def test_trainer_evaluation_writes_a_frame_grid_png_and_an_animated_gif(tmp_path
     adapter = wan_tests.make_adapter(wan_tests.tiny_components(seed=3))
     trainer = wan_tests.wan_trainer(tmp_path, adapter, FrameAveragedReward(image_reward=brightness, num_frames=2))
     trainer.config.eval.samples_per_prompt = 2
-    trainer.generator.heldout_prompts = wan_tests.PROMPTS[:2]
+    trainer.model.heldout_prompts = wan_tests.PROMPTS[:2]
     assert trainer.config.run.sample_grid_every > 0  # the default; the Wan preset no longer turns it off
     mean = trainer.evaluate("iter_000000")
     assert 0 < mean < 1
@@ -86,7 +86,7 @@ def test_trainer_evaluation_writes_a_frame_grid_png_and_an_animated_gif(tmp_path
     assert png.is_file() and gif.is_file()
     # the same evaluation again (fixed seed): the videos that were written
     cpu = torch.device("cpu")
-    videos = evaluate(trainer.generator, trainer.reward, wan_tests.PROMPTS[:2], trainer.config, cpu).images
+    videos = evaluate(trainer.model, trainer.reward, wan_tests.PROMPTS[:2], trainer.config, cpu).images
     assert videos.shape == (4, FRAMES, 3, HEIGHT, WIDTH)
 
     strip = strip_frames(FRAMES, 4)
@@ -156,19 +156,18 @@ def test_save_video_grid_fps_frames_grey_and_errors(tmp_path):
 
 
 def write_config(path: Path, family: str, folder: Path, cache: Path, prompts: Path, extra: str = "") -> Path:
-    size = {"wan": f"height: {HEIGHT}\n  width: {WIDTH}\n  num_frames: {FRAMES}",
-            "sd3": f"height: {sd3_tests.IMAGE}\n  width: {sd3_tests.IMAGE}",
-            "flux": f"height: {flux_tests.IMAGE}\n  width: {flux_tests.IMAGE}"}[family]
-    guidance = {"wan": wan_tests.GUIDANCE, "sd3": sd3_tests.GUIDANCE, "flux": 3.5}[family]
+    size = {"wan": f"height: {HEIGHT}, width: {WIDTH}, num_frames: {FRAMES}",
+            "sd3": f"height: {sd3_tests.IMAGE}, width: {sd3_tests.IMAGE}",
+            "flux": f"height: {flux_tests.IMAGE}, width: {flux_tests.IMAGE}"}[family]
+    guidance = {"wan": f"guidance_scale: {wan_tests.GUIDANCE}, negative_prompt: '{wan_tests.NEGATIVE}'",
+                "sd3": f"guidance_scale: {sd3_tests.GUIDANCE}, negative_prompt: '{wan_tests.NEGATIVE}'",
+                "flux": "embedded_guidance: 3.5"}[family]
     path.write_text(f"""\
 model:
   family: {family}
   path: {folder}
-  {size}
-  guidance_scale: {guidance}
-  negative_prompt: "{wan_tests.NEGATIVE}"
+  options: {{{size}, {guidance}, max_sequence_length: {wan_tests.MAX_SEQ}}}
   prompt_cache_dir: {cache}
-  max_sequence_length: {wan_tests.MAX_SEQ}
 data:
   train_prompts: {prompts}
   heldout_prompts: {prompts}
@@ -246,7 +245,7 @@ def test_preprocess_fills_the_cache_that_training_reads(family, request, tmp_pat
     assert "encoded=0" in capsys.readouterr().out  # a second run finds everything cached
 
     config = load_train_config(config_file, None, [])
-    generator = build_generator(config, torch.device("cpu"))
+    generator = build_policy(config, torch.device("cpu"))
     adapter = generator.encode_prompts.__self__
     names = adapter.text_encoder_names
     assert all(getattr(adapter, name) is None for name in names)  # lazy: nothing loaded yet
@@ -262,7 +261,7 @@ def test_preprocess_fills_the_cache_that_training_reads(family, request, tmp_pat
 def test_preprocess_errors_are_clear(tmp_path, capsys):
     assert main(["preprocess", "model.family=digits", f"model.prompt_cache_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "model.family" in err and "digits" in err and "flux, sd3 or wan" in err and "Traceback" not in err
+    assert "model.family" in err and "digits" in err and "flux, sd3, wan" in err and "Traceback" not in err
     assert main(["preprocess", "model.family=wan"]) == 2
     assert "model.prompt_cache_dir" in capsys.readouterr().err
     prompts = tmp_path / "p.txt"
@@ -282,7 +281,7 @@ def test_weighted_list_of_video_rewards_scores_videos():
         "frames": {"image_reward": brightness, "num_frames": 2},
         "videoalign": {"entry_point": f"{MODULE}:motion_scorer_factory", "entry_options": {"scale": 2.0}},
     })
-    assert isinstance(reward, CompositeReward) and reward.input_kind == "videos"
+    assert isinstance(reward, CompositeReward) and reward.modality == "video"
     frames = videos[:, [1, 3]].flatten(2).mean(dim=(1, 2))  # frame_indices(5, 2)
     motion = motion_scorer_factory(scale=2.0)(videos, prompts)
     torch.testing.assert_close(reward(videos, prompts), frames + 0.5 * motion)
@@ -301,9 +300,9 @@ def test_weighted_list_of_video_rewards_scores_videos():
     group_ids = torch.tensor([0, 0, 1, 1])
     whole = grouped.score(videos, prompts, group_ids).total
     # the trainer's path: components in reward batches of 1 video, normalised once per group
-    total, parts = score_images(grouped, videos, prompts, group_ids, batch_size=1)
-    torch.testing.assert_close(total, whole)
-    assert set(parts) == {"frames", "videoalign"}
+    scored = score_rewards(grouped, videos, prompts, group_ids, batch_size=1)
+    torch.testing.assert_close(scored.total, whole)
+    assert set(scored.components) == {"frames", "videoalign"}
     z_frames, z_motion = group_normalize(frames, group_ids), group_normalize(motion / 2.0, group_ids)
     assert z_frames.abs().min() > 0.7  # pairs: z = ±1/√2, so the weights act on both components
     torch.testing.assert_close(whole, z_frames + 0.5 * z_motion)
@@ -321,7 +320,7 @@ def test_mixing_image_and_video_rewards_is_refused():
         CompositeReward({"frames": FrameAveragedReward(image_reward=brightness), "bright": ImageBrightness()},
                         {"frames": 1.0, "bright": 1.0})
     images = CompositeReward({"bright": ImageBrightness(), "again": ImageBrightness()}, {"bright": 1.0, "again": 1.0})
-    assert images.input_kind == "images"
+    assert images.modality == "image"
     with pytest.raises(ValueError, match=r"images must be a tensor \[B, C, H, W\]"):
         images(torch.rand(2, 5, 3, 4, 4), ["a", "b"])
     torch.testing.assert_close(images(torch.full((2, 3, 4, 4), 0.25), ["a", "b"]), torch.full((2,), 0.5))

@@ -74,7 +74,7 @@ def reference_method(methods: list[str]) -> str:
 def measure_unit_costs(trainer: Trainer, repeats: int = 5) -> tuple[float, float]:
     """Seconds per rollout row (forward) and per training row (forward + backward) at the
     engine's micro-batch sizes, on the bench's own model."""
-    gen, method = trainer.generator, trainer.config.method
+    gen, method = trainer.model, trainer.config.method
     prompts = gen.train_prompts[:1]
     cond = gen.encode_prompts(prompts)
     rows_roll, rows_train = method.engine.rollout_micro_batch, method.engine.train_micro_batch

@@ -78,8 +78,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name in list_presets():
-        print(name)
+    from branchgrpo.families import available_families
+    from branchgrpo.train.config import family_defaults
+    from branchgrpo.tree.presets import preset_description
+
+    names = list_presets()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}")
+    print("\nmodel families add their recommended method settings on top of any preset (a config file or "
+          "override wins):")
+    for family in available_families():
+        defaults = family_defaults(family)
+        print(f"  {family}: " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"))
+    return 0
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from branchgrpo.families import available_families, get_family
+
+    families = available_families()
+    width = max(len(n) for n in families)
+    for name, description in families.items():
+        print(f"{name:<{width}}  {get_family(name).modality:<5}  {description}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from branchgrpo.config_reference import reference_markdown, reference_text
+
+    print(reference_markdown() if args.markdown else reference_text(args.family), end="" if args.markdown else "\n")
     return 0
 
 
@@ -117,24 +145,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_generator(args: argparse.Namespace):
-    from branchgrpo.train.components import build_generator, build_reward, resolve_device
+def _load_run_policy(args: argparse.Namespace, with_reward: bool = True):
+    """The run's (or config's) policy with the chosen weights, and its reward; all checks first."""
+    from branchgrpo.train.components import build_policy, build_reward, resolve_device, validate_job
     from branchgrpo.train.weights import load_weights
 
     config = _train_config(args)
-    device = resolve_device(config.run.device)
-    generator = build_generator(config, device)
+    validate_job(config, custom_reward=not with_reward)
     weights = args.weights
     if weights is None and args.run is not None:
         name = "ema.safetensors" if getattr(args, "ema", False) else "model.safetensors"
         weights = Path(args.run) / "weights" / name
         if getattr(args, "ema", False) and not weights.is_file():
             raise CliError(f"{weights} does not exist: the run kept no EMA (train with run.ema_decay=0.995)")
+    if weights is not None and not Path(weights).is_file():
+        raise CliError(f"weights file {weights} does not exist")
+    device = resolve_device(config.run.device)
+    bundle = build_policy(config, device)
     if weights is not None:
-        if not Path(weights).exists():
-            raise CliError(f"weights file {weights} does not exist")
-        load_weights(generator.trainable, weights)
-    return config, device, generator, build_reward(config, generator, device)
+        load_weights(bundle.trainable, weights)
+    reward = build_reward(config, bundle, device) if with_reward else None
+    return config, device, bundle, reward
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -143,12 +174,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     fps, frames = args.fps, args.frames
     if not fps > 0 or frames < 1:
         raise CliError("--fps must be > 0 and --frames >= 1")
-    config, device, generator, _ = _load_run_generator(args)
-    prompts = args.prompt or generator.heldout_prompts
+    config, device, bundle, _ = _load_run_policy(args, with_reward=False)
+    prompts = args.prompt or bundle.heldout_prompts
     if not prompts:
         raise CliError("no prompts: pass --prompt TEXT (repeatable)")
     eta = config.method.tree.eta if args.eta is None else args.eta
-    images, _ = sample(generator, prompts, args.num, config.method.tree, eta, args.seed,
+    images, _ = sample(bundle, prompts, args.num, config.method.tree, eta, args.seed,
                        config.method.engine.rollout_micro_batch, device)
     if images.ndim == 5:  # videos [N, F, C, H, W] (wan): a PNG strip of frames and an animated GIF
         png, gif = save_video_grid(images, Path(args.out), columns=args.num, fps=fps, frames=frames,
@@ -164,10 +195,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from branchgrpo.train.evaluation import evaluate
 
-    config, device, generator, reward = _load_run_generator(args)
+    config, device, bundle, reward = _load_run_policy(args)
     if args.samples is not None:
         config.eval.samples_per_prompt = args.samples
-    result = evaluate(generator, reward, generator.heldout_prompts, config, device)
+    result = evaluate(bundle, reward, bundle.heldout_prompts, config, device)
     rows = result.per_prompt()
     means = result.means()
     columns = list(means)
@@ -182,61 +213,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from branchgrpo.models.export import export_full, export_lora
+    from branchgrpo.families import get_family
+    from branchgrpo.models.export import export_lora
 
-    config, _, generator, _ = _load_run_generator(args)
+    config, _, bundle, _ = _load_run_policy(args, with_reward=False)
     out = Path(args.out)
     if config.model.lora is not None:
         target = out if out.suffix == ".safetensors" else out / "lora.safetensors"
-        path = export_lora(generator.policy.transformer, target)
+        path = export_lora(bundle.policy.transformer, target)
         print(f"wrote LoRA {path}; load it with pipe.load_lora_weights({str(path)!r})")
         return 0
-    transformer = generator.policy.transformer
-    if config.model.family == "digits":
-        transformer.save_pretrained(out, safe_serialization=True)
-        print(f"wrote {out} (FluxTransformer2DModel.from_pretrained({str(out)!r}))")
-        return 0
-    path = export_full(transformer, config.model.path, out, link=args.link)
-    print(f"wrote pipeline folder {path}; load it with DiffusionPipeline.from_pretrained({str(path)!r})")
+    print(get_family(config.model.family).export(bundle, config, out, args.link))
     return 0
 
 
-def _prompt_encoder(config, device):
-    """The ``model.family`` adapter with only its text encoders (loaded now) and tokenizers, built
-    as training builds it (same source, dtype, ``max_sequence_length``, negative prompt), so the
-    cache identity it writes is the one training reads."""
-    from branchgrpo.train.components import _weights_dtype
-
-    model = config.model
-    if model.path is None:
-        raise ConfigError("model.path", f"preprocess loads the {model.family} text encoders: set model.path to the "
-                          "diffusers folder (or hub id) training uses")
-    common = dict(dtype=_weights_dtype(config, device), device=device, load_transformer=False, load_vae=False,
-                  text_encoders="load", max_sequence_length=model.max_sequence_length,
-                  prompt_cache_dir=model.prompt_cache_dir)
-    if model.family == "flux":
-        from branchgrpo.models.loading import load_flux_adapter
-
-        return load_flux_adapter(model.path, **common)
-    if model.family == "sd3":
-        from branchgrpo.models.sd3 import load_sd3_adapter
-
-        return load_sd3_adapter(model.path, negative_prompt=model.negative_prompt, **common)
-    if model.family == "wan":
-        from branchgrpo.models.wan import load_wan_adapter
-
-        return load_wan_adapter(model.path, negative_prompt=model.negative_prompt, **common)
-    raise ConfigError("model.family", f"preprocess fills the prompt-embedding cache of flux, sd3 and wan; "
-                      f"model.family={model.family} has no text encoder to cache")
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from branchgrpo.train.components import _weights_dtype, read_prompt_file, resolve_device
+    from branchgrpo.families import get_family
+    from branchgrpo.train.components import read_prompt_file, resolve_device, weights_dtype
 
     config = _train_config(args)
-    if config.model.family == "digits":
-        raise ConfigError("model.family", "the digits world encodes its prompts itself and has no prompt cache; "
-                          "preprocess is for model.family=flux, sd3 or wan")
+    family = get_family(config.model.family)
+    if not family.prompt_cache:
+        raise ConfigError("model.family", f"the {family.name} family encodes its prompts itself and has no prompt "
+                          "cache; preprocess is for families with text encoders (e.g. flux, sd3, wan)")
     if config.model.prompt_cache_dir is None:
         raise CliError("set model.prompt_cache_dir=FOLDER: where the prompt embeddings are stored")
     prompts = []
@@ -246,13 +245,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if not prompts:
         raise CliError("no prompt files: set data.train_prompts (and data.heldout_prompts)")
     device = resolve_device(config.run.device)
-    adapter = _prompt_encoder(config, device)
-    # the adapter's own preprocess_prompts also caches the negative prompt (sd3, wan: CFG)
-    report = adapter.preprocess_prompts(prompts, config.model.prompt_cache_dir)
+    dtype = weights_dtype(config, device)
+    encoder = family.prompt_encoder(config, device, dtype)
+    # the adapter's own preprocess_prompts also caches the negative prompt (classifier-free guidance)
+    report = encoder.preprocess_prompts(prompts, config.model.prompt_cache_dir)
     print(report)
-    dtype = str(_weights_dtype(config, device)).replace("torch.", "")
-    print(f"{config.model.family} prompt embeddings ({dtype}, as training on {device} computes them) are in "
-          f"{report.cache_directory}")
+    print(f"{family.name} prompt embeddings ({str(dtype).replace('torch.', '')}, as training on {device} computes "
+          f"them) are in {report.cache_directory}")
     return 0
 
 
@@ -354,8 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("presets", help="list the method presets")
+    p = sub.add_parser("presets", help="list the method presets (and the model families' recommended settings)")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("families", help="list the model families (model.family)")
+    p.set_defaults(func=cmd_families)
+
+    p = sub.add_parser("config", help="every config key with its type, default and help")
+    p.add_argument("--family", help="show this model family's model.options keys instead")
+    p.add_argument("--markdown", action="store_true", help="the whole reference as markdown (docs/config.md)")
+    p.set_defaults(func=cmd_config)
     return parser
 
 
@@ -365,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, CliError, FileNotFoundError) as err:
-        print(f"branchgrpo: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"branchgrpo: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("branchgrpo: interrupted", file=sys.stderr)

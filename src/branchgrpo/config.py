@@ -24,6 +24,19 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration mistakes found together; ``str(err)`` has one line per problem."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = list(errors)
+        if len(self.errors) == 1:
+            only = self.errors[0]
+            super().__init__(only.field, str(only).split(": ", 1)[-1] if only.field else str(only))
+        else:
+            ValueError.__init__(self, "\n".join(str(e) for e in self.errors))
+            self.field = ", ".join(e.field for e in self.errors)
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -209,14 +222,22 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any], cls: type | None =
     Without it every nested mapping merges.
     """
     hints = _hints(cls) if cls is not None else {}
+    deep = _deep_merged_fields(cls) if cls is not None else set()
     out = dict(base)
     for key, value in update.items():
         section = _section_type(hints[key]) if key in hints else None
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and (cls is None or section):
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and (cls is None or section or key in deep):
             out[key] = merge(out[key], value, section)
         else:
             out[key] = value
     return out
+
+
+def _deep_merged_fields(cls: type) -> set[str]:
+    """Mapping fields marked ``metadata={"merge": "deep"}`` (option bags) merge key by key."""
+    if not dataclasses.is_dataclass(cls):
+        return set()
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("merge") == "deep"}
 
 
 def _section_type(tp: Any) -> type | None:
@@ -248,6 +269,9 @@ def resolve_key(cls: type, key: str) -> str:
     paths = field_paths(cls)
     if key in paths:
         return key
+    for path, tp in paths.items():  # a key inside an option bag: model.options.height
+        if get_origin(tp) is dict and key.startswith(path + "."):
+            return key
     matches = [p for p in paths if p.endswith("." + key)]
     if len(matches) == 1:
         return matches[0]
@@ -269,8 +293,12 @@ def parse_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         path = resolve_key(cls, key.strip())
         value: Any = raw
-        if raw.strip().startswith(("{", "[")):
-            value = load_yaml(raw)
+        if raw.strip().startswith(("{", "[")) or path not in field_paths(cls):
+            # YAML for structures, and for values inside an option bag (typed later by their owner)
+            try:
+                value = load_yaml(raw)
+            except yaml.YAMLError as err:
+                raise ConfigError(path, f"cannot read {raw!r} as a value: {str(err).splitlines()[0]}") from None
         node = nested
         *parents, leaf = path.split(".")
         for part in parents:

@@ -100,6 +100,9 @@ class Reward:
     """
 
     name: str = "reward"
+    modality: str = "image"  # "image": [B, C, H, W]; "video": [B, F, C, H, W]
+    needs_checkpoint: bool | None = None  # None: as the factory's checkpoint parameter says (registry)
+    needs_groups: bool = False  # True: scores depend on the whole prompt group (pairwise judges); scored unbatched
     input_channels: int | None = 3  # None: any channel count (e.g. the remote client)
     clamp_inputs: bool = True  # decoded images may overshoot [0, 1] slightly; upstream PIL paths clamp
 
@@ -150,10 +153,61 @@ class Reward:
             raise RewardError(f"reward {self.name!r} returned {scores.shape[0]} scores for {images.shape[0]} images")
         return scores.to(images.device)
 
+    # -- the one contract the trainer uses: components per batch, combined once per iteration --
+    def components(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Raw scores ``{component: [B]}`` of a batch (a single reward has one component, itself)."""
+        return {self.name: self(images, prompts)}
+
+    def combine(self, components: Mapping[str, Tensor], group_ids: Tensor | None = None) -> RewardOutput:
+        """The total from every batch's :meth:`components` (a weighted list normalises here, per group)."""
+        return RewardOutput(total=components[self.name], components=dict(components))
+
+    def raw_total(self, components: Mapping[str, Tensor]) -> Tensor:
+        """The total without any normalisation (absolute scores, for held-out evaluation)."""
+        return components[self.name]
+
     def score(self, images: Tensor, prompts: Sequence[str], group_ids: Tensor | None = None) -> RewardOutput:
-        """:class:`RewardOutput` with ``components = {name: scores}`` (``group_ids`` unused here)."""
-        total = self(images, prompts)
-        return RewardOutput(total=total, components={self.name: total})
+        """:class:`RewardOutput` of one call: the total and every named component."""
+        return self.combine(self.components(images, prompts), group_ids)
+
+
+class FunctionReward(Reward):
+    """A plain ``fn(images, prompts) -> [B]`` behind the :class:`Reward` contract (any input shape)."""
+
+    input_channels = None
+    clamp_inputs = False
+
+    def __init__(self, fn, name: str = "custom", modality: str = "image"):
+        super().__init__("cpu", "float32")
+        self.fn = fn
+        self.name = name
+        self.modality = modality
+
+    def check_inputs(self, images: Tensor, prompts: Sequence[str]) -> list[str]:
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"reward {self.name!r}: got {images.shape[0]} inputs but {len(prompts)} prompts")
+        return prompts
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        return images
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        prompts = self.check_inputs(images, prompts)
+        with torch.no_grad():
+            scores = torch.as_tensor(self.fn(images, prompts)).detach().reshape(-1).float()
+        if scores.shape[0] != images.shape[0]:
+            raise RewardError(f"reward {self.name!r} returned {scores.shape[0]} scores for {images.shape[0]} inputs")
+        return scores.to(images.device)
+
+
+def as_reward(reward, name: str | None = None, modality: str = "image") -> Reward:
+    """``reward`` itself if it is a :class:`Reward`, else a plain callable wrapped in :class:`FunctionReward`."""
+    if isinstance(reward, Reward):
+        return reward
+    if not callable(reward):
+        raise TypeError(f"a reward is a Reward or a callable (images, prompts) -> [B], got {type(reward).__name__}")
+    return FunctionReward(reward, name=name or getattr(reward, "__name__", "custom"), modality=modality)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ leaves of one prompt tree) before weighting makes the weights mean what they say
 ``(r - mean) / (std + 1e-8)``, and 0 for a group of one image or with ``std < 1e-6``.
 
 A weighted list scores images ``[B, C, H, W]`` or, when every component is a video reward
-(``input_kind = "videos"``: ``frames``, ``videoalign``), videos ``[B, F, C, H, W]``; a list that
+(``modality = "video"``: ``frames``, ``videoalign``), videos ``[B, F, C, H, W]``; a list that
 mixes the two is refused when it is built.
 """
 
@@ -106,7 +106,7 @@ class CompositeReward(Reward):
 
     name = "composite"
     input_channels = None
-    input_kind = "images"  # "videos" when every component scores videos
+    modality = "image"  # "video" when every component scores videos
 
     def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float], normalize: Normalize = "none"):
         if not rewards:
@@ -122,23 +122,23 @@ class CompositeReward(Reward):
         self.name = ",".join(f"{k}:{self.weights[k]:g}" for k in self.rewards)
         channels = {r.input_channels for r in self.rewards.values()} - {None}
         self.input_channels = channels.pop() if len(channels) == 1 else None
-        kinds = {name: getattr(r, "input_kind", "images") for name, r in self.rewards.items()}
-        videos = sorted(name for name, kind in kinds.items() if kind == "videos")
-        images = sorted(name for name, kind in kinds.items() if kind != "videos")
+        kinds = {name: getattr(r, "modality", "image") for name, r in self.rewards.items()}
+        videos = sorted(name for name, kind in kinds.items() if kind == "video")
+        images = sorted(name for name, kind in kinds.items() if kind != "video")
         if videos and images:
             raise RewardSpecError(
                 f"reward list {self.name!r} mixes video rewards ({', '.join(videos)}: videos [B, F, C, H, W]) and "
                 f"image rewards ({', '.join(images)}: images [B, C, H, W]); a weighted list scores one or the other. "
                 "For videos, average an image reward over frames with 'frames' (option image_reward=NAME)"
             )
-        self.input_kind = "videos" if videos else "images"
+        self.modality = "video" if videos else "image"
 
     def __repr__(self) -> str:
         return f"CompositeReward({self.name!r}, normalize={self.normalize!r})"
 
     def check_inputs(self, images: Tensor, prompts: Sequence[str]) -> list[str]:
         """Images ``[B, C, H, W]``, or videos ``[B, F, C, H, W]`` when every component scores videos."""
-        if self.input_kind == "videos":
+        if self.modality == "video":
             from branchgrpo.rewards.video import check_video_inputs
 
             return check_video_inputs(self, images, prompts)
@@ -172,6 +172,10 @@ class CompositeReward(Reward):
             normalized[name] = norm
             total = total + self.weights[name] * norm
         return RewardOutput(total=total, components={k: components[k] for k in self.rewards}, normalized=normalized)
+
+    def raw_total(self, components: Mapping[str, Tensor]) -> Tensor:
+        """``Σ_k w_k · r_k`` of the raw scores (no normalisation)."""
+        return sum(self.weights[name] * components[name].float() for name in self.rewards)
 
     def score(self, images: Tensor, prompts: Sequence[str], group_ids: Tensor | None = None) -> RewardOutput:
         prompts = self.check_inputs(images, prompts)

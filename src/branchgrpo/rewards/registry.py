@@ -33,17 +33,113 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
 }
 
 
+# What a reward declares beyond its factory: the modality it scores, whether it needs a checkpoint,
+# and the model families it is limited to. Rewards registered later may declare them as class
+# attributes (``modality``, ``needs_checkpoint``) or as arguments of :func:`register_reward`.
+_META: dict[str, dict[str, Any]] = {
+    "hps": {"modality": "image", "needs_checkpoint": True},
+    "pickscore": {"modality": "image", "needs_checkpoint": True},
+    "imagereward": {"modality": "image", "needs_checkpoint": True},
+    "clip": {"modality": "image", "needs_checkpoint": True},
+    "aesthetic": {"modality": "image", "needs_checkpoint": True},
+    "digits": {"modality": "image", "needs_checkpoint": False, "families": ("digits",)},
+    "remote": {"modality": "image", "needs_checkpoint": False},
+    "frames": {"modality": "video", "needs_checkpoint": None},  # None: as its image_reward option's reward
+    "videoalign": {"modality": "video", "needs_checkpoint": False},
+}
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    """What a registered reward declares: checked against a job's config before anything loads."""
+
+    name: str
+    description: str
+    modality: str  # "image" ([B, C, H, W]) or "video" ([B, F, C, H, W])
+    needs_checkpoint: bool | None  # None: decided by its options (the frames reward)
+    families: tuple[str, ...] | None  # model families it scores (None: any)
+    options: tuple[str, ...] | None  # keyword options its factory takes (None: any)
+
+
 def available_rewards() -> dict[str, str]:
     """``{name: description}`` of every registered reward."""
     return {name: desc for name, (_, desc) in _REGISTRY.items()}
 
 
-def register_reward(name: str, factory: str | Callable[..., Reward], description: str = "") -> None:
+def register_reward(
+    name: str,
+    factory: str | Callable[..., Reward],
+    description: str = "",
+    *,
+    modality: str | None = None,
+    needs_checkpoint: bool | None = None,
+    families: Sequence[str] | None = None,
+) -> None:
     """Register ``factory(checkpoint=..., device=..., dtype=..., **options) -> Reward`` under ``name``
-    (or ``"module:Class"``, imported on first build)."""
+    (or ``"module:Class"``, imported on first use). ``modality`` (``"image"``/``"video"``) and
+    ``needs_checkpoint`` default to the factory's class attributes, else to ``"image"`` and to whether
+    its ``checkpoint`` parameter lacks a default. Then ``reward.name=<name>`` works in configs."""
     if not name or "," in name or ":" in name:
         raise ValueError(f"reward name {name!r} must be non-empty without ',' or ':'")
+    if modality not in (None, "image", "video"):
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
     _REGISTRY[name] = (factory, description)
+    meta = {"modality": modality, "needs_checkpoint": needs_checkpoint,
+            "families": tuple(families) if families is not None else None}
+    _META[name] = {k: v for k, v in meta.items() if v is not None}
+
+
+def factory_module(name: str) -> str | None:
+    """The module that provides the registered reward ``name`` (None when not registered)."""
+    if name not in _REGISTRY:
+        return None
+    target = _REGISTRY[name][0]
+    return target.partition(":")[0] if isinstance(target, str) else getattr(target, "__module__", None)
+
+
+def reward_info(name: str) -> RewardInfo:
+    """The declarations of the registered reward ``name`` (imports its module, loads nothing)."""
+    factory = _factory(name)
+    meta = dict(_META.get(name, {}))
+    modality = meta.get("modality") or getattr(factory, "modality", None) or "image"
+    if "needs_checkpoint" in meta:
+        needs = meta["needs_checkpoint"]
+    elif isinstance(getattr(factory, "needs_checkpoint", None), bool):
+        needs = factory.needs_checkpoint
+    else:
+        needs = _checkpoint_required(factory)
+    return RewardInfo(name=name, description=_REGISTRY[name][1], modality=modality, needs_checkpoint=needs,
+                      families=meta.get("families"), options=_option_names(factory))
+
+
+def _checkpoint_required(factory: Callable[..., Any]) -> bool:
+    """True when the factory's ``checkpoint`` parameter has no default (or it takes none at all: False)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    param = params.get("checkpoint")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _option_names(factory: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The keyword options a factory accepts (None: it takes ``**options`` and names none)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed: set[str] = set()
+        for klass in getattr(factory, "__mro__", ()):
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                allowed |= {k for k, p in inspect.signature(init).parameters.items()
+                            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not allowed:
+            return None
+    else:
+        allowed = {k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return tuple(sorted(allowed - {"self", "checkpoint", "device", "dtype"}))
 
 
 def _factory(name: str) -> Callable[..., Reward]:
@@ -59,27 +155,13 @@ def _factory(name: str) -> Callable[..., Reward]:
 
 
 def _check_options(name: str, factory: Callable[..., Reward], options: Mapping[str, Any]) -> None:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
+    allowed = _option_names(factory)
+    if allowed is None:
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        # the named parameters of the classes up the MRO are the allowed ones
-        allowed = set()
-        for klass in getattr(factory, "__mro__", ()):
-            init = klass.__dict__.get("__init__")
-            if init is not None:
-                allowed |= {k for k, p in inspect.signature(init).parameters.items()
-                            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        if not allowed:
-            return
-    else:
-        allowed = {k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    allowed -= {"self", "checkpoint", "device", "dtype"}
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise RewardError(
-            f"reward {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(allowed)) or '(none)'}"
+            f"reward {name!r} has no option {unknown[0]!r}; its options: {', '.join(allowed) or '(none)'}"
         )
 
 

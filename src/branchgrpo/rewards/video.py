@@ -61,12 +61,12 @@ def check_video_inputs(reward: Reward, videos: Tensor, prompts: Sequence[str]) -
 class VideoReward(Reward):
     """Base class of video rewards: inputs are ``[B, F, C, H, W]`` in ``[0, 1]``, one prompt per video.
 
-    ``input_kind = "videos"`` is how a weighted list (:class:`~branchgrpo.rewards.CompositeReward`)
+    ``modality = "video"`` is how a weighted list (:class:`~branchgrpo.rewards.CompositeReward`)
     tells video rewards from image rewards; a video reward not derived from this class sets it too.
     """
 
     input_channels: int | None = 3
-    input_kind = "videos"
+    modality = "video"
 
     def check_inputs(self, videos: Tensor, prompts: Sequence[str]) -> list[str]:
         return check_video_inputs(self, videos, prompts)

@@ -1,33 +1,21 @@
-"""Build the trainer's parts from config: the generator bundle, the reward, the prompts."""
+"""Build the trainer's parts from config, through the family and reward registries.
+
+:func:`validate_job` checks everything that can be checked without loading a model and reports
+every problem at once; :func:`build_policy` and :func:`build_reward` then load; :func:`score_rewards`
+is the one path by which leaves (training and evaluation) are scored.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from branchgrpo.config import ConfigError
+from branchgrpo.config import ConfigError, ConfigErrors
+from branchgrpo.families import PolicyBundle, get_family
+from branchgrpo.rewards.base import Reward, RewardError, RewardOutput, as_reward
 from branchgrpo.train.config import TrainConfig
-
-RewardFn = Callable[[Tensor, list[str]], Tensor]
-
-
-@dataclass
-class Generator:
-    """What the trainer needs of a model family (thin, so FLUX and the digits world look alike)."""
-
-    family: str
-    policy: torch.nn.Module  # VelocityModel; its trainable parameters are what GRPO updates
-    trainable: torch.nn.Module  # the module whose state dict is saved (the transformer)
-    latent_shape: tuple[int, ...]
-    encode_prompts: Callable[[list[str]], dict[str, Tensor]]
-    decode: Callable[[Tensor], Tensor]  # leaf x̂0 latents → [0, 1] images [B, C, H, W] (wan: videos [B, F, C, H, W])
-    train_prompts: list[str]
-    heldout_prompts: list[str]
-    builtin_reward: RewardFn | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,61 +32,15 @@ def read_prompt_file(path: str, field: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(field, f"prompt file {file} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(field, f"prompt file {file} is not UTF-8 text (byte {err.start})") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ConfigError(field, f"prompt file {file} holds no prompts (one prompt per line)")
     return prompts
-
-
-def build_generator(config: TrainConfig, device: torch.device) -> Generator:
-    """The model family named by ``model.family`` on ``device``."""
-    model = config.model
-    if model.family == "digits":
-        from branchgrpo.worlds.digits import DigitsWorld
-
-        if model.path is not None and not Path(model.path).exists():
-            raise ConfigError("model.path", f"generator weights {model.path} do not exist (a .safetensors file)")
-        world = DigitsWorld.load(device=device, generator_weights=model.path)
-        generator = Generator(
-            family="digits",
-            policy=world.policy,
-            trainable=world.policy.transformer,
-            latent_shape=tuple(world.latent_shape),
-            encode_prompts=world.encode_prompts,
-            decode=world.decode,
-            train_prompts=list(world.train_prompts),
-            heldout_prompts=list(world.heldout_prompts),
-            builtin_reward=world.reward,
-        )
-    elif model.family == "flux":
-        generator = _build_flux(config, device)
-    elif model.family == "sd3":
-        generator = _build_sd3(config, device)
-    else:
-        generator = _build_wan(config, device)
-    if model.lora is not None:
-        if model.family == "digits":
-            raise ConfigError("model.lora", "the digits world trains all weights (it is tiny); LoRA is for flux, sd3 and wan")
-        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora, default_target_modules
-
-        spec_kwargs = {"rank": model.lora.rank, "alpha": model.lora.alpha, "dropout": model.lora.dropout,
-                       "init": model.lora.init}
-        spec_kwargs["target_modules"] = (model.lora.target_modules if model.lora.target_modules is not None
-                                         else default_target_modules(generator.trainable))  # Wan: attn1/attn2 names
-        add_lora(generator.trainable, LoraSpec(**spec_kwargs))
-        generator.trainable = LoraWeights(generator.trainable)
-    if config.data.train_prompts is not None:
-        generator.train_prompts = read_prompt_file(config.data.train_prompts, "data.train_prompts")
-    if config.data.heldout_prompts is not None:
-        generator.heldout_prompts = read_prompt_file(config.data.heldout_prompts, "data.heldout_prompts")
-    if model.gradient_checkpointing:
-        if not hasattr(generator.trainable, "enable_gradient_checkpointing"):
-            raise ConfigError("model.gradient_checkpointing", f"the {model.family} model does not support it")
-        generator.trainable.enable_gradient_checkpointing()
-    if not generator.train_prompts:
-        raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
-    return generator
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -107,13 +49,167 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
             "float32": torch.float32, "bfloat16": torch.bfloat16}[config.model.dtype]
 
 
-def _weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """Frozen weights (VAE, text encoders, a LoRA run's base transformer) load in the compute
     dtype; :func:`use_master_weights` then gives the trainable tensors float32 masters."""
     return compute_dtype(config, device)
 
 
-def use_master_weights(generator: Generator, dtype: torch.dtype) -> None:
+# -- validation, all at once, before anything loads ---------------------------------------------
+def validate_job(config: TrainConfig, *, custom_policy: bool = False, custom_reward: bool = False) -> None:
+    """Every problem of ``config`` that shows without loading a model, raised together.
+
+    ``custom_policy`` / ``custom_reward``: the part is passed in from Python, so its config
+    section is not checked.
+    """
+    problems: list[ConfigError] = []
+    family = None
+    if not custom_policy:
+        try:
+            family = get_family(config.model.family)
+            problems += family.check(config)
+        except ConfigError as err:
+            problems.append(err)
+    for field_name in ("train_prompts", "heldout_prompts"):
+        path = getattr(config.data, field_name)
+        if path is not None:
+            try:
+                read_prompt_file(path, f"data.{field_name}")
+            except ConfigError as err:
+                problems.append(err)
+    if family is not None and not family.builtin_prompts and config.data.train_prompts is None:
+        problems.append(ConfigError("data.train_prompts", f"the {family.name} family has no built-in prompts; "
+                                    "give a prompt file (one prompt per line)"))
+    if config.method.update.kl_coef > 0 and config.model.lora is None:
+        problems.append(ConfigError(
+            "method.update.kl_coef", "the KL term needs a reference model: train with model.lora (the reference is "
+            "the model with its adapter disabled, no second copy) or set kl_coef=0"))
+    if not custom_reward:
+        modality = family.modality if family is not None else None
+        problems += reward_problems(config, modality)
+    if problems:
+        raise ConfigErrors(problems)
+
+
+def _is_list(name: str) -> bool:
+    return "," in name or ":" in name
+
+
+def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigError]:
+    """What is wrong with the ``reward`` section: names, modality, checkpoints, options."""
+    from branchgrpo.rewards import RewardSpecError, available_rewards, parse_reward_weights
+    from branchgrpo.rewards.registry import reward_info
+
+    reward = config.reward
+    known = list(available_rewards())
+    single = not _is_list(reward.name)
+    try:
+        names = [reward.name] if single else [n for n, _ in parse_reward_weights(reward.name, known=known)]
+    except RewardSpecError as err:
+        return [ConfigError("reward.name", str(err))]
+    problems: list[ConfigError] = []
+    if not single:
+        extra = sorted(set(reward.checkpoints) - set(names)) + sorted(set(reward.options) - set(names))
+        if extra:
+            problems.append(ConfigError("reward.checkpoints/options", f"settings for {extra}, which "
+                                        f"reward.name={reward.name!r} does not name"))
+    for name in names:
+        prefix_ckpt = "reward.checkpoint" if single else f"reward.checkpoints.{name}"
+        prefix_opts = "reward.options" if single else f"reward.options.{name}"
+        if name not in known:
+            problems.append(ConfigError("reward.name", f"unknown reward {name!r}; allowed values: {', '.join(known)} "
+                                        "(or register your own with branchgrpo.register_reward)"))
+            continue
+        try:
+            info = reward_info(name)
+        except (ImportError, AttributeError, RewardError) as err:
+            problems.append(ConfigError("reward.name", f"reward {name!r} cannot be imported: {err}"))
+            continue
+        options = reward.options if single else (reward.options.get(name) or {})
+        checkpoint = reward.checkpoint if single else reward.checkpoints.get(name)
+        if not isinstance(options, dict):
+            problems.append(ConfigError(prefix_opts, f"expected a mapping of {name!r} options, got {options!r}"))
+            continue
+        if info.families is not None and config.model.family not in info.families:
+            problems.append(ConfigError("reward.name", f"reward {name!r} scores {', '.join(info.families)} outputs "
+                                        f"only (model.family={config.model.family})"))
+        if modality is not None and info.modality != modality:
+            if modality == "video":
+                hint = (f"; average it over frames with reward.name=frames and {prefix_opts}.image_reward={name}, "
+                        "or use videoalign")
+            else:
+                hint = ""
+            problems.append(ConfigError("reward.name", f"model.family={config.model.family} decodes {modality}s; "
+                                        f"reward {name!r} scores {info.modality}s{hint}"))
+        if info.options is not None:
+            unknown = [k for k in options if k not in info.options]
+            if unknown:
+                problems.append(ConfigError(f"{prefix_opts}.{unknown[0]}", f"reward {name!r} has no such option; "
+                                            f"its options: {', '.join(info.options) or '(none)'}"))
+        problems += _rule_problems(name, options, prefix_opts)
+        needs = info.needs_checkpoint
+        if needs is None and name == "frames":
+            inner = options.get("image_reward")
+            needs = bool(inner) and inner in known and reward_info(inner).needs_checkpoint is not False
+        if needs and checkpoint is None:
+            problems.append(ConfigError(prefix_ckpt, f"reward {name!r} needs its checkpoint; set {prefix_ckpt}=PATH "
+                                        "(see docs/rewards.md)"))
+        elif checkpoint is not None and needs and not Path(checkpoint).exists():
+            problems.append(ConfigError(prefix_ckpt, f"checkpoint {checkpoint} for reward {name!r} does not exist "
+                                        "(see docs/rewards.md)"))
+    return problems
+
+
+def _rule_problems(name: str, options: dict, prefix: str) -> list[ConfigError]:
+    """Rules between a built-in reward's options that a signature cannot say."""
+    if name == "videoalign" and (options.get("url") is None) == (options.get("entry_point") is None):
+        return [ConfigError(prefix, "videoalign needs exactly one of url (your reward server) and entry_point "
+                            "('package.module:function' returning a video scorer); see docs/adapters.md")]
+    if name == "frames" and not options.get("image_reward"):
+        return [ConfigError(f"{prefix}.image_reward", "the frames reward averages an image reward over frames; "
+                            "name it (e.g. hps, pickscore, clip)")]
+    if name == "remote" and not options.get("url"):
+        return [ConfigError(f"{prefix}.url", "the remote reward needs the server's address, e.g. "
+                            "http://127.0.0.1:8765 (python -m branchgrpo.rewards.server)")]
+    return []
+
+
+def check_reward_config(config: TrainConfig) -> None:
+    """Raise the reward section's problems (all of them), as :func:`validate_job` would."""
+    problems = reward_problems(config, get_family(config.model.family).modality)
+    if problems:
+        raise ConfigErrors(problems)
+
+
+# -- building ------------------------------------------------------------------------------------
+def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
+    """The ``model.family`` generator on ``device``, with LoRA, prompt files and checkpointing applied."""
+    family = get_family(config.model.family)
+    bundle = family.build(config, device, weights_dtype(config, device))
+    model = config.model
+    if model.lora is not None:
+        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora, default_target_modules
+
+        spec_kwargs = {"rank": model.lora.rank, "alpha": model.lora.alpha, "dropout": model.lora.dropout,
+                       "init": model.lora.init}
+        spec_kwargs["target_modules"] = (model.lora.target_modules if model.lora.target_modules is not None
+                                         else default_target_modules(bundle.trainable))  # Wan: attn1/attn2 names
+        add_lora(bundle.trainable, LoraSpec(**spec_kwargs))
+        bundle.trainable = LoraWeights(bundle.trainable)
+    if config.data.train_prompts is not None:
+        bundle.train_prompts = read_prompt_file(config.data.train_prompts, "data.train_prompts")
+    if config.data.heldout_prompts is not None:
+        bundle.heldout_prompts = read_prompt_file(config.data.heldout_prompts, "data.heldout_prompts")
+    if model.gradient_checkpointing:
+        if not hasattr(bundle.trainable, "enable_gradient_checkpointing"):
+            raise ConfigError("model.gradient_checkpointing", f"the {model.family} model does not support it")
+        bundle.trainable.enable_gradient_checkpointing()
+    if not bundle.train_prompts:
+        raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
+    return bundle
+
+
+def use_master_weights(bundle: PolicyBundle, dtype: torch.dtype) -> None:
     """Mixed precision: trainable tensors (and so their gradients and optimizer state) in float32,
     the policy's forward in ``dtype``.
 
@@ -124,186 +220,71 @@ def use_master_weights(generator: Generator, dtype: torch.dtype) -> None:
     (whose frozen base stays in bf16 and is cast for free). Under FSDP the same masters are the
     sharded parameters and ``MixedPrecisionPolicy`` all-gathers them in ``dtype``.
     """
-    for param in generator.trainable.parameters():
+    for param in bundle.trainable.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
-    if hasattr(generator.policy, "compute_dtype"):
-        generator.policy.compute_dtype = None if dtype == torch.float32 else dtype
+    if hasattr(bundle.policy, "compute_dtype"):
+        bundle.policy.compute_dtype = None if dtype == torch.float32 else dtype
     elif dtype != torch.float32:
-        raise ConfigError("model.dtype", f"the {generator.family} policy has no compute_dtype (autocast); "
+        raise ConfigError("model.dtype", f"the {bundle.family} policy has no compute_dtype (autocast); "
                           "use model.dtype=float32")
 
 
-def _build_sd3(config: TrainConfig, device: torch.device) -> Generator:
-    from branchgrpo.models.sd3 import SD3Adapter
-
-    model = config.model
-    if model.path is None:
-        raise ConfigError("model.path", "SD3 needs a local diffusers folder or a hub id (e.g. stabilityai/stable-diffusion-3.5-medium)")
-    adapter = SD3Adapter.from_pretrained(
-        model.path, dtype=_weights_dtype(config, device), device=device, vae_dtype=torch.float32,
-        height=model.height, width=model.width, guidance_scale=model.guidance_scale,
-        negative_prompt=model.negative_prompt, prompt_cache_dir=model.prompt_cache_dir,
-        max_sequence_length=model.max_sequence_length, decode_batch_size=model.decode_batch,
-    )
-    return Generator(
-        family="sd3", policy=adapter.velocity_model(), trainable=adapter.transformer,
-        latent_shape=tuple(adapter.latent_shape()), encode_prompts=adapter.encode_prompts,
-        decode=adapter.decode, train_prompts=[], heldout_prompts=[],
-    )
-
-
-def _build_wan(config: TrainConfig, device: torch.device) -> Generator:
-    from branchgrpo.models.wan import WanAdapter
-
-    model = config.model
-    if model.path is None:
-        raise ConfigError("model.path", "Wan needs a local diffusers folder or a hub id "
-                          "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
-    try:  # the video size, checked against Wan2.1's VAE and patch factors before any weights load
-        WanAdapter(height=model.height, width=model.width, num_frames=model.num_frames)
-    except ValueError as err:
-        raise ConfigError("model.height/width/num_frames", str(err)) from None
-    adapter = WanAdapter.from_pretrained(
-        model.path, dtype=_weights_dtype(config, device), device=device, vae_dtype=torch.float32,
-        height=model.height, width=model.width, num_frames=model.num_frames,
-        guidance_scale=model.guidance_scale, negative_prompt=model.negative_prompt,
-        prompt_cache_dir=model.prompt_cache_dir, max_sequence_length=model.max_sequence_length,
-        decode_batch_size=model.decode_batch,
-    )
-    return Generator(
-        family="wan", policy=adapter.velocity_model(), trainable=adapter.transformer,
-        latent_shape=tuple(adapter.latent_shape()), encode_prompts=adapter.encode_prompts,
-        decode=adapter.decode, train_prompts=[], heldout_prompts=[],
-    )
-
-
-def _build_flux(config: TrainConfig, device: torch.device) -> Generator:
-    from branchgrpo.models.flux import FluxAdapter
-
-    model = config.model
-    if model.path is None:
-        raise ConfigError("model.path", "FLUX needs a local diffusers folder or a hub id (e.g. black-forest-labs/FLUX.1-dev)")
-    dtype = _weights_dtype(config, device)
-    adapter = FluxAdapter.from_pretrained(
-        model.path, dtype=dtype, device=device, height=model.height, width=model.width,
-        guidance_scale=model.guidance_scale, prompt_cache_dir=model.prompt_cache_dir,
-        max_sequence_length=model.max_sequence_length, decode_batch_size=model.decode_batch,
-    )
-    policy = adapter.velocity_model()
-    return Generator(
-        family="flux",
-        policy=policy,
-        trainable=adapter.transformer,
-        latent_shape=tuple(adapter.latent_shape()),
-        encode_prompts=adapter.encode_prompts,
-        decode=adapter.decode,
-        train_prompts=[],
-        heldout_prompts=[],
-    )
-
-
-def _is_list(name: str) -> bool:
-    return "," in name or ":" in name
-
-
-def check_reward_config(config: TrainConfig) -> None:
-    """Fail fast (before any model loads) on an unknown reward or a missing checkpoint file."""
-    from branchgrpo.rewards import RewardSpecError, available_rewards, parse_reward_weights
-
-    reward = config.reward
-    known = list(available_rewards())
-    try:
-        names = [n for n, _ in parse_reward_weights(reward.name, known=known)] if _is_list(reward.name) else [reward.name]
-    except RewardSpecError as err:
-        raise ConfigError("reward.name", str(err)) from None
-    for name in names:
-        if name not in known:
-            raise ConfigError("reward.name", f"unknown reward {name!r}; allowed values: {', '.join(known)}")
-        if name == "digits" and config.model.family != "digits":
-            raise ConfigError("reward.name", "the digits reward scores digits-world images only (model.family=digits)")
-        if _check_video_reward(config, name, single=len(names) == 1 and not _is_list(reward.name)):
-            continue
-        if name in ("digits", "remote"):
-            continue
-        field_name = "reward.checkpoint" if len(names) == 1 and not _is_list(reward.name) else f"reward.checkpoints.{name}"
-        path = reward.checkpoint if field_name == "reward.checkpoint" else reward.checkpoints.get(name)
-        if path is None:
-            raise ConfigError(field_name, f"reward {name!r} needs its checkpoint; set {field_name}=PATH (see docs/rewards.md)")
-        if not Path(path).exists():
-            raise ConfigError(field_name, f"checkpoint {path} for reward {name!r} does not exist (see docs/rewards.md)")
-
-
-def _check_video_reward(config: TrainConfig, name: str, single: bool) -> bool:
-    """Videos (wan) need a video reward and images an image reward; True when ``name`` needs no checkpoint."""
-    from branchgrpo.rewards.video import VIDEO_REWARDS
-
-    videos = config.model.family == "wan"
-    if (name in VIDEO_REWARDS) != videos:
-        if videos:
-            raise ConfigError("reward.name", f"model.family=wan decodes videos; {name!r} scores images. Use frames "
-                              f"(reward.options.image_reward={name}: averaged over frames) or videoalign")
-        raise ConfigError("reward.name", f"reward {name!r} scores videos; "
-                          f"model.family={config.model.family} decodes images")
-    prefix = "reward.options" if single else f"reward.options.{name}"
-    options = config.reward.options if single else (config.reward.options.get(name) or {})
-    if name == "videoalign":
-        if (options.get("url") is None) == (options.get("entry_point") is None):
-            raise ConfigError(prefix, "videoalign needs exactly one of url (your reward server) and entry_point "
-                              "('package.module:function' returning a video scorer); see docs/adapters.md")
-        return True
-    if name == "frames":
-        if not options.get("image_reward"):
-            raise ConfigError(f"{prefix}.image_reward", "the frames reward averages an image reward over frames; "
-                              "name it (e.g. hps, pickscore, clip)")
-        return options["image_reward"] in ("digits", "remote")
-    return False
-
-
-def build_reward(config: TrainConfig, generator: Generator, device: torch.device):
-    """The reward named by ``reward.name`` (checked by :func:`check_reward_config` first)."""
+def build_reward(config: TrainConfig, bundle: PolicyBundle, device: torch.device) -> Reward:
+    """The reward named by ``reward.name`` (its config checked first), as a :class:`Reward`."""
     from branchgrpo.rewards import build_reward as build
 
     check_reward_config(config)
     reward = config.reward
-    if reward.name == "digits" and generator.builtin_reward is not None:
-        return generator.builtin_reward
+    if reward.name == "digits" and bundle.builtin_reward is not None:
+        return as_reward(bundle.builtin_reward, name="digits")
     options = dict(reward.options)
-    if _is_list(reward.name):
-        return build(reward.name, dict(reward.checkpoints), device=device, dtype=reward.dtype,
-                     normalize=reward.normalize, components=options)
-    return build(reward.name, reward.checkpoint, device=device, dtype=reward.dtype, **options)
+    try:
+        if _is_list(reward.name):
+            return build(reward.name, dict(reward.checkpoints), device=device, dtype=reward.dtype,
+                         normalize=reward.normalize, components=options)
+        return build(reward.name, reward.checkpoint, device=device, dtype=reward.dtype, **options)
+    except (RewardError, ValueError, TypeError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ConfigError("reward", str(err)) from None
 
 
-def score_images(reward, images: Tensor, prompts: list[str], group_ids: Tensor, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Leaf rewards ``[B]`` (CPU float32) and, for a weighted list, each component's raw scores.
+# -- scoring ---------------------------------------------------------------------------------------
+def score_rewards(reward: Reward, outputs: Tensor, prompts: list[str], group_ids: Tensor,
+                  batch_size: int, absolute: bool = False) -> RewardOutput:
+    """Score decoded leaves ``[B, ...]``: components in batches of ``batch_size``, combined once (so a
+    weighted list normalises over whole groups); rewards that judge whole groups get one call.
+    ``absolute``: the total is the raw weighted sum, never normalised (held-out evaluation).
 
-    Components are scored in batches; per-group normalisation is applied once over all of them
-    (a group must not be split across reward batches).
+    Returns CPU float32 totals and components; refuses NaN/Inf and values outside float32's range.
     """
-    from branchgrpo.rewards import CompositeReward
-
-    if isinstance(reward, CompositeReward):
-        parts: dict[str, list[Tensor]] = {}
-        for start in range(0, images.shape[0], batch_size):
-            chunk = reward.components(images[start : start + batch_size], prompts[start : start + batch_size])
-            for name, value in chunk.items():
-                parts.setdefault(name, []).append(value.float().cpu())
-        components = {name: torch.cat(values) for name, values in parts.items()}
-        total = reward.combine(components, group_ids.cpu()).total.float().cpu()
+    group_ids = group_ids.cpu()
+    if reward.needs_groups:
+        result = reward.score(outputs, prompts, group_ids)
     else:
-        total, components = batched_reward(reward, images, prompts, batch_size), {}
-    if not torch.isfinite(total).all():
-        raise RuntimeError("the reward returned NaN or Inf; refusing to train on missing rewards")
-    return total, components
+        parts: dict[str, list[Tensor]] = {}
+        for start in range(0, outputs.shape[0], batch_size):
+            chunk = reward.components(outputs[start : start + batch_size], prompts[start : start + batch_size])
+            for name, value in chunk.items():
+                parts.setdefault(name, []).append(value.detach().cpu())
+        components = {name: torch.cat(values) for name, values in parts.items()}
+        result = (RewardOutput(total=reward.raw_total(components), components=components) if absolute
+                  else reward.combine(components, group_ids))
+    total = _checked(reward, "total", result.total)
+    components = {name: _checked(reward, name, value) for name, value in result.components.items()}
+    return RewardOutput(total=total, components=components, normalized=result.normalized)
 
 
-def batched_reward(reward: RewardFn, images: Tensor, prompts: list[str], batch_size: int) -> Tensor:
-    """Score images in batches of ``batch_size``; refuses NaN/Inf scores."""
-    scores = []
-    for start in range(0, images.shape[0], batch_size):
-        scores.append(reward(images[start : start + batch_size], prompts[start : start + batch_size]).float().cpu())
-    out = torch.cat(scores)
-    if not torch.isfinite(out).all():
-        raise RuntimeError("the reward returned NaN or Inf; refusing to train on missing rewards")
-    return out
+def _checked(reward: Reward, what: str, values: Tensor) -> Tensor:
+    """``values`` as CPU float32 if every one is finite and inside float32's range (else one clear error)."""
+    wide = values.detach().double().cpu()
+    if not torch.isfinite(wide).all():
+        bad = int((~torch.isfinite(wide)).sum())
+        raise RewardError(f"reward {reward.name!r} ({what}) returned {bad} NaN/Inf values; "
+                          "refusing to train on missing rewards")
+    limit = float(torch.finfo(torch.float32).max)
+    if wide.numel() and float(wide.abs().max()) > limit:
+        raise RewardError(f"reward {reward.name!r} ({what}) returned {float(wide.abs().max()):.3g}, outside "
+                          f"float32's range (±{limit:.3g}); rescale the reward")
+    return wide.float()

@@ -19,11 +19,11 @@ from branchgrpo.tree.spec import MethodConfig
 class LoraConfig:
     """LoRA adapters (peft) on the transformer; only they are trained (see models/lora.py)."""
 
-    rank: int = 32
-    alpha: float = 64.0
+    rank: int = 32  # LoRA rank r
+    alpha: float = 64.0  # LoRA scale numerator: the update is (alpha / rank) · B·A
     dropout: float = 0.0  # > 0 makes the on-policy ratio differ from 1 (dropout in training mode)
     target_modules: list[str] | None = None  # None = the attention/feed-forward projections (Flow-GRPO's list)
-    init: str = "gaussian"
+    init: str = "gaussian"  # peft's init_lora_weights (gaussian: A ~ N(0, 1/r), B = 0, so training starts at the base model)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -32,29 +32,21 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Which generator to train and how to run it."""
+    """Which generator to train; settings every family shares. The family's own settings (image
+    size, guidance, ...) are ``options``, checked against the family's options dataclass."""
 
-    family: Literal["digits", "flux", "sd3", "wan"] = "digits"
-    path: str | None = None  # flux: diffusers folder or hub id; digits: generator .safetensors (None = shipped)
-    height: int = 720  # flux image size in pixels
-    width: int = 720
-    guidance_scale: float = 3.5  # FLUX.1-dev guidance embedding; SD3: classifier-free guidance scale
-    negative_prompt: str = ""  # SD3 classifier-free guidance
+    family: str = "digits"  # a registered model family (branchgrpo families): digits | flux | sd3 | wan | yours
+    path: str | None = None  # diffusers folder or hub id (digits: generator .safetensors; None = shipped)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"merge": "deep"})  # the family's settings (branchgrpo config --family NAME)
     lora: LoraConfig | None = None  # train LoRA adapters instead of all weights
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
-    prompt_cache_dir: str | None = None  # flux: on-disk prompt-embedding cache (branchgrpo preprocess)
-    max_sequence_length: int = 512  # flux T5 tokens
+    prompt_cache_dir: str | None = None  # on-disk prompt-embedding cache (branchgrpo preprocess)
     decode_batch: int = 8  # latents per VAE decode call
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
-    num_frames: int = 33  # wan: frames per video, 4k + 1 (the VAE codes frame 0 alone, then 4 per latent frame)
 
     def __post_init__(self) -> None:
-        for name in ("height", "width", "decode_batch", "max_sequence_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise ConfigError("model.num_frames",
-                              f"Wan videos have 4k + 1 frames (1, 5, ..., 33, ..., 81), got {self.num_frames}")
+        if self.decode_batch < 1:
+            raise ConfigError("model.decode_batch", f"must be >= 1, got {self.decode_batch}")
 
 
 @dataclass
@@ -64,7 +56,7 @@ class RewardConfig:
     name: str = "digits"  # a reward (digits | hps | pickscore | imagereward | clip | aesthetic | remote) or "hps:1.0,clip:0.5"
     checkpoint: str | None = None  # checkpoint file/folder of a single reward
     checkpoints: dict[str, str] = field(default_factory=dict)  # per component of a weighted list
-    options: dict[str, Any] = field(default_factory=dict)  # reward options (e.g. processor, tokenizer, url); per component for lists
+    options: dict[str, Any] = field(default_factory=dict, metadata={"merge": "deep"})  # reward options (e.g. processor, tokenizer, url); per component for lists
     normalize: Literal["none", "group", "batch"] = "none"  # z-score each component per prompt group before the weighted sum
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     batch_size: int = 64  # images per reward call
@@ -92,9 +84,9 @@ class EvalConfig:
     """Held-out evaluation: fixed prompts and seeds, flat sampling."""
 
     every: int = 10  # iterations between evaluations (also at the start and the end); 0 = start/end only
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 4  # held-out samples per prompt
     eta: float | None = None  # sampler η for evaluation; None = the method's η (0 = ODE)
-    seed: int = 1234
+    seed: int = 1234  # evaluation noise seed (the same samples at every evaluation)
     max_prompts: int = 0  # 0 = all held-out prompts
 
     def __post_init__(self) -> None:
@@ -108,21 +100,21 @@ class EvalConfig:
 class RunConfig:
     """Where results go, how long, how often things are written."""
 
-    output_dir: str = "runs/digits-branchgrpo"
-    iterations: int = 50
-    seed: int = 0
+    output_dir: str = "runs/digits-branchgrpo"  # the run folder: config.yaml, metrics.jsonl, samples/, trees/, checkpoints/, weights/
+    iterations: int = 50  # training iterations (GRPO rollout + update rounds)
+    seed: int = 0  # seed of every random stream of the run (prompts, rollout and split noise, edge order)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     dump_tree_every: int = 10  # write a tree dump every N iterations (0 = never)
     sample_grid_every: int = 10  # write a held-out sample grid at each evaluation when > 0
     progress: bool = True  # progress bar on stderr
-    tensorboard: bool = True
+    tensorboard: bool = True  # write TensorBoard events to RUN/tensorboard
     checkpoint_every: int = 10  # iterations between checkpoints (0 = only at the end / on SIGTERM)
     keep_checkpoints: int = 3  # complete checkpoints kept (older ones deleted)
     resume: str | None = None  # "auto" = newest complete checkpoint in output_dir, or a checkpoint folder
     ema_decay: float = 0.0  # EMA of the trained weights (paper: 0.995); 0 = off
     wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works without network)
-    wandb_project: str = "branchgrpo"
+    wandb_project: str = "branchgrpo"  # Weights & Biases project (run.wandb=true)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: whole model per rank; fsdp: FSDP2 shards (docs/distributed.md)
     cpu_offload: bool = False  # fsdp only: sharded weights, grads and optimizer state in host memory
 
@@ -148,21 +140,42 @@ class RunConfig:
 class TrainConfig:
     """A whole training job."""
 
-    preset: str = "branchgrpo"
+    preset: str = "branchgrpo"  # method preset the method section starts from (branchgrpo presets)
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    imports: list[str] = field(default_factory=list)  # modules imported first: where your register_family/register_reward calls live
 
 
-# Method settings the digits world uses on top of any preset: its tiny transformer needs a larger
-# step than FLUX.1-dev's 1e-5. Sweep (30 iterations, held-out reward from 0.386): lr 1e-3 collapsed
-# (0.10 at 20), 3e-4 reached 0.62 at 20, 3e-4 × 4 updates 0.75 at 30, 5e-4 × 2 updates 0.82 at 30.
-DIGITS_METHOD_DEFAULTS: dict[str, Any] = {
-    "update": {"learning_rate": 5e-4, "updates_per_iteration": 2, "clip_range": 1e-3},
-}
+def import_plugins(modules: list[str], field_name: str = "imports") -> None:
+    """Import the modules that register custom families and rewards (one error line if one fails)."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any failure of a user module is one line
+            raise ConfigError(field_name, f"cannot import {module!r}: {type(err).__name__}: {err}") from None
+
+
+def family_defaults(family_name: str) -> dict[str, Any]:
+    """The method settings the family recommends, as dotted ``{method.key: value}`` (what is applied)."""
+    from branchgrpo.families import get_family
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("method.", get_family(family_name).method_defaults)
+    return flat
 
 
 def load_train_config(
@@ -170,7 +183,11 @@ def load_train_config(
     preset: str | None = None,
     overrides: list[str] | None = None,
 ) -> TrainConfig:
-    """Resolve a :class:`TrainConfig` (defaults ← file ← preset ← overrides)."""
+    """Resolve a :class:`TrainConfig`: defaults ← preset ← the family's method defaults ← YAML file
+    (``--config``) ← dotted ``key=value`` overrides. The family's defaults are listed by
+    ``branchgrpo presets`` and recorded in the run's ``config.yaml``; a file or override wins over them."""
+    from branchgrpo.families import get_family
+
     data: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
@@ -184,19 +201,68 @@ def load_train_config(
             raise ConfigError(str(path), "a config file is a YAML mapping of sections (model, reward, method, ...)")
         data = dict(data)
     override_map = parse_overrides(TrainConfig, overrides or [])
+    import_plugins([*(data.get("imports") or []), *(override_map.get("imports") or [])])
     preset_name = preset or override_map.pop("preset", None) or data.get("preset") or "branchgrpo"
-    family = (override_map.get("model", {}) or {}).get("family") or (data.get("model") or {}).get("family") or "digits"
+    family_name = (override_map.get("model", {}) or {}).get("family") or (data.get("model") or {}).get("family") or "digits"
+    family = get_family(str(family_name))
     method = preset_mapping(str(preset_name))
-    if family == "digits":
-        method = merge(method, DIGITS_METHOD_DEFAULTS, MethodConfig)
+    method = merge(method, family.method_defaults, MethodConfig)
     method = merge(method, data.get("method") or {}, MethodConfig)
     data = merge(data, {"preset": preset_name, "method": method}, TrainConfig)
     data = merge(data, override_map, TrainConfig)
-    return build(TrainConfig, data)
+    return resolve_config(build(TrainConfig, data))
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Check the family-dependent parts of a built config: ``model.family`` is registered and
+    ``model.options`` fits its options dataclass (filled in with the family's defaults)."""
+    from branchgrpo.families import get_family
+
+    family = get_family(config.model.family)
+    config.model.options = to_dict(family.options(config))
+    if config.model.lora is not None and not family.supports_lora:
+        raise ConfigError("model.lora", f"the {family.name} family does not support LoRA")
+    return config
+
+
+def record_custom_parts(config: TrainConfig, policy: Any = None, reward: Any = None) -> None:
+    """Make ``config`` say what a run started from Python really uses: the family of a given policy
+    bundle, the name of a given reward, and the importable modules that registered them (``imports``),
+    so that ``eval``/``sample``/``export`` in a new process find them or fail in one line."""
+    if policy is not None:
+        config.model.family = policy.family
+    if reward is not None:
+        config.reward.name = str(getattr(reward, "name", None) or getattr(reward, "__name__", "custom"))
+    config.imports = sorted(set(config.imports) | plugin_modules(config))
+
+
+def plugin_modules(config: TrainConfig) -> set[str]:
+    """Importable modules (not ``__main__``, not branchgrpo's own) that registered this config's
+    family and rewards."""
+    from branchgrpo.families.registry import registered_family
+    from branchgrpo.rewards.registry import factory_module
+
+    modules = set()
+    family = registered_family(config.model.family)
+    if family is not None:
+        modules.add(type(family).__module__)
+    for name in config.reward.name.replace(":", ",").split(","):
+        module = factory_module(name.strip())
+        if module:
+            modules.add(module)
+    return {m for m in modules if m and m != "__main__" and not m.startswith("branchgrpo.")}
 
 
 def dump_config(config: TrainConfig) -> str:
-    """The resolved config as YAML (what a run directory stores)."""
+    """The resolved config as YAML (what a run directory stores), headed by the family's applied defaults."""
     import yaml
 
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    try:
+        defaults = family_defaults(config.model.family)
+    except ConfigError:
+        defaults = {}
+    if defaults:
+        listed = ", ".join(f"{k}={v}" for k, v in defaults.items())
+        text = f"# model family {config.model.family} recommends (applied unless set here): {listed}\n" + text
+    return text

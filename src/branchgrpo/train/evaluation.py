@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from branchgrpo.train.components import Generator, RewardFn, batched_reward
+from branchgrpo.families import PolicyBundle
+from branchgrpo.rewards.base import Reward
+from branchgrpo.train.components import score_rewards
 from branchgrpo.train.config import TrainConfig
 from branchgrpo.tree.rollout import rollout
 from branchgrpo.tree.spec import TreeSpec
@@ -51,7 +53,7 @@ class EvalResult:
 
 @torch.no_grad()
 def sample(
-    generator: Generator,
+    generator: PolicyBundle,
     prompts: list[str],
     samples_per_prompt: int,
     tree: TreeSpec,
@@ -75,7 +77,7 @@ def sample(
     return images, [prompts[int(g)] for g in result.group[-1]]
 
 
-def evaluate(generator: Generator, reward: RewardFn, prompts: list[str], config: TrainConfig, device) -> EvalResult:
+def evaluate(generator: PolicyBundle, reward: Reward, prompts: list[str], config: TrainConfig, device) -> EvalResult:
     """Mean reward of ``eval.samples_per_prompt`` samples per held-out prompt (fixed seed)."""
     if not prompts:
         raise ValueError("no held-out prompts to evaluate; set data.heldout_prompts")
@@ -84,20 +86,11 @@ def evaluate(generator: Generator, reward: RewardFn, prompts: list[str], config:
         generator, prompts, config.eval.samples_per_prompt, config.method.tree, eta, config.eval.seed,
         config.method.engine.rollout_micro_batch, device,
     )
-    from branchgrpo.rewards import CompositeReward
-
-    if isinstance(reward, CompositeReward):
-        # held-out scores are absolute: raw components and their weighted sum, never normalised
-        parts: dict[str, list[Tensor]] = {}
-        for start in range(0, images.shape[0], config.reward.batch_size):
-            end = start + config.reward.batch_size
-            for name, value in reward.components(images[start:end], image_prompts[start:end]).items():
-                parts.setdefault(name, []).append(value.float().cpu())
-        components = {name: torch.cat(values) for name, values in parts.items()}
-        rewards = sum(reward.weights[name] * value for name, value in components.items())
-        return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=rewards, components=components)
-    rewards = batched_reward(reward, images, image_prompts, config.reward.batch_size)
-    return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=rewards)
+    # held-out scores are absolute: raw components and their weighted sum, never normalised per group
+    scored = score_rewards(reward, images, image_prompts, torch.zeros(len(image_prompts), dtype=torch.long),
+                           config.reward.batch_size, absolute=True)
+    components = scored.components if len(scored.components) > 1 else None
+    return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=scored.total, components=components)
 
 
 VIDEO_FPS = 16.0  # Wan2.1's frame rate: what a GIF of its videos plays at unless told otherwise

@@ -1,4 +1,4 @@
-"""The training loop. One iteration reads like the algorithm (SPEC §4–8):
+"""The training loop. One iteration reads like the algorithm (docs/method.md §4–8):
 
 prompts → rollout trees → batched decode + rewards → fusion and advantages → edge selection →
 micro-batched clipped updates → logging.
@@ -10,14 +10,17 @@ import json
 import signal
 import time
 from dataclasses import asdict, dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import torch
 
+from branchgrpo.families import PolicyBundle
+from branchgrpo.rewards.base import Reward, as_reward
 from branchgrpo.train.components import (
-    Generator, RewardFn, build_generator, build_reward, check_reward_config, compute_dtype, resolve_device,
-    score_images, use_master_weights,
+    build_policy, build_reward, compute_dtype, resolve_device, score_rewards, use_master_weights, validate_job,
 )
+from branchgrpo.train.metrics import iteration_metrics
 from branchgrpo.train.checkpoint import (
     TrainerState, find_resume, full_model_state, full_optimizer_state, full_state, load_checkpoint, save_checkpoint,
 )
@@ -25,7 +28,7 @@ from branchgrpo.config import to_dict
 from branchgrpo.train.config import TrainConfig, dump_config
 from branchgrpo.train.distributed import DistributedContext, place_like
 from branchgrpo.train.evaluation import evaluate, save_image_grid
-from branchgrpo.train.logging import MetricsLogger, peak_memory_gb, truncate_metrics
+from branchgrpo.train.logging import MetricsLogger, truncate_metrics
 from branchgrpo.train.weights import atomic_save_safetensors, save_weights
 from branchgrpo.tree.dump import save_tree
 from branchgrpo.tree.rollout import rollout
@@ -51,15 +54,24 @@ class PromptSampler:
         return out
 
 
+class RandomStream(IntEnum):
+    """What an iteration's random numbers are for; each purpose has its own stream."""
+
+    ROLLOUT = 0  # root and split noise of each prompt's tree
+    SELECTION = 1  # random edge subsets (timestep_fraction) of each prompt's tree
+    UPDATE = 2  # micro-batch order of each process's update
+
+
 def iteration_generator(
     seed: int, iteration: int, stream: int, index: int = 0, device: torch.device | str = "cpu"
 ) -> torch.Generator:
-    """Independent, reproducible random stream per (seed, iteration, purpose, prompt group or rank).
+    """Independent, reproducible random stream per (seed, iteration, :class:`RandomStream`, prompt
+    group or rank).
 
     All randomness of an iteration comes from these, so a resumed run and a run on any number
     of processes draw exactly the same noise for the same prompt.
     """
-    key = (((seed * 1_000_003 + iteration) * 16 + stream) * 1_000_033 + index) % (2**63 - 1)
+    key = (((seed * 1_000_003 + iteration) * 16 + int(stream)) * 1_000_033 + index) % (2**63 - 1)
     return torch.Generator(device=device).manual_seed(key)
 
 
@@ -76,8 +88,18 @@ class RunSummary:
 class Trainer:
     """Holds the parts of a run; :meth:`run` executes it."""
 
-    def __init__(self, config: TrainConfig, generator: Generator | None = None, reward: RewardFn | None = None):
-        """Parts are built from ``config`` unless given (tests and custom models pass their own)."""
+    def __init__(self, config: TrainConfig, model: PolicyBundle | None = None, reward: Reward | None = None):
+        """Parts are built from ``config`` unless given: ``model`` (a :class:`PolicyBundle`) and
+        ``reward`` (a :class:`~branchgrpo.rewards.Reward` or a callable ``(images, prompts) -> [B]``).
+        Whatever is given is recorded in the run's ``config.yaml`` (``model.family``, ``reward.name``),
+        so ``eval``/``sample`` can rebuild it when it is registered (see docs/api.md)."""
+        from branchgrpo.train.config import resolve_config, record_custom_parts
+
+        if model is None:
+            resolve_config(config)
+        validate_job(config, custom_policy=model is not None, custom_reward=reward is not None)
+        reward = as_reward(reward) if reward is not None else None
+        record_custom_parts(config, model, reward)
         self.config = config
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
@@ -93,37 +115,27 @@ class Trainer:
                 f"{config.data.prompts_per_iteration} prompts cannot be shared evenly by {self.dist.world_size} processes; "
                 "use a multiple of the number of processes",
             )
-        if reward is None:
-            check_reward_config(config)
-        self.generator: Generator = generator or build_generator(config, self.device)
-        self.reward: RewardFn = reward or build_reward(config, self.generator, self.device)
+        self.model: PolicyBundle = model or build_policy(config, self.device)
+        self.reward: Reward = reward if reward is not None else build_reward(config, self.model, self.device)
         self.compute_dtype = compute_dtype(config, self.device)
-        use_master_weights(self.generator, self.compute_dtype)
-        self.dist.broadcast_module(self.generator.trainable)
+        use_master_weights(self.model, self.compute_dtype)
+        self.dist.broadcast_module(self.model.trainable)
         if config.run.parallel == "fsdp":  # before the optimizer, so it holds only this rank's shards
-            self.dist.shard(_shard_root(self.generator), self.compute_dtype, cpu_offload=config.run.cpu_offload)
+            self.dist.shard(_shard_root(self.model), self.compute_dtype, cpu_offload=config.run.cpu_offload)
         self.reference = None
-        if config.method.update.kl_coef > 0:
-            if config.model.lora is None:
-                from branchgrpo.config import ConfigError
-
-                raise ConfigError(
-                    "method.update.kl_coef",
-                    "the KL term needs a reference model: train with model.lora (the reference is the model with "
-                    "its adapter disabled, no second copy) or set kl_coef=0",
-                )
+        if config.method.update.kl_coef > 0:  # validate_job made sure the run has LoRA
             from branchgrpo.models.lora import ReferenceVelocity
 
-            self.reference = ReferenceVelocity(self.generator.policy)
-        params = [p for p in self.generator.trainable.parameters() if p.requires_grad]
+            self.reference = ReferenceVelocity(self.model.policy)
+        params = [p for p in self.model.trainable.parameters() if p.requires_grad]
         update = config.method.update
         self.optimizer = torch.optim.AdamW(params, lr=update.learning_rate, weight_decay=update.weight_decay)
-        self.sampler = PromptSampler(self.generator.train_prompts, config.run.seed)
+        self.sampler = PromptSampler(self.model.train_prompts, config.run.seed)
         self.output_dir = Path(config.run.output_dir)
         self.iteration = 0
         self.ema: dict[str, torch.Tensor] | None = None
         if config.run.ema_decay > 0:
-            self.ema = {k: v.detach().float().clone() for k, v in self.generator.trainable.state_dict().items()}
+            self.ema = {k: v.detach().float().clone() for k, v in self.model.trainable.state_dict().items()}
         self._stop_signal: str | None = None
 
     def update_ema(self) -> None:
@@ -132,13 +144,13 @@ class Trainer:
             return
         decay = self.config.run.ema_decay
         with torch.no_grad():
-            for name, value in self.generator.trainable.state_dict().items():
+            for name, value in self.model.trainable.state_dict().items():
                 self.ema[name].mul_(decay).add_(value.detach().float(), alpha=1.0 - decay)
 
     # -- one iteration ----------------------------------------------------------------------
     def step(self) -> dict:
         """One GRPO iteration; returns its metrics."""
-        cfg, method, gen = self.config, self.config.method, self.generator
+        cfg, method, bundle = self.config, self.config.method, self.model
         it = self.iteration
         times: dict[str, float] = {}
 
@@ -148,14 +160,14 @@ class Trainer:
         first = self.dist.rank * local
         prompts = self.sampler.next(cfg.data.prompts_per_iteration)[first : first + local]
         groups = range(first, first + local)
-        conditioning = gen.encode_prompts(prompts)
+        conditioning = bundle.encode_prompts(prompts)
         times["encode"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        gen.policy.eval()
+        bundle.policy.eval()
         tree = rollout(
-            gen.policy, conditioning, method.tree, len(prompts), gen.latent_shape,
-            generator=[iteration_generator(cfg.run.seed, it, 0, g) for g in groups], iteration=it,
+            bundle.policy, conditioning, method.tree, len(prompts), bundle.latent_shape,
+            generator=[iteration_generator(cfg.run.seed, it, RandomStream.ROLLOUT, g) for g in groups], iteration=it,
             micro_batch=method.engine.rollout_micro_batch, device=self.device,
         )
         times["rollout"] = time.perf_counter() - start
@@ -163,67 +175,33 @@ class Trainer:
         start = time.perf_counter()
         leaf_prompts = [prompts[int(g)] for g in tree.group[-1]]
         with torch.no_grad():
-            images = gen.decode(tree.leaf_x0)
-        leaf_rewards, reward_components = score_images(
-            self.reward, images, leaf_prompts, tree.group[-1], cfg.reward.batch_size
-        )
+            outputs = bundle.decode(tree.leaf_x0)
+        scored = score_rewards(self.reward, outputs, leaf_prompts, tree.group[-1], cfg.reward.batch_size)
         times["reward"] = time.perf_counter() - start
 
         start = time.perf_counter()
         scores = score_tree(
-            tree, leaf_rewards.to(torch.float64), method, generator=[iteration_generator(cfg.run.seed, it, 1, g) for g in groups]
+            tree, scored.total.to(torch.float64), method,
+            generator=[iteration_generator(cfg.run.seed, it, RandomStream.SELECTION, g) for g in groups],
         )
         edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
-        gen.policy.train()
+        bundle.policy.train()
         stats = policy_update(
-            gen.policy, self.optimizer, edges, conditioning, method,
-            generator=iteration_generator(cfg.run.seed, it, 2, self.dist.rank), sync=self.dist,
+            bundle.policy, self.optimizer, edges, conditioning, method,
+            generator=iteration_generator(cfg.run.seed, it, RandomStream.UPDATE, self.dist.rank), sync=self.dist,
             reference_model=self.reference,
         )
-        gen.policy.eval()
+        bundle.policy.eval()
         self.update_ema()
         times["train"] = time.perf_counter() - start
 
         if self.dist.is_main and cfg.run.dump_tree_every and it % cfg.run.dump_tree_every == 0:
             save_tree(self.output_dir / "trees" / f"iter_{it:06d}.safetensors", tree, scores, method)
 
-        advantages = torch.cat([a for a in scores.edge_advantage[1:]])
-        all_rewards = self.dist.gather(leaf_rewards.float())
-        metrics = {
-            "reward_mean": float(all_rewards.mean()),
-            "reward_std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
-            "reward_min": float(all_rewards.min()),
-            "reward_max": float(all_rewards.max()),
-        }
-        trained_adv = edges.advantage.float()
-        local_metrics = {
-            "advantage_abs_mean": float(advantages.abs().mean()),
-            "advantage_trained_mean": float(trained_adv.mean()) if trained_adv.numel() else 0.0,
-            "advantage_trained_std": float(trained_adv.std()) if trained_adv.numel() > 1 else 0.0,
-            "advantage_trained_absmax": float(trained_adv.abs().max()) if trained_adv.numel() else 0.0,
-            "advantage_clipped_fraction": float((advantages.abs() >= method.advantage.advantage_clip).float().mean()),
-            "fusion_entropy_ratio": scores.fused.root_entropy_ratio(),
-            "loss": stats.loss,
-            "ratio_mean": stats.ratio_mean,
-            "ratio_max_deviation_first_step": stats.ratio_max_deviation_first_step,
-            "clip_fraction": stats.clip_fraction,
-            "kl": stats.kl,
-            "grad_norm": stats.grad_norms[-1] if stats.grad_norms else 0.0,
-            "optimizer_steps": stats.optimizer_steps,
-            "skipped_steps": stats.skipped_steps,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "nonfinite_micro_batches": stats.nonfinite_micro_batches,
-            **{f"nfe/{k}": v for k, v in asdict(scores.nfe).items()},
-            "nfe/rollout_calls_measured": tree.rollout_calls,
-            **{f"time/{k}": v for k, v in times.items()},
-            "time/iteration": sum(times.values()),
-            "memory/peak_gb": peak_memory_gb(self.device),
-        }
-        for name, values in reward_components.items():
-            everything = self.dist.gather(values.float())
-            metrics.update({f"reward/{name}_mean": float(everything.mean()), f"reward/{name}_std": float(everything.std()),
-                            f"reward/{name}_min": float(everything.min()), f"reward/{name}_max": float(everything.max())})
-        metrics.update(self.dist.mean(local_metrics))
+        metrics = iteration_metrics(
+            scored, tree, scores, edges, stats, times, method, self.dist,
+            lr=self.optimizer.param_groups[0]["lr"], device=self.device, reward_name=self.reward.name,
+        )
         metrics["iteration"] = it
         metrics["processes"] = self.dist.world_size
         self.iteration += 1
@@ -245,10 +223,10 @@ class Trainer:
 
     def _evaluate(self, tag: str, write: bool = True) -> float:
         cfg = self.config
-        prompts = self.generator.heldout_prompts
+        prompts = self.model.heldout_prompts
         if cfg.eval.max_prompts:
             prompts = prompts[: cfg.eval.max_prompts]
-        result = evaluate(self.generator, self.reward, prompts, cfg, device=self.device)
+        result = evaluate(self.model, self.reward, prompts, cfg, device=self.device)
         if cfg.run.sample_grid_every and write:
             save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png", columns=cfg.eval.samples_per_prompt)
         return result.mean_reward
@@ -261,7 +239,7 @@ class Trainer:
         """Every rank joins (the RNG states and, with FSDP, the tensors are gathered); rank 0 writes."""
         main = self.dist.is_main
         rng_states = self.dist.gather_objects(torch.get_rng_state())
-        model_state = full_model_state(self.generator.trainable, keep=main)
+        model_state = full_model_state(self.model.trainable, keep=main)
         optimizer_state = full_optimizer_state(self.optimizer, keep=main)
         ema = full_state(self.ema, keep=main) if self.ema is not None else None
         if not main:
@@ -275,7 +253,7 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> TrainerState:
-        state, ema = load_checkpoint(path, self.generator.trainable, self.optimizer, rank=self.dist.rank)
+        state, ema = load_checkpoint(path, self.model.trainable, self.optimizer, rank=self.dist.rank)
         self.iteration = state.iteration
         self.sampler.position = state.prompt_position
         if self.ema is not None:
@@ -341,10 +319,10 @@ class Trainer:
             if logger:
                 logger.close()
         if self._stop_signal is None:  # every rank joins the gathers, rank 0 writes
-            weights = full_model_state(self.generator.trainable, keep=main)
+            weights = full_model_state(self.model.trainable, keep=main)
             ema = full_state(self.ema, keep=main) if self.ema is not None else None
             if main:
-                save_weights(self.generator.trainable, self.output_dir / "weights", state=weights)
+                save_weights(self.model.trainable, self.output_dir / "weights", state=weights)
                 if ema is not None:
                     atomic_save_safetensors(ema, self.output_dir / "weights" / "ema.safetensors")
         summary = RunSummary(
@@ -377,11 +355,11 @@ def _can_handle_signals() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _shard_root(generator: Generator) -> torch.nn.Module:
+def _shard_root(bundle: PolicyBundle) -> torch.nn.Module:
     """The module FSDP wraps: the transformer (of a LoRA run too: its frozen base is sharded as well)."""
     from branchgrpo.models.lora import LoraWeights
 
-    trainable = generator.trainable
+    trainable = bundle.trainable
     return trainable.transformer if isinstance(trainable, LoraWeights) else trainable
 
 

@@ -26,6 +26,20 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_description(name: str) -> str:
+    """The preset's one-line description: the first sentence of its file's leading comment."""
+    preset_mapping(name)  # unknown names fail with the usual message
+    text = (resources.files("branchgrpo") / "presets" / f"{name}.yaml").read_text()
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    joined = " ".join(comment)
+    first = joined.split(". ")[0].rstrip(".")
+    return first + "." if first else ""
+
+
 def preset_mapping(name: str) -> dict[str, Any]:
     """The raw mapping of a preset, with its ``base`` chain merged in."""
     names = list_presets()

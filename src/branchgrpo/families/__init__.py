@@ -1,0 +1,35 @@
+"""Model families as plug-ins: ``model.family`` names one of these (see docs/api.md).
+
+    from branchgrpo import register_family
+    from branchgrpo.families import ModelFamily, PolicyBundle
+
+    class MyFamily(ModelFamily):
+        name = "mine"
+        def build(self, config, device, dtype) -> PolicyBundle: ...
+
+    register_family(MyFamily())      # then model.family=mine works in configs and the CLI
+"""
+
+from __future__ import annotations
+
+from branchgrpo.families.base import ModelFamily, Modality, NoOptions, PolicyBundle, resolve_options
+from branchgrpo.families.digits import DigitsFamily
+from branchgrpo.families.flux import FluxFamily
+from branchgrpo.families.sd3 import SD3Family
+from branchgrpo.families.registry import available_families, get_family, register_family, registered_family
+from branchgrpo.families.wan import WanFamily
+
+for _family in (DigitsFamily(), FluxFamily(), SD3Family(), WanFamily()):
+    register_family(_family)
+
+__all__ = [
+    "ModelFamily",
+    "Modality",
+    "NoOptions",
+    "PolicyBundle",
+    "available_families",
+    "get_family",
+    "register_family",
+    "registered_family",
+    "resolve_options",
+]
