@@ -92,6 +92,13 @@ class ModelFamily:
         """Load the generator on ``device`` (frozen parts in ``dtype``) as a :class:`PolicyBundle`."""
         raise NotImplementedError
 
+    def lora_target_modules(self, bundle: PolicyBundle) -> list[str]:
+        """Module-name patterns ``model.lora`` adapts when ``model.lora.target_modules`` is unset
+        (default: the attention and feed-forward projections of FLUX-style blocks)."""
+        from branchgrpo.models.lora import default_target_modules
+
+        return default_target_modules(bundle.trainable)
+
     def prompt_encoder(self, config: "TrainConfig", device: torch.device, dtype: torch.dtype) -> Any:
         """An object with ``preprocess_prompts(prompts, cache_dir)`` (text encoders only), for
         ``branchgrpo preprocess``; families without a prompt cache refuse."""

@@ -188,12 +188,12 @@ def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
     bundle = family.build(config, device, weights_dtype(config, device))
     model = config.model
     if model.lora is not None:
-        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora, default_target_modules
+        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora
 
         spec_kwargs = {"rank": model.lora.rank, "alpha": model.lora.alpha, "dropout": model.lora.dropout,
                        "init": model.lora.init}
         spec_kwargs["target_modules"] = (model.lora.target_modules if model.lora.target_modules is not None
-                                         else default_target_modules(bundle.trainable))  # Wan: attn1/attn2 names
+                                         else family.lora_target_modules(bundle))
         add_lora(bundle.trainable, LoraSpec(**spec_kwargs))
         bundle.trainable = LoraWeights(bundle.trainable)
     if config.data.train_prompts is not None:
