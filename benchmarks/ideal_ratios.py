@@ -1,6 +1,6 @@
 """What the NFE counts imply for iteration time: on our engine, and on the paper's.
 
-Two cost models, both linear in the counts of SPEC §10:
+Two cost models, both linear in the counts of docs/method.md §10:
 
 * **ours** — ``time = rollout_calls × c_roll + training_forwards × c_train`` with the unit costs
   ``branchgrpo bench`` measured (read from its ``bench.json``, or given with ``--roll/--train``).
@@ -29,7 +29,7 @@ from branchgrpo.tree.presets import TABLE1_PRESETS, method_config
 
 RESULTS = Path(__file__).parent / "results"
 
-# Paper Table 1 (SPEC §10): method → (NFE πθold per leaf, NFE πθ per leaf, seconds per iteration)
+# Paper Table 1 (docs/method.md §10): method → (NFE πθold per leaf, NFE πθ per leaf, seconds per iteration)
 PAPER_TABLE1 = {
     "dancegrpo": (20.0, 20.0, 698.0),
     "dancegrpo-tf0.6": (20.0, 12.0, 469.0),

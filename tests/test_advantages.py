@@ -1,4 +1,4 @@
-"""Specification tests for reward fusion (SPEC §5, paper Eq. 3) and depth-wise advantages (§6).
+"""Specification tests for reward fusion (docs/method.md §5, paper Eq. 3) and depth-wise advantages (§6).
 
 Expected values are brute force written plainly here: for every node, walk every leaf up the
 parent arrays, collect the leaves below the node and their path log-prob sums, and apply the
@@ -375,7 +375,7 @@ def test_outlier_z_score_is_clipped_at_a_max():
 
 
 # ---------------------------------------------------------------------------------------------
-# DanceGRPO is a tree shape (SPEC §9)
+# DanceGRPO is a tree shape (docs/method.md §9)
 # ---------------------------------------------------------------------------------------------
 
 

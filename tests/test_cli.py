@@ -1,4 +1,4 @@
-"""`branchgrpo plan`: the numbers SPEC §10 states, JSON keys, and errors without tracebacks."""
+"""`branchgrpo plan`: the numbers docs/method.md §10 states, JSON keys, and errors without tracebacks."""
 
 import json
 import subprocess

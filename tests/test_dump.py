@@ -104,7 +104,7 @@ def test_round_trip_one_row_per_node(tmp_path, preset, overrides, num_prompts):
     ode_or_root = ~columns["is_sde"]
     assert columns["logp"][ode_or_root].eq(0).all()
     assert columns["logp"][columns["is_sde"]].ne(0).all()
-    assert not columns["trained"][ode_or_root].any()  # ODE edges are never trained (SPEC §7.4)
+    assert not columns["trained"][ode_or_root].any()  # ODE edges are never trained (docs/method.md §7.4)
     assert int(columns["trained"].sum()) == scores.selection.trained_edges
 
     # metadata: spec / beta / reduction as JSON, rebuildable into the same TreeSpec

@@ -24,7 +24,7 @@ from test_sd3_adapter import (  # noqa: E402  (tests/ is on sys.path)
 )
 
 STEPS = 3
-SPEC = LoraSpec(rank=4, alpha=12.0)  # alpha ≠ rank: a loader that ignored alpha would be off by 3×
+LORA_SPEC = LoraSpec(rank=4, alpha=12.0)  # alpha ≠ rank: a loader that ignored alpha would be off by 3×
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,7 +37,7 @@ def _one_thread():
 
 def train_lora(transformer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Inject LoRA and give it non-trivial weights (stands in for GRPO training)."""
-    add_lora(transformer, SPEC)
+    add_lora(transformer, LORA_SPEC)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in trainable_parameters(transformer):

@@ -2,7 +2,7 @@
 
 The reference for every FSDP run is the plain single-process trainer (itself tested against the
 DDP path in test_distributed.py): with one update per iteration, N sharded processes sharing the
-global batch compute the same update (SPEC §8 loss normalised over all ranks; FSDP reduce-scatter
+global batch compute the same update (docs/method.md §8 loss normalised over all ranks; FSDP reduce-scatter
 sums). Tolerances are the ones test_distributed.py uses for the DDP all-reduce (float32 sums in
 another order).
 """

@@ -26,7 +26,7 @@ pytest.importorskip("peft")
 
 from test_sd3_adapter import tiny_transformer  # noqa: E402  (tests/ is on sys.path)
 
-SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
+LORA_SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +55,7 @@ def base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_add_lora_starts_as_the_base_model_and_trains_only_lora():
     original = tiny_transformer(seed=3)
-    transformer = add_lora(copy.deepcopy(original), SPEC)
+    transformer = add_lora(copy.deepcopy(original), LORA_SPEC)
     assert has_lora(transformer) and not has_lora(original)
     assert type(transformer) is type(original)  # in place: wrappers and .config keep working
     x, sigma, cond = sd3_inputs()
@@ -75,7 +75,7 @@ def test_add_lora_starts_as_the_base_model_and_trains_only_lora():
 
 def test_optimizer_step_moves_lora_only_and_disabled_adapter_is_the_original():
     original = tiny_transformer(seed=4)
-    transformer = add_lora(copy.deepcopy(original), SPEC)
+    transformer = add_lora(copy.deepcopy(original), LORA_SPEC)
     frozen = base_state(transformer)
     lora_before = {k: v.clone() for k, v in lora_state_dict(transformer).items()}
     policy = SD3Velocity(transformer, guidance_scale=4.5)
@@ -116,7 +116,7 @@ def test_optimizer_step_moves_lora_only_and_disabled_adapter_is_the_original():
 
 
 def test_disabled_adapter_restores_state_on_error_and_nests():
-    transformer = add_lora(tiny_transformer(seed=5), SPEC)
+    transformer = add_lora(tiny_transformer(seed=5), LORA_SPEC)
     x, sigma, cond = sd3_inputs(seed=1)
     policy = SD3Velocity(transformer, guidance_scale=1.0)
     with pytest.raises(RuntimeError):
@@ -131,13 +131,13 @@ def test_disabled_adapter_restores_state_on_error_and_nests():
 
 
 def test_lora_state_dict_is_diffusers_convention_and_round_trips():
-    transformer = add_lora(tiny_transformer(seed=6), SPEC)
+    transformer = add_lora(tiny_transformer(seed=6), LORA_SPEC)
     for p in trainable_parameters(transformer):
         torch.nn.init.normal_(p, std=0.1)
     state = lora_state_dict(transformer)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) and ".default." not in k for k in state)
     assert "transformer_blocks.0.attn.to_q.lora_A.weight" in state
-    other = add_lora(tiny_transformer(seed=6), SPEC)
+    other = add_lora(tiny_transformer(seed=6), LORA_SPEC)
     load_lora_state_dict(other, state)
     for key, value in lora_state_dict(other).items():
         assert torch.equal(value, state[key])
@@ -146,7 +146,7 @@ def test_lora_state_dict_is_diffusers_convention_and_round_trips():
 
 
 def test_lora_weights_view_saves_loads_and_broadcasts_only_lora():
-    transformer = add_lora(tiny_transformer(seed=7), SPEC)
+    transformer = add_lora(tiny_transformer(seed=7), LORA_SPEC)
     view = LoraWeights(transformer)
     params = list(view.parameters())
     assert [id(p) for p in params] == [id(p) for p in trainable_parameters(transformer)]
@@ -176,7 +176,7 @@ def test_flux_transformer_and_plain_modules_take_lora():
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6],
     )
-    add_lora(flux, SPEC)
+    add_lora(flux, LORA_SPEC)
     targeted = {n.rsplit(".lora_", 1)[0] for n, _ in flux.named_parameters() if "lora_" in n}
     assert "single_transformer_blocks.0.attn.to_q" in targeted and "transformer_blocks.0.attn.to_add_out" in targeted
 
@@ -211,7 +211,7 @@ def test_lora_spec_validation():
 
 
 def test_float32_lora_on_a_bfloat16_base_trains():
-    transformer = add_lora(tiny_transformer(seed=8).to(torch.bfloat16), SPEC)
+    transformer = add_lora(tiny_transformer(seed=8).to(torch.bfloat16), LORA_SPEC)
     assert all(p.dtype == torch.float32 for p in trainable_parameters(transformer))
     assert transformer.pos_embed.proj.weight.dtype == torch.bfloat16
     with torch.no_grad():

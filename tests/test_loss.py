@@ -1,4 +1,4 @@
-"""Specification tests for the clipped surrogate and the KL term (SPEC §8), against scalar formulas
+"""Specification tests for the clipped surrogate and the KL term (docs/method.md §8), against scalar formulas
 and ``torch.distributions``."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ EPSILONS = [1e-3, 0.1]
 
 
 def scalar_loss(rho: float, adv: float, eps: float) -> float:
-    """SPEC §8 for one edge: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))."""
+    """docs/method.md §8 for one edge: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))."""
     clipped = min(max(rho, 1.0 - eps), 1.0 + eps)
     return max(-adv * rho, -adv * clipped)
 

@@ -1,6 +1,6 @@
-"""Specification tests for the frontier-batched rollout (SPEC §2–4, §10).
+"""Specification tests for the frontier-batched rollout (docs/method.md §2–4, §10).
 
-Every property is checked against an independent computation written plainly here: the SPEC §2
+Every property is checked against an independent computation written plainly here: the docs/method.md §2
 schedule and §3 transition recomputed by hand in float64, a node-at-a-time reference rollout (one
 model call per node, Python loops), node counts from the split plan, and sample statistics of the
 split noise against their closed forms.
@@ -39,12 +39,12 @@ DIM = 8  # TinyMLPPolicy latent size
 
 
 # ---------------------------------------------------------------------------------------------
-# independent helpers (SPEC §2–3 written out by hand, float64)
+# independent helpers (docs/method.md §2–3 written out by hand, float64)
 # ---------------------------------------------------------------------------------------------
 
 
 def hand_sigmas(steps: int, shift: float) -> list[float]:
-    """SPEC §2: σ_i = shift·u_i / (1 + (shift − 1)·u_i), u_i = 1 − i/T."""
+    """docs/method.md §2: σ_i = shift·u_i / (1 + (shift − 1)·u_i), u_i = 1 − i/T."""
     out = []
     for i in range(steps + 1):
         u = 1.0 - i / steps
@@ -53,7 +53,7 @@ def hand_sigmas(steps: int, shift: float) -> list[float]:
 
 
 def hand_transition(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, eta: float):
-    """SPEC §3 in float64: (ODE mean, SDE mean, std, x̂0)."""
+    """docs/method.md §3 in float64: (ODE mean, SDE mean, std, x̂0)."""
     x = x.double()
     v = v.double()
     delta = sigma - sigma_next
@@ -66,7 +66,7 @@ def hand_transition(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: 
 
 
 def hand_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: float, reduction: str) -> float:
-    """SPEC §3: lp = −(x' − μ)²/(2s²) − log s − ½ log 2π, reduced over all latent dims."""
+    """docs/method.md §3: lp = −(x' − μ)²/(2s²) − log s − ½ log 2π, reduced over all latent dims."""
     d = sample.double() - mean.double()
     elem = -(d**2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
     return float(elem.mean() if reduction == "mean" else elem.sum())
@@ -81,7 +81,7 @@ def expected_nodes_per_depth(split_plan: dict, steps: int, roots: int) -> list[i
 
 
 def hand_sde_steps(steps: int, split_steps, window_steps=None) -> list[bool]:
-    """SPEC §7.4: split steps are always SDE; with a window only window ∪ splits are SDE."""
+    """docs/method.md §7.4: split steps are always SDE; with a window only window ∪ splits are SDE."""
     if window_steps is None:
         return [True] * steps
     return [(i in split_steps) or (i in window_steps) for i in range(steps)]
@@ -98,7 +98,7 @@ def naive_rollout(model, cond, spec, num_prompts, shape, seed, sde_steps):
     """Reference rollout: Python loop over nodes, one model call per node, float64 maths.
 
     The noise is drawn from the generator in the order the engine's contract fixes (one draw per
-    step for all children of the frontier, SPEC §4): roots; then per SDE step either ``ξ`` for
+    step for all children of the frontier, docs/method.md §4): roots; then per SDE step either ``ξ`` for
     every child (K = 1, "independent", "legacy_independent" × s) or ``ξ_0`` per parent followed by
     ``ζ`` per child ("correlated"). ODE steps draw nothing.
     Returns per depth: latents [N_d, ...] float64, logp [N_d], parent [N_d], prompt [N_d], and the
@@ -203,17 +203,17 @@ def flux():
 # shapes and NFE
 # ---------------------------------------------------------------------------------------------
 
-# (preset, num_prompts, roots per prompt, rollout calls per prompt from SPEC §10 where it says so)
+# (preset, num_prompts, roots per prompt, rollout calls per prompt from docs/method.md §10 where it says so)
 SHAPE_CASES = [
-    ("branchgrpo", 1, 1, 203),  # SPEC §10: F = 203 for splits (0,3,6,9), K = 2
+    ("branchgrpo", 1, 1, 203),  # docs/method.md §10: F = 203 for splits (0,3,6,9), K = 2
     ("branchgrpo", 3, 1, 203),
     # sparse (0,5,10,15): frontier 1 at step 0, then 2, 4, 8 for five steps each, 16 for four
     ("branchgrpo-sparse", 2, 1, 1 + 5 * 2 + 5 * 4 + 5 * 8 + 4 * 16),
     ("branchgrpo-mixed", 2, 1, 1 + 4 * 2 + 4 * 4 + 4 * 8 + 7 * 16),  # (0,4,8,12)
     ("branchgrpo-k3", 1, 1, 1 + 3 * 3 + 3 * 9 + 3 * 27 + 10 * 81),
     ("branchgrpo-k4", 1, 1, 1 + 3 * 4 + 3 * 16 + 3 * 64 + 10 * 256),
-    ("dancegrpo", 2, 1, 305),  # SPEC §10: one shared step-0 call + 16·19
-    ("dancegrpo-indep", 2, 16, 320),  # SPEC §10: 16 independent roots, 16·20
+    ("dancegrpo", 2, 1, 305),  # docs/method.md §10: one shared step-0 call + 16·19
+    ("dancegrpo-indep", 2, 16, 320),  # docs/method.md §10: 16 independent roots, 16·20
     ("mixgrpo", 1, 1, 305),
 ]
 
@@ -234,7 +234,7 @@ def test_tree_shapes_and_rollout_calls(mlp, preset, num_prompts, rpp, calls_per_
         assert tree.parent[d].shape == (n,)
         assert tree.group[d].shape == (n,)
     assert tree.leaf_x0.shape == (counts[-1], DIM)
-    # SPEC §10: F = Σ_i (#frontier nodes at step i), and the hand-counted totals.
+    # docs/method.md §10: F = Σ_i (#frontier nodes at step i), and the hand-counted totals.
     assert tree.rollout_calls == sum(counts[:-1])
     assert tree.rollout_calls == calls_per_prompt * num_prompts
     # The engine really evaluated those rows, frontier-batched: Σ_i ceil(N_i / micro_batch) calls.
@@ -457,7 +457,7 @@ def test_roots_per_prompt_form_one_group_each(mlp):
 
 
 # ---------------------------------------------------------------------------------------------
-# split noise statistics (SPEC §4, §11)
+# split noise statistics (docs/method.md §4, §11)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -502,7 +502,7 @@ def test_correlated_split_noise_small_s_is_highly_correlated():
 def test_legacy_independent_split_noise_is_s_times_wider():
     s = 4.0
     z = split_residuals("legacy_independent", s=s)
-    # authors' code: ξ = s·ζ, so the deviation from μ has std s·η·√Δ (SPEC §11)
+    # authors' code: ξ = s·ζ, so the deviation from μ has std s·η·√Δ (docs/method.md §11)
     assert float(z.std()) == pytest.approx(s, rel=0.03)
     assert abs(_sibling_corr(z)) < 0.03
 

@@ -148,7 +148,7 @@ def test_pipeline_sigmas_equal_sigma_schedule(steps):
 
 
 def test_stock_sd3_schedule_differs_from_sigma_schedule():
-    """Without ``sigmas=`` the pipeline spaces σ to shift(shift(1/1000)) — documented, not SPEC §2."""
+    """Without ``sigmas=`` the pipeline spaces σ to shift(shift(1/1000)) — documented, not docs/method.md §2."""
     stock = diffusers_sd3_sigmas(10, 3.0)
     ours = sigma_schedule(10, 3.0)
     assert stock[0] == 1 and stock[-1] == 0 and stock.shape == ours.shape

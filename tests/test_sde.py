@@ -1,4 +1,4 @@
-"""Specification tests for the schedule, one SDE/ODE transition and its log-prob (SPEC §2–4).
+"""Specification tests for the schedule, one SDE/ODE transition and its log-prob (docs/method.md §2–4).
 
 Every expected value is computed independently in the test: closed forms in plain Python floats,
 ``torch.distributions.Normal`` for densities, and sample moments with tolerances derived from the
@@ -64,7 +64,7 @@ def test_sigma_schedule_shift_one_is_linear():
 
 
 def _transition_by_hand(x: float, v: float, s: float, s_next: float, eta: float, sde: bool):
-    """SPEC §3 for one scalar element, in Python floats."""
+    """docs/method.md §3 for one scalar element, in Python floats."""
     delta = s - s_next
     x0 = x - s * v
     m_ode = x - delta * v
@@ -110,7 +110,7 @@ def test_transition_mean_scalar_sigma_matches_spec(step, sde):
 
 
 def test_transition_mean_per_row_sigma_and_sde_mask():
-    """One micro-batch mixing edges of different steps, SDE and ODE rows (SPEC §3, §7)."""
+    """One micro-batch mixing edges of different steps, SDE and ODE rows (docs/method.md §3, §7)."""
     gen = torch.Generator().manual_seed(3)
     steps = [0, 5, 5, 19, 12, 3, 18, 0]
     sde_rows = [True, False, True, True, False, True, False, False]

@@ -69,7 +69,7 @@ def test_one_iteration_of_every_table1_preset(tmp_path, preset):
     after = trainer.model.trainable.state_dict()
     assert metrics["iteration"] == 0 and trainer.iteration == 1
     assert metrics["nfe/rollout_calls_measured"] == metrics["nfe/rollout_calls"] * 2
-    # before the first optimizer step the policy is the rollout policy: ratio 1 (SPEC §8)
+    # before the first optimizer step the policy is the rollout policy: ratio 1 (docs/method.md §8)
     assert metrics["ratio_max_deviation_first_step"] < 1e-4
     assert metrics["nfe/trained_edges"] > 0 and metrics["optimizer_steps"] == 1
     assert any(not torch.equal(before[k], after[k]) for k in before), "the update changed no weight"

@@ -1,6 +1,6 @@
-"""Specification tests for the policy update (SPEC §7–8).
+"""Specification tests for the policy update (docs/method.md §7–8).
 
-The reference for every gradient here is a naive loss written from SPEC §3/§8 in this file: a
+The reference for every gradient here is a naive loss written from docs/method.md §3/§8 in this file: a
 Python loop over trained edges read straight off the rollout tree, one model forward per *edge*
 (no parent sharing), the transition mean and Gaussian log-prob by hand in float64, and the clipped
 surrogate as a max of two scalars. ``policy_update`` is run with plain SGD (lr = 1, no weight
@@ -46,12 +46,12 @@ def flux():
 
 
 def hand_sigmas(steps: int, shift: float) -> list[float]:
-    """SPEC §2."""
+    """docs/method.md §2."""
     return [shift * (1 - i / steps) / (1 + (shift - 1) * (1 - i / steps)) for i in range(steps + 1)]
 
 
 def hand_mean_std(x, v, sigma: float, sigma_next: float, eta: float):
-    """SPEC §3 SDE mean and std, float64."""
+    """docs/method.md §3 SDE mean and std, float64."""
     x, v = x.double(), v.double()
     delta = sigma - sigma_next
     x0 = x - sigma * v
@@ -66,7 +66,7 @@ def hand_log_prob(sample, mu, std: float, reduction: str):
 
 
 def hand_surrogate(lp_new, lp_old: float, adv: float, eps: float):
-    """SPEC §8: L = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)) for one edge (autograd through ρ)."""
+    """docs/method.md §8: L = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)) for one edge (autograd through ρ)."""
     rho = torch.exp(lp_new - lp_old)
     clipped = torch.clamp(rho, 1 - eps, 1 + eps)
     return torch.maximum(-adv * rho, -adv * clipped), rho
@@ -105,7 +105,7 @@ def forward_one(model, x, sigma: float, cond, prompt: int):
 
 
 def naive_loss(model, cond, config, edge_list, reference=None, kl_coef=0.0):
-    """Mean over edges of the SPEC §8 per-edge loss, one forward per edge. Returns (loss, info)."""
+    """Mean over edges of the docs/method.md §8 per-edge loss, one forward per edge. Returns (loss, info)."""
     spec = config.tree
     sig = hand_sigmas(spec.steps, spec.shift)
     total, kl_total, ratios, clipped = 0.0, 0.0, [], 0
@@ -122,7 +122,7 @@ def naive_loss(model, cond, config, edge_list, reference=None, kl_coef=0.0):
             with torch.no_grad():
                 v_ref = forward_one(reference, e["x"], sig[i], cond, e["prompt"])
                 mu_ref, _ = hand_mean_std(e["x"], v_ref, sig[i], sig[i + 1], spec.eta)
-            sq = (mu - mu_ref) ** 2 / (2 * std**2)  # SPEC §8 / Flow-GRPO: ‖μ − μ_ref‖²/(2s²)
+            sq = (mu - mu_ref) ** 2 / (2 * std**2)  # docs/method.md §8 / Flow-GRPO: ‖μ − μ_ref‖²/(2s²)
             kl_e = sq.mean() if spec.logprob_reduction == "mean" else sq.sum()
             kl_total = kl_total + kl_e
             total = total + kl_coef * kl_e
@@ -202,7 +202,7 @@ def _ratio_check(model, cond, shape, preset, rmb, tmb, shuffle, tol):
     tree, scores = scored_tree(model, cond, config, 2, shape=shape, seed=rmb + tmb)
     edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
     assert edges.num_edges == scores.selection.trained_edges > 0
-    # only SDE steps are trained (SPEC §7.4): every trained edge has a non-zero old log-prob
+    # only SDE steps are trained (docs/method.md §7.4): every trained edge has a non-zero old log-prob
     assert (edges.lp_old != 0).all()
     # (a) edge_log_probs over all parents, micro-batched like the trainer
     counts = edges.edges_per_parent()
@@ -282,7 +282,7 @@ def test_shared_parent_gradient_equals_per_edge_reference(reduction, tmb, shuffl
     model = CountingModel(copy.deepcopy(current))
     edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
     stats, change = sgd_update(model, edges, cond, config)
-    # amortisation: one forward row per distinct parent, fewer than edges (SPEC §7, §10)
+    # amortisation: one forward row per distinct parent, fewer than edges (docs/method.md §7, §10)
     distinct_parents = {e["parent"] for e in edge_list}
     assert stats.training_forwards == edges.num_parents == len(distinct_parents) == sum(model.rows)
     assert stats.trained_edges == len(edge_list) > len(distinct_parents)
@@ -334,7 +334,7 @@ def test_train_micro_batch_and_shuffle_do_not_change_the_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# zero-advantage skip (SPEC §7.1: exact)
+# zero-advantage skip (docs/method.md §7.1: exact)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -347,7 +347,7 @@ def test_zero_advantage_skip_is_exact():
     for skip in (True, False):
         config = method_config("branchgrpo", overrides + [f"selection.skip_zero_advantage={skip}"])
         tree, scores = scored_tree(old, cond, config, 2, seed=4)
-        # the trunk (depths 1–2: one node per tree) has advantage exactly 0 (SPEC §6)
+        # the trunk (depths 1–2: one node per tree) has advantage exactly 0 (docs/method.md §6)
         assert scores.edge_advantage[1].eq(0).all() and scores.edge_advantage[2].eq(0).all()
         assert scores.edge_advantage[3].ne(0).all()
         edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
@@ -406,7 +406,7 @@ def test_updates_per_iteration_gives_that_many_optimizer_steps(updates):
 
 
 # ---------------------------------------------------------------------------------------------
-# KL to a reference (SPEC §8, Flow-GRPO)
+# KL to a reference (docs/method.md §8, Flow-GRPO)
 # ---------------------------------------------------------------------------------------------
 
 

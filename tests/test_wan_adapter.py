@@ -82,7 +82,7 @@ def make_adapter(components: dict, **kwargs) -> WanAdapter:
 
 
 def wan_pipeline(components: dict):
-    """``WanPipeline`` with an Euler scheduler on SPEC §2's σ grid (the pipeline passes no ``sigmas=``)."""
+    """``WanPipeline`` with an Euler scheduler on docs/method.md §2's σ grid (the pipeline passes no ``sigmas=``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -410,7 +410,7 @@ def test_one_branchgrpo_iteration_for_wan_with_a_frame_averaged_reward(tmp_path)
     before = {k: v.clone() for k, v in adapter.transformer.state_dict().items()}
     metrics = trainer.step()
     assert seen == [(8 * 3, 3, HEIGHT, WIDTH)]  # 2 trees × 4 leaves, 3 frames each, one reward call
-    assert metrics["ratio_max_deviation_first_step"] < 1e-4  # the rollout policy, CFG included (SPEC §8)
+    assert metrics["ratio_max_deviation_first_step"] < 1e-4  # the rollout policy, CFG included (docs/method.md §8)
     assert metrics["nfe/trained_edges"] > 0 and metrics["optimizer_steps"] == 1
     assert 0 < metrics["reward_mean"] < 1 and metrics["reward_std"] > 0
     after = adapter.transformer.state_dict()

@@ -1,4 +1,4 @@
-"""Clipped GRPO surrogate and the optional KL-to-reference term (SPEC §8). Pure functions."""
+"""Clipped GRPO surrogate and the optional KL-to-reference term (docs/method.md §8). Pure functions."""
 
 from __future__ import annotations
 

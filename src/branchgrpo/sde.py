@@ -1,4 +1,4 @@
-"""Noise schedule, one SDE/ODE transition and its Gaussian log-prob (SPEC §2–3).
+"""Noise schedule, one SDE/ODE transition and its Gaussian log-prob (docs/method.md §2–3).
 
 Pure tensor functions: no model, no I/O. Every function accepts per-row noise levels so that one
 training micro-batch may mix edges of different steps.
@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 Reduction = Literal["mean", "sum"]
-STD_FLOOR = 1e-8  # SPEC §3: guard s_i >= 1e-8
+STD_FLOOR = 1e-8  # docs/method.md §3: guard s_i >= 1e-8
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def sigma_schedule(steps: int, shift: float) -> Tensor:
     """Shifted σ schedule ``σ_i = shift·u / (1 + (shift − 1)·u)``, ``u = linspace(1, 0, T+1)``.
 
-    Returns a float64 tensor ``[steps + 1]`` going from 1 to 0 (SPEC §2).
+    Returns a float64 tensor ``[steps + 1]`` going from 1 to 0 (docs/method.md §2).
     """
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     return shift * u / (1.0 + (shift - 1.0) * u)
@@ -60,7 +60,7 @@ def transition_mean(
     eta: float,
     sde: bool | Tensor = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and std of one step ``σ → σ_next`` and the clean-sample prediction (SPEC §3).
+    """Mean and std of one step ``σ → σ_next`` and the clean-sample prediction (docs/method.md §3).
 
     Args:
         latents: ``x`` ``[N, ...]``; velocity: ``v = vθ(x, σ, c)`` ``[N, ...]``.
@@ -88,7 +88,7 @@ def gaussian_log_prob(
 ) -> Tensor:
     """Log-density of ``sample`` under ``N(mean, std² I)``, reduced over all but the first dim.
 
-    ``std`` is a scalar or ``[N]``. Computed in float32 (SPEC §3). Returns ``[N]``.
+    ``std`` is a scalar or ``[N]``. Computed in float32 (docs/method.md §3). Returns ``[N]``.
     """
     x = sample.float()
     mu = mean.float()
@@ -100,7 +100,7 @@ def gaussian_log_prob(
 def correlated_split_noise(
     base: Tensor, independent: Tensor, split_noise_scale: float
 ) -> Tensor:
-    """Marginal-preserving sibling noise ``ξ_b = (ξ_0 + s·ζ_b)/√(1 + s²)`` (SPEC §4, Lemma 1–2).
+    """Marginal-preserving sibling noise ``ξ_b = (ξ_0 + s·ζ_b)/√(1 + s²)`` (docs/method.md §4, Lemma 1–2).
 
     Args:
         base: ``ξ_0`` repeated for every child ``[N_children, ...]``.

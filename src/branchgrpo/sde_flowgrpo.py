@@ -1,4 +1,4 @@
-"""Flow-GRPO's SDE transition: a σ-dependent noise level (an alternative to SPEC §3's ``η·√Δ``).
+"""Flow-GRPO's SDE transition: a σ-dependent noise level (an alternative to docs/method.md §3's ``η·√Δ``).
 
 Source: Flow-GRPO, ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``, function
 ``sde_step_with_logprob`` (github.com/yifan123/flow_grpo, commit 54809b5f), ``sde_type == 'sde'``.
@@ -102,7 +102,7 @@ def flowgrpo_kl(
 
 
 TRANSITIONS: dict[str, Transition] = {
-    "flowsde": transition_mean,  # SPEC §3 (DanceGRPO / BranchGRPO): std = η·√Δ
+    "flowsde": transition_mean,  # docs/method.md §3 (DanceGRPO / BranchGRPO): std = η·√Δ
     "flowgrpo": transition_mean_flowgrpo,  # Flow-GRPO: std = a·sqrt(σ/(1−σ))·√Δ
 }
 

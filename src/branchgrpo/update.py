@@ -1,4 +1,4 @@
-"""The policy update over trained edges (SPEC §7–8).
+"""The policy update over trained edges (docs/method.md §7–8).
 
 Trained edges are grouped by parent: one forward with gradients per distinct parent yields the
 mean of every child's Gaussian, so a split with K trained children costs one forward, not K.
@@ -51,7 +51,7 @@ class TrainingEdges:
 
 
 def gather_training_edges(tree: RolloutTree, selection: EdgeSelection, edge_advantage: list[Tensor]) -> TrainingEdges:
-    """Collect the selected edges of a rollout, one row per distinct parent (SPEC §7)."""
+    """Collect the selected edges of a rollout, one row per distinct parent (docs/method.md §7)."""
     parts: dict[str, list[Tensor]] = {k: [] for k in TrainingEdges.__dataclass_fields__}
     offset = 0
     for d in range(1, len(tree.parent)):
@@ -200,7 +200,7 @@ def policy_update(
     reference_model: VelocityModel | None = None,
     sync: GradientSync | None = None,
 ) -> UpdateStats:
-    """Clipped GRPO updates over the trained edges of one iteration (SPEC §8).
+    """Clipped GRPO updates over the trained edges of one iteration (docs/method.md §8).
 
     The trained parents are shuffled (``update.shuffle_edges``) and split into
     ``update.updates_per_iteration`` optimizer steps; within a step the loss is the mean over its

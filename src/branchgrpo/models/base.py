@@ -39,7 +39,7 @@ def spec_sigmas_for_pipeline(steps: int) -> np.ndarray:
     """``sigmas=`` for a diffusers flow-matching pipeline that make its scheduler's σ equal ``sigma_schedule``.
 
     ``FlowMatchEulerDiscreteScheduler`` shifts what it is given, so pass the unshifted grid
-    ``linspace(1, 1/T, T)`` (SPEC §2's ``u`` without the final 0, which the scheduler appends).
+    ``linspace(1, 1/T, T)`` (docs/method.md §2's ``u`` without the final 0, which the scheduler appends).
     """
     return np.linspace(1.0, 1.0 / steps, steps)
 

@@ -102,8 +102,8 @@ def diffusers_dynamic_shift(height: int, width: int, vae_scale_factor: int = 8) 
     """The ``shift`` that reproduces diffusers' FLUX.1-dev default schedule at ``height × width``.
 
     FLUX.1-dev's scheduler uses resolution-dependent ("dynamic") shifting: ``μ`` from the packed
-    token count, ``σ' = e^μ / (e^μ + 1/σ − 1)``, which is SPEC §2's formula with ``shift = e^μ``
-    (2.22 at 720², 3.16 at 1024²). The anchors and SPEC use a fixed ``shift = 3`` instead.
+    token count, ``σ' = e^μ / (e^μ + 1/σ − 1)``, which is docs/method.md §2's formula with ``shift = e^μ``
+    (2.22 at 720², 3.16 at 1024²). The anchors and docs/method.md §2 use a fixed ``shift = 3`` instead.
     """
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -236,7 +236,7 @@ class FluxAdapter(DiffusersAdapter):
         guidance_scale: float | None = None,
         compute_dtype: torch.dtype | str | None = None,
     ) -> FluxVelocity:
-        """The transformer as ``vθ(x, σ, c)`` on packed latents of one image size (SPEC §1–2).
+        """The transformer as ``vθ(x, σ, c)`` on packed latents of one image size (docs/method.md §1–2).
 
         ``guidance_scale``/``compute_dtype`` default to the adapter's; ``torch.float32`` = no autocast.
         """

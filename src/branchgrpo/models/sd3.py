@@ -35,7 +35,7 @@ def diffusers_sd3_sigmas(steps: int, shift: float = 3.0) -> Tensor:
 
     SD3.5's scheduler (``FlowMatchEulerDiscreteScheduler(shift=3.0)``) spaces the unshifted grid
     from 1 to its shifted ``sigma_min = shift(1/1000)`` and shifts it again, then appends 0. That
-    is *not* SPEC §2's ``sigma_schedule(T, shift)`` (``u = linspace(1, 0, T + 1)``): e.g. T = 10
+    is *not* docs/method.md §2's ``sigma_schedule(T, shift)`` (``u = linspace(1, 0, T + 1)``): e.g. T = 10
     gives σ_9 = 0.0090 here versus 0.25 there. Flow-GRPO samples SD3.5 with this default
     (``retrieve_timesteps(..., sigmas=None)``). Returned as float64 for comparison.
     """
@@ -210,7 +210,7 @@ class SD3Adapter(DiffusersAdapter):
         guidance_scale: float | None = None,
         compute_dtype: torch.dtype | str | None = None,
     ) -> SD3Velocity:
-        """The transformer as ``vθ(x, σ, c)`` with CFG (SPEC §1–2).
+        """The transformer as ``vθ(x, σ, c)`` with CFG (docs/method.md §1–2).
 
         Same arguments as ``FluxAdapter.velocity_model``; ``height``/``width`` are only checked
         (SD3 latents carry their size). ``guidance_scale``/``compute_dtype`` default to the

@@ -17,7 +17,7 @@ Conventions match diffusers' ``WanPipeline``:
 - decoding un-normalises with the VAE's per-channel ``latents_mean`` / ``latents_std``
   (``z·std + mean``), runs ``vae.decode`` and maps ``[-1, 1]`` to ``[0, 1]``.
 
-The sampler is the engine's (SPEC §2–3: Euler/Flow-SDE on ``sigma_schedule(T, shift)``); Wan2.1's
+The sampler is the engine's (docs/method.md §2–3: Euler/Flow-SDE on ``sigma_schedule(T, shift)``); Wan2.1's
 own ``scheduler/`` (UniPC, ``flow_shift = 3.0`` in the 1.3B diffusers folder, the 480p value of
 the model card) is not used — set ``method.tree.shift: 3.0`` for 480p.
 """
@@ -198,7 +198,7 @@ class WanAdapter(DiffusersAdapter):
         compute_dtype: torch.dtype | str | None = None,
         num_frames: int | None = None,
     ) -> WanVelocity:
-        """The transformer as ``vθ(x, σ, c)`` with CFG (SPEC §1–2).
+        """The transformer as ``vθ(x, σ, c)`` with CFG (docs/method.md §1–2).
 
         The size arguments are only checked (latents carry their size); ``guidance_scale`` /
         ``compute_dtype`` default to the adapter's; ``torch.float32`` = no autocast.

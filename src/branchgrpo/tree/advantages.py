@@ -1,4 +1,4 @@
-"""Reward fusion (paper Eq. 3, SPEC §5) and depth-wise advantages (paper Eq. 4, SPEC §6).
+"""Reward fusion (paper Eq. 3, docs/method.md §5) and depth-wise advantages (paper Eq. 4, docs/method.md §6).
 
 Pure functions over per-depth tensors; one scatter pass per depth, no node objects.
 """
@@ -37,7 +37,7 @@ def _scatter_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
 
 
 def fuse_rewards(parent: list[Tensor], logp: list[Tensor], leaf_rewards: Tensor, beta: float) -> FusedRewards:
-    """Bottom-up fusion: ``r̄(n) = Σ_{ℓ∈L(n)} softmax_ℓ(β·S(n→ℓ)) r_ℓ`` (SPEC §5).
+    """Bottom-up fusion: ``r̄(n) = Σ_{ℓ∈L(n)} softmax_ℓ(β·S(n→ℓ)) r_ℓ`` (docs/method.md §5).
 
     Uses the exact recursion ``Z(n) = logsumexp_c(β·lp(n→c) + Z(c))``, ``w_c ∝ exp(β·lp + Z(c))``,
     ``r̄(n) = Σ_c w_c r̄(c)``, so path sums are never materialised. Computed in float64.
@@ -75,7 +75,7 @@ def fuse_rewards(parent: list[Tensor], logp: list[Tensor], leaf_rewards: Tensor,
 def depth_advantages(
     fused: list[Tensor], group: list[Tensor], num_groups: int, std_floor: float = 0.0
 ) -> list[Tensor]:
-    """Per-group, per-depth z-scores of fused rewards (SPEC §6, paper Eq. 4).
+    """Per-group, per-depth z-scores of fused rewards (docs/method.md §6, paper Eq. 4).
 
     ``A(n) = (r̄(n) − mean_d) / (std_d + 1e-8)`` with the unbiased std over the nodes of the same
     group at depth d; ``A = 0`` where the group has one node at that depth or ``std_d < 1e-6``.
@@ -99,5 +99,5 @@ def depth_advantages(
 
 
 def edge_advantages(node_advantages: list[Tensor], clip: float) -> list[Tensor]:
-    """Edge into node n inherits ``A(n)``, clipped to ``[−A_max, A_max]`` (SPEC §6)."""
+    """Edge into node n inherits ``A(n)``, clipped to ``[−A_max, A_max]`` (docs/method.md §6)."""
     return [a.clamp(-clip, clip) for a in node_advantages]

@@ -1,4 +1,4 @@
-"""Named method presets: YAML files shipped in ``branchgrpo/presets`` (SPEC §9, Table 1)."""
+"""Named method presets: YAML files shipped in ``branchgrpo/presets`` (docs/method.md §9, Table 1)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def score_tree(
     config: MethodConfig,
     generator: torch.Generator | None = None,
 ) -> TreeScores:
-    """Fuse leaf rewards (SPEC §5), normalise per group and depth (§6), select edges (§7)."""
+    """Fuse leaf rewards (docs/method.md §5), normalise per group and depth (§6), select edges (§7)."""
     if leaf_rewards.shape != (tree.parent[-1].numel(),):
         raise ValueError(
             f"leaf_rewards must have shape [{tree.parent[-1].numel()}] (one per leaf), got {tuple(leaf_rewards.shape)}"

@@ -379,7 +379,7 @@ section('cost', b => {
     charts.push({host: h3, draw: drawBars});
   }
   // NFE table
-  const [c2, h2] = card('NFE per prompt', 'denoiser calls, nodes and edges (SPEC \u00a710), mean over iterations');
+  const [c2, h2] = card('NFE per prompt', 'denoiser calls, nodes and edges (docs/method.md \u00a710), mean over iterations');
   const [c4, h4] = card('NFE per leaf', 'rollout calls (\u03c0\u03b8old), trained edges, training forwards (\u03c0\u03b8)');
   grid.append(c2, c4);
   const keys = ['leaves', 'nodes', 'rollout_calls', 'edges', 'sde_edges', 'trained_edges', 'training_forwards'].filter(k => has('nfe/' + k));
