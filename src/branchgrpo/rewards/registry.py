@@ -199,7 +199,35 @@ def build_reward(
         return build_composite(specs, normalize=normalize)
     factory = _factory(name)
     _check_options(name, factory, options)
-    return factory(checkpoint=checkpoint, device=device, dtype=dtype, **options)
+    accepted = _accepted_arguments(factory)
+    common = {"checkpoint": checkpoint, "device": device, "dtype": dtype}
+    if accepted is not None:  # a factory without a checkpoint (or device) parameter is not given one
+        if checkpoint is not None and "checkpoint" not in accepted:
+            raise RewardError(f"reward {name!r} takes no checkpoint, got {checkpoint!r}")
+        common = {k: v for k, v in common.items() if k in accepted}
+    return factory(**common, **options)
+
+
+def _accepted_arguments(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword arguments the factory (its ``__init__`` chain for a class) accepts; None: anything."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    if not isinstance(factory, type):
+        return None
+    accepted: set[str] = set()
+    for klass in factory.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        init_params = inspect.signature(init).parameters
+        accepted |= {k for k, p in init_params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in init_params.values()):
+            return accepted
+    return None
 
 
 @dataclass
