@@ -26,8 +26,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import test_flux_adapter as flux_tests  # noqa: E402  (tests/ is on sys.path: conftest.py)
-import test_sd3_adapter as sd3_tests  # noqa: E402
+import test_flux as flux_tests  # noqa: E402  (tests/models/ is on sys.path: pytest prepends it)
+import test_sd3_adapter as sd3_tests  # noqa: E402  (tests/ is on sys.path: conftest.py)
 import test_wan_adapter as wan_tests  # noqa: E402
 
 from PIL import Image  # noqa: E402
