@@ -11,12 +11,8 @@ import torch
 
 from branchgrpo.loss import gaussian_kl_same_std
 from branchgrpo.sde import gaussian_log_prob, sigma_schedule, transition_mean
-from branchgrpo.sde_flowgrpo import (
-    flowgrpo_kl,
-    flowgrpo_std_dev,
-    get_transition,
-    transition_mean_flowgrpo,
-)
+from branchgrpo.sde_flowgrpo import flowgrpo_kl, flowgrpo_std_dev, transition_mean_flowgrpo
+from branchgrpo.transitions import get_transition
 
 A = 0.7  # Flow-GRPO's SD3.5 noise level
 

@@ -24,15 +24,14 @@ guard uses ``σ_next`` (the same number for every schedule that starts at 1).
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from branchgrpo.sde import STD_FLOOR, Reduction, per_row, reduce_rows, select_rows, transition_mean
+from branchgrpo.sde import STD_FLOOR, Reduction, per_row, reduce_rows, select_rows
 
 TransitionName = Literal["flowsde", "flowgrpo"]
-Transition = Callable[..., "tuple[Tensor, Tensor, Tensor]"]
 
 
 def flowgrpo_std_dev(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor:
@@ -101,24 +100,8 @@ def flowgrpo_kl(
     return reduce_rows(elementwise, reduction)
 
 
-TRANSITIONS: dict[str, Transition] = {
-    "flowsde": transition_mean,  # docs/method.md §3 (DanceGRPO / BranchGRPO): std = η·√Δ
-    "flowgrpo": transition_mean_flowgrpo,  # Flow-GRPO: std = a·sqrt(σ/(1−σ))·√Δ
-}
-
-
-def get_transition(name: str) -> Transition:
-    """The transition function for ``method.tree.transition`` (``flowsde`` | ``flowgrpo``)."""
-    try:
-        return TRANSITIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown transition {name!r}; allowed values: {', '.join(TRANSITIONS)}") from None
-
-
 __all__ = [
-    "TRANSITIONS",
     "flowgrpo_kl",
     "flowgrpo_std_dev",
-    "get_transition",
     "transition_mean_flowgrpo",
 ]

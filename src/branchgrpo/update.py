@@ -17,7 +17,8 @@ from torch import Tensor
 from branchgrpo.loss import clipped_surrogate, gaussian_kl_same_std
 from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
 from branchgrpo.sde import gaussian_log_prob
-from branchgrpo.sde_flowgrpo import flowgrpo_kl, get_transition
+from branchgrpo.sde_flowgrpo import flowgrpo_kl
+from branchgrpo.transitions import get_transition
 from branchgrpo.tree.rollout import RolloutTree
 from branchgrpo.tree.selection import EdgeSelection
 from branchgrpo.tree.spec import MethodConfig
@@ -165,6 +166,27 @@ class GradientSync:
     def gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient over all processes (in place)."""
 
+    def padded(self, micro_batches: list[Tensor]) -> list[Tensor | None]:
+        """``micro_batches`` with ``None`` appended up to the largest count of any process when the
+        model is sharded (it communicates in every forward/backward, so every process runs as many)."""
+        if not self.sharded:
+            return list(micro_batches)
+        return list(micro_batches) + [None] * (int(self.max(len(micro_batches))) - len(micro_batches))
+
+    def finite_gradients(self, params: list[torch.nn.Parameter], poisoned: bool = False) -> bool:
+        """Sum the gradients over processes if every process's are finite; False (nothing summed) if
+        any process has a non-finite gradient or reported ``poisoned`` (a non-finite micro-batch that a
+        sharded model already reduced). Parameters without a gradient get zeros, so every process joins
+        the reduction with the same tensors."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        local_bad = poisoned or not all(bool(torch.isfinite(_local(p.grad)).all()) for p in params)
+        if self.any(local_bad):
+            return False
+        self.gradients(params)
+        return True
+
 
 def _local(tensor: Tensor) -> Tensor:
     """This process's shard of a DTensor (duck-typed, so the core needs no torch.distributed)."""
@@ -188,6 +210,51 @@ def _padding_pass(
     if reference_model is not None:
         reference_model(x, sigma, rows)
     (velocity.sum() * 0.0).backward()
+
+
+def _micro_batch_terms(
+    model: VelocityModel,
+    reference_model: VelocityModel | None,
+    edges: TrainingEdges,
+    parents: Tensor,
+    conditioning: Conditioning,
+    config: MethodConfig,
+    starts: Tensor,
+    counts: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-edge clipped surrogate, ratio and KL-to-reference of one micro-batch of ``parents``
+    (docs/method.md §8); the KL is zero without a reference model."""
+    update = config.update
+    lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)
+    rows_dev = rows.to(lp_new.device)
+    loss_e, ratio, _ = clipped_surrogate(
+        lp_new, edges.lp_old[rows_dev], edges.advantage[rows_dev].to(lp_new.device), update.clip_range
+    )
+    if reference_model is None:
+        return loss_e, ratio, torch.zeros_like(loss_e)
+    with torch.no_grad():
+        device = edges.parent_latents.device
+        x = edges.parent_latents[parents.to(device)]
+        sigma = edges.parent_sigma[parents].to(device)
+        ref_v = reference_model(x, sigma, select_conditioning(conditioning, edges.parent_prompt[parents]))
+        sigma_next = edges.parent_sigma_next[parents].to(device)
+        ref_mean, _, _ = get_transition(config.tree.transition)(x, ref_v, sigma, sigma_next, config.tree.eta, sde=True)
+    if update.kl_form == "flowgrpo":
+        kl_parent = flowgrpo_kl(mean, ref_mean, sigma, sigma_next, config.tree.eta, config.tree.logprob_reduction)
+    else:
+        kl_parent = gaussian_kl_same_std(mean, ref_mean, std, config.tree.logprob_reduction)
+    return loss_e, ratio, kl_parent.repeat_interleave(counts[parents].to(kl_parent.device))
+
+
+def _clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the total gradient norm to ``max_norm`` (0: measure only); returns the norm before clipping
+    (NaN when not finite). Both calls handle DTensor gradients (the norm is over all shards)."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm if math.isfinite(norm) else float("nan")
 
 
 def policy_update(
@@ -227,40 +294,19 @@ def policy_update(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     totals = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0}
     scale = edges.normaliser / edges.num_edges if edges.num_edges else 1.0
+    reference = reference_model if update.kl_coef > 0 else None
     for step_index, chunk in enumerate(torch.tensor_split(order, update.updates_per_iteration)):
         step_normaliser = sync.sum(float(counts[chunk].sum()) * scale)
         if step_normaliser == 0:
             continue
         optimizer.zero_grad(set_to_none=True)
-        micro_batches: list[Tensor | None] = [p for p in chunk.split(config.engine.train_micro_batch) if p.numel()]
-        if sync.sharded:  # FSDP communicates in every forward/backward: every process runs the same count
-            micro_batches += [None] * (int(sync.max(len(micro_batches))) - len(micro_batches))
         poisoned = False  # sharded only: a non-finite micro-batch's gradient is already reduced
-        for parents in micro_batches:
+        for parents in sync.padded([p for p in chunk.split(config.engine.train_micro_batch) if p.numel()]):
             if parents is None:
-                _padding_pass(model, reference_model if update.kl_coef > 0 else None, edges, conditioning)
+                _padding_pass(model, reference, edges, conditioning)
                 continue
-            lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)
-            rows_dev = rows.to(lp_new.device)
-            loss_e, ratio, clipped = clipped_surrogate(
-                lp_new, edges.lp_old[rows_dev], edges.advantage[rows_dev].to(lp_new.device), update.clip_range
-            )
-            kl_e = torch.zeros_like(loss_e)
-            if update.kl_coef > 0:
-                with torch.no_grad():
-                    device = edges.parent_latents.device
-                    x = edges.parent_latents[parents.to(device)]
-                    sigma = edges.parent_sigma[parents].to(device)
-                    ref_v = reference_model(x, sigma, select_conditioning(conditioning, edges.parent_prompt[parents]))
-                    sigma_next = edges.parent_sigma_next[parents].to(device)
-                    ref_mean, _, _ = get_transition(config.tree.transition)(
-                        x, ref_v, sigma, sigma_next, config.tree.eta, sde=True
-                    )
-                if update.kl_form == "flowgrpo":
-                    kl_parent = flowgrpo_kl(mean, ref_mean, sigma, sigma_next, config.tree.eta, config.tree.logprob_reduction)
-                else:
-                    kl_parent = gaussian_kl_same_std(mean, ref_mean, std, config.tree.logprob_reduction)
-                kl_e = kl_parent.repeat_interleave(counts[parents].to(kl_parent.device))
+            loss_e, ratio, kl_e = _micro_batch_terms(model, reference, edges, parents, conditioning, config,
+                                                     starts, counts)
             objective = (loss_e + update.kl_coef * kl_e).sum() / step_normaliser
             if not torch.isfinite(objective):
                 stats.nonfinite_micro_batches += 1
@@ -269,28 +315,19 @@ def policy_update(
                     poisoned = True
                 continue
             objective.backward()
+            ratio = ratio.detach()
             if step_index == 0:
-                deviation = float((ratio.detach() - 1).abs().max())
+                deviation = float((ratio - 1).abs().max())
                 stats.ratio_max_deviation_first_step = max(stats.ratio_max_deviation_first_step, deviation)
             totals["loss"] += float(loss_e.detach().sum())
-            totals["ratio"] += float(ratio.detach().sum())
-            totals["clipped"] += float(((ratio.detach() - 1).abs() > update.clip_range).sum())
+            totals["ratio"] += float(ratio.sum())
+            totals["clipped"] += float(((ratio - 1).abs() > update.clip_range).sum())
             totals["kl"] += float(kl_e.detach().sum())
-        for p in params:  # every process joins the reduction with the same tensors
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        local_bad = poisoned or not all(bool(torch.isfinite(_local(p.grad)).all()) for p in params)
-        if sync.any(local_bad):
+        if not sync.finite_gradients(params, poisoned):
             optimizer.zero_grad(set_to_none=True)
             stats.skipped_steps += 1
             continue
-        sync.gradients(params)
-        if update.max_grad_norm > 0:  # both handle DTensor gradients (the norm is over all shards)
-            norm = torch.nn.utils.clip_grad_norm_(params, update.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        stats.grad_norms.append(norm if math.isfinite(norm) else float("nan"))
+        stats.grad_norms.append(_clip_gradients(params, update.max_grad_norm))
         optimizer.step()
         stats.optimizer_steps += 1
     n = max(edges.num_edges, 1)

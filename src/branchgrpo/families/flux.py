@@ -54,7 +54,7 @@ class FluxFamily(ModelFamily):
         )
 
     def prompt_encoder(self, config, device: torch.device, dtype: torch.dtype):
-        from branchgrpo.models.loading import load_flux_adapter
+        from branchgrpo.models.flux import load_flux_adapter
 
         path = require_model_path(config, self.name, "black-forest-labs/FLUX.1-dev")
         return load_flux_adapter(path, dtype=dtype, device=device, load_transformer=False, load_vae=False,

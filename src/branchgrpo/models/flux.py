@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from branchgrpo.models.base import DiffusersAdapter, autocast_context
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
+from branchgrpo.models.loading import FLUX_FILES, PretrainedFolder
 from branchgrpo.models.protocol import Conditioning
 
 
@@ -200,9 +201,7 @@ class FluxAdapter(DiffusersAdapter):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str | None = None, **kwargs: Any) -> "FluxAdapter":
-        """Load from a diffusers-layout folder or hub id; see :func:`branchgrpo.models.loading.load_flux_adapter`."""
-        from branchgrpo.models.loading import load_flux_adapter
-
+        """Load from a diffusers-layout folder or hub id; see :func:`load_flux_adapter`."""
         return load_flux_adapter(path_or_hub_id, dtype=dtype, device=device, **kwargs)
 
     # -- sizes --------------------------------------------------------------------------------
@@ -293,3 +292,68 @@ class FluxAdapter(DiffusersAdapter):
             vae_input=lambda packed: unpack_latents(packed, latent_h, latent_w) / config.scaling_factor + shift,
             postprocess=lambda image: processor.postprocess(image, output_type="pt"),
         )
+
+
+def load_flux_adapter(
+    path_or_hub_id: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    *,
+    vae_dtype: torch.dtype | None = None,
+    text_encoders: Literal["load", "lazy", "none"] = "lazy",
+    load_transformer: bool = True,
+    load_vae: bool = True,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+    **adapter_kwargs: Any,
+):
+    """Build a :class:`FluxAdapter` from pretrained FLUX weights.
+
+    Args:
+        path_or_hub_id: a diffusers-layout folder (see ``FLUX_LAYOUT_TEXT``) or a hub id such as
+            ``black-forest-labs/FLUX.1-dev``.
+        dtype: weights dtype of the transformer and text encoders (bfloat16 for FLUX.1-dev).
+        device: where the modules go (default: stay on CPU).
+        vae_dtype: VAE weights dtype (default ``dtype``).
+        text_encoders: ``"load"`` now; ``"lazy"`` on the first prompt not in the cache (tokenizers
+            and configs are read now, for the cache identity); ``"none"`` never (cache only).
+        load_transformer, load_vae: skip parts a job does not need (e.g. prompt preprocessing).
+        local_files_only: ``None`` = only for folders or when the hub is offline.
+        adapter_kwargs: passed to ``FluxAdapter`` (max_sequence_length, guidance_scale, height, …).
+    Raises:
+        ModelFilesNotFoundError: a folder lacks files, or a hub id cannot be fetched.
+    """
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    needed = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"]
+    needed += ["transformer"] * load_transformer + ["vae"] * load_vae
+    folder = PretrainedFolder(path_or_hub_id, FLUX_FILES, needed, text_encoders=text_encoders,
+                              local_files_only=local_files_only, revision=revision, device=device)
+
+    def load_text_encoders():
+        with folder.errors():
+            return (folder.model(CLIPTextModel, "text_encoder", dtype),
+                    folder.model(T5EncoderModel, "text_encoder_2", dtype))
+
+    with folder.errors():
+        tokenizer = folder.config(CLIPTokenizer, "tokenizer")
+        tokenizer_2 = folder.config(T5TokenizerFast, "tokenizer_2")
+        max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
+        encoder_config = flux_encoder_config(
+            folder.config(CLIPTextConfig, "text_encoder"), folder.config(T5Config, "text_encoder_2"),
+            tokenizer, tokenizer_2, max_sequence_length, dtype,
+        )
+        text_encoder, text_encoder_2 = folder.initial_text_encoders(load_text_encoders, 2)
+        transformer = folder.model(FluxTransformer2DModel, "transformer", dtype) if load_transformer else None
+        vae = folder.model(AutoencoderKL, "vae", vae_dtype or dtype) if load_vae else None
+    return FluxAdapter(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
+        **adapter_kwargs,
+    )

@@ -171,6 +171,19 @@ class Reward:
         return self.combine(self.components(images, prompts), group_ids)
 
 
+def check_video_inputs(reward: Reward, videos: Tensor, prompts: Sequence[str]) -> list[str]:
+    """``reward``'s input check for videos ``[B, F, C, H, W]``: the shape here, then the image
+    checks (channels, dtype, one prompt per video) on the first frames. Returns the prompts as a list."""
+    if not isinstance(videos, Tensor) or videos.ndim != 5:
+        shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
+        raise ValueError(
+            f"reward {reward.name!r} scores videos [B, F, C, H, W] in [0, 1] (WanAdapter.decode), got {shape}; "
+            "image rewards score images [B, C, H, W]"
+        )
+    return Reward.check_inputs(reward, videos[:, 0], prompts)
+
+
+
 class FunctionReward(Reward):
     """A plain ``fn(images, prompts) -> [B]`` behind the :class:`Reward` contract (any input shape)."""
 

@@ -21,7 +21,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from branchgrpo.rewards.base import Reward, RewardOutput
+from branchgrpo.rewards.base import Reward, RewardOutput, check_video_inputs
 
 Normalize = Literal["none", "group", "batch"]
 
@@ -139,8 +139,6 @@ class CompositeReward(Reward):
     def check_inputs(self, images: Tensor, prompts: Sequence[str]) -> list[str]:
         """Images ``[B, C, H, W]``, or videos ``[B, F, C, H, W]`` when every component scores videos."""
         if self.modality == "video":
-            from branchgrpo.rewards.video import check_video_inputs
-
             return check_video_inputs(self, images, prompts)
         return super().check_inputs(images, prompts)
 

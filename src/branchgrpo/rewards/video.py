@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from branchgrpo.rewards.base import Reward, RewardError, check_finite
+from branchgrpo.rewards.base import Reward, RewardError, check_finite, check_video_inputs
 from branchgrpo.rewards.remote import FORMAT, WIRE_DTYPES, RemoteReward, WireFormatError
 
 VIDEO_REWARDS = ("frames", "videoalign")  # registry names that score videos, not images
@@ -44,18 +44,6 @@ def frame_indices(num_frames: int, count: int) -> Tensor:
     if count >= num_frames:
         return torch.arange(num_frames)
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_frames / count).floor().long()
-
-
-def check_video_inputs(reward: Reward, videos: Tensor, prompts: Sequence[str]) -> list[str]:
-    """``reward``'s input check for videos ``[B, F, C, H, W]``: the shape here, then the image
-    checks (channels, dtype, one prompt per video) on the first frames. Returns the prompts as a list."""
-    if not isinstance(videos, Tensor) or videos.ndim != 5:
-        shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
-        raise ValueError(
-            f"reward {reward.name!r} scores videos [B, F, C, H, W] in [0, 1] (WanAdapter.decode), got {shape}; "
-            "image rewards score images [B, C, H, W]"
-        )
-    return Reward.check_inputs(reward, videos[:, 0], prompts)
 
 
 class VideoReward(Reward):

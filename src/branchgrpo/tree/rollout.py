@@ -15,7 +15,7 @@ from torch import Tensor
 
 from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
 from branchgrpo.sde import correlated_split_noise, gaussian_log_prob, sigma_schedule
-from branchgrpo.sde_flowgrpo import get_transition
+from branchgrpo.transitions import get_transition
 from branchgrpo.tree.spec import TreeSpec
 
 
