@@ -2,8 +2,8 @@
 animated GIF, from a Trainer evaluation and from `branchgrpo sample`), `branchgrpo preprocess` for
 sd3 and wan (the cache it writes is the one training reads), and weighted lists of video rewards.
 
-Tiny random models of the real architectures come from tests/test_wan_adapter.py and
-tests/test_sd3_adapter.py.
+Tiny random models of the real architectures come from tests/models/test_wan.py,
+tests/models/test_sd3.py and tests/models/test_flux.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import test_flux as flux_tests  # noqa: E402  (tests/models/ is on sys.path: pytest prepends it)
-import test_sd3_adapter as sd3_tests  # noqa: E402  (tests/ is on sys.path: conftest.py)
+import test_sd3 as sd3_tests  # noqa: E402
 import test_wan_adapter as wan_tests  # noqa: E402
 
 from PIL import Image  # noqa: E402

@@ -1,9 +1,11 @@
-"""SD3Adapter against diffusers' own StableDiffusion3Pipeline, on tiny random models of the real
-architectures (SD3.5-style MMDiT-X transformer with RMS q/k norm and a dual-attention block,
-CLIP-L/CLIP-G stand-ins with projection, T5, an AutoencoderKL with SD3's scaling/shift factors).
+"""SD3 / SD3.5: the adapter conformance suite (tests/models/conformance.py) on tiny random models of
+the real architectures (SD3.5-style MMDiT-X transformer with RMS q/k norm and a dual-attention block,
+CLIP-L/CLIP-G stand-ins with projection, T5, an AutoencoderKL with SD3's scaling/shift factors), plus
+what is SD3's own: its stock schedule, classifier-free guidance as one doubled call, the timestep
+convention, latent sizes and the folder layout's errors.
 
 The oracle: at η = 0 (pure ODE) our frontier rollout of the SD3 velocity model with
-classifier-free guidance (negative prompt, g > 1) must reproduce ``StableDiffusion3Pipeline``
+classifier-free guidance (negative prompt, g > 1) reproduces ``StableDiffusion3Pipeline``
 (same noise, same σ schedule) — final latents and decoded images — which pins the timestep
 (1000·σ), CFG order/mixing, latent layout and VAE conventions to the library's.
 """
@@ -16,21 +18,19 @@ import pytest
 import torch
 
 from branchgrpo.models.loading import ModelFilesNotFoundError
-from branchgrpo.models.prompt_cache import PromptNotCachedError
 from branchgrpo.models.sd3 import (
     SD3Adapter,
     SD3FilesNotFoundError,
     SD3Velocity,
     diffusers_sd3_sigmas,
-    sd3_encoder_config,
     spec_sigmas_for_pipeline,
 )
 from branchgrpo.sde import sigma_schedule
-from branchgrpo.tree.rollout import rollout
-from branchgrpo.tree.spec import TreeSpec
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+
+from conformance import FamilyCase, conformance_tests  # noqa: E402
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "on", "the", "street", "tree", "ugly", "blurry"]
 PROMPTS = ["a photo of a cat", "red car on the street", "blue tree"]
@@ -38,14 +38,6 @@ NEGATIVE = "ugly blurry"
 IMAGE = 16  # pixels; tiny VAE factor 2 → 8×8 latent, patch 2 → 16 tokens
 MAX_SEQ = 10
 GUIDANCE = 4.5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def clip_tokenizer():
@@ -129,12 +121,43 @@ def sd3_pipeline(components: dict):
     return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **components)
 
 
+def pipeline_embeds(pipe, prompts: list[str]) -> dict:
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, None, None, negative_prompt=NEGATIVE, max_sequence_length=MAX_SEQ)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def load_adapter(folder, cache_dir) -> SD3Adapter:
+    return SD3Adapter.from_pretrained(
+        folder, dtype=torch.float32, text_encoders="lazy", max_sequence_length=MAX_SEQ, height=IMAGE, width=IMAGE,
+        guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, prompt_cache_dir=cache_dir,
+    )
+
+
+CASE = FamilyCase(
+    name="sd3",
+    components=lambda seed: tiny_components(seed=seed),
+    adapter=make_adapter,
+    pipeline=sd3_pipeline,
+    call=dict(negative_prompt=NEGATIVE, height=IMAGE, width=IMAGE, guidance_scale=GUIDANCE,
+              max_sequence_length=MAX_SEQ),
+    pipeline_embeds=pipeline_embeds,
+    output_shape=(3, IMAGE, IMAGE),
+    prompts=tuple(PROMPTS),
+    guidance_off={"guidance_scale": 1.0},  # CFG matters: the unguided sample is elsewhere
+    adapter_guidance_off={"guidance_scale": 1.0},
+    load=load_adapter,
+)
+globals().update(conformance_tests(CASE))
+
+
 @pytest.fixture(scope="module")
 def components():
     return tiny_components()
 
 
-# -- schedule and the oracle ----------------------------------------------------------------------
+# -- schedule and guidance ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("steps", [4, 10])
@@ -153,41 +176,6 @@ def test_stock_sd3_schedule_differs_from_sigma_schedule():
     ours = sigma_schedule(10, 3.0)
     assert stock[0] == 1 and stock[-1] == 0 and stock.shape == ours.shape
     assert stock[-2] < 0.01 < 0.2 < ours[-2]
-
-
-@pytest.mark.parametrize("micro_batch", [2, 1])
-def test_ode_rollout_reproduces_sd3_pipeline_with_cfg(components, micro_batch):
-    steps = 4
-    adapter = make_adapter(components)
-    conditioning = adapter.encode_prompts(PROMPTS[:2])
-    spec = TreeSpec(steps=steps, shift=3.0, eta=0.0, split_plan={})
-    tree = rollout(
-        adapter.velocity_model(), conditioning, spec, num_prompts=2, latent_shape=adapter.latent_shape(),
-        generator=torch.Generator().manual_seed(0), micro_batch=micro_batch,
-    )
-    noise = tree.latents[0]
-    pipe = sd3_pipeline(components)
-    call = dict(prompt=PROMPTS[:2], negative_prompt=NEGATIVE, height=IMAGE, width=IMAGE,
-                num_inference_steps=steps, sigmas=spec_sigmas_for_pipeline(steps), guidance_scale=GUIDANCE,
-                max_sequence_length=MAX_SEQ)
-    expected_latents = pipe(latents=noise.clone(), output_type="latent", **call).images
-    torch.testing.assert_close(pipe.scheduler.sigmas, sigma_schedule(steps, 3.0).float(), rtol=0, atol=1.2e-7)
-    expected_images = pipe(latents=noise.clone(), output_type="pt", **call).images
-
-    final = tree.latents[-1]
-    latent_diff = (final - expected_latents).abs().max().item()
-    x0_diff = (tree.leaf_x0 - expected_latents).abs().max().item()  # x̂0 of the last step = final at σ_T = 0
-    images = adapter.decode(tree.leaf_x0)
-    image_diff = (images - expected_images).abs().max().item()
-    print(f"micro_batch={micro_batch}: max|Δlatent|={latent_diff:.2e} max|Δx0|={x0_diff:.2e} "
-          f"max|Δimage|={image_diff:.2e}")
-    assert latent_diff < 1e-5 and x0_diff < 1e-5
-    assert image_diff < 1e-5
-    assert images.shape == expected_images.shape == (2, 3, IMAGE, IMAGE)
-    assert expected_latents.abs().max() > 0.1  # the comparison is not between zeros
-    # CFG matters here: the unguided sample is elsewhere.
-    unguided = pipe(latents=noise.clone(), output_type="latent", **{**call, "guidance_scale": 1.0}).images
-    assert (unguided - expected_latents).abs().max() > 100 * max(latent_diff, 1e-7)
 
 
 def test_cfg_is_one_doubled_call_equal_to_two_calls(components):
@@ -242,65 +230,22 @@ def test_latent_shape_and_size_checks(components):
     assert SD3Adapter().latent_shape(512, 512) == (16, 64, 64)  # SD3.5 defaults without modules
 
 
-def test_decode_is_batched_and_in_unit_range(components):
+def test_decode_checks_the_requested_size(components):
     adapter = make_adapter(components)
-    z = 2.0 * torch.randn(5, *adapter.latent_shape(), generator=torch.Generator().manual_seed(4))
-    whole = adapter.decode(z, batch_size=5)
-    pieces = adapter.decode(z, batch_size=2)
-    assert whole.shape == (5, 3, IMAGE, IMAGE) and whole.dtype == torch.float32
-    assert whole.min() >= 0 and whole.max() <= 1
-    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
-    assert adapter.decode(z[:1], IMAGE, IMAGE).shape == (1, 3, IMAGE, IMAGE)
+    z = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(4))
+    assert adapter.decode(z, IMAGE, IMAGE).shape == (1, 3, IMAGE, IMAGE)
     with pytest.raises(ValueError, match="do not match"):
-        adapter.decode(z[:1], 2 * IMAGE, IMAGE)
+        adapter.decode(z, 2 * IMAGE, IMAGE)
 
 
-# -- prompt encoding and the cache -------------------------------------------------------------
+# -- the prompt-cache identity -----------------------------------------------------------------
 
 
-def test_encode_prompts_equals_pipeline_encode_prompt(components):
-    adapter = make_adapter(components)
-    ours = adapter.encode_prompts(PROMPTS)
-    with torch.no_grad():
-        embeds, neg, pooled, neg_pooled = sd3_pipeline(components).encode_prompt(
-            PROMPTS, None, None, negative_prompt=NEGATIVE, max_sequence_length=MAX_SEQ)
-    assert ours["prompt_embeds"].shape == (3, 12 + MAX_SEQ, 32) and ours["pooled_prompt_embeds"].shape == (3, 16)
-    assert set(ours) == {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
-                         "negative_pooled_prompt_embeds"}
-    torch.testing.assert_close(ours["prompt_embeds"], embeds, rtol=0, atol=0)
-    torch.testing.assert_close(ours["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
-    # the negative prompt is encoded once (batch of 1) and repeated; the pipeline encodes P copies
-    torch.testing.assert_close(ours["negative_prompt_embeds"], neg, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ours["negative_pooled_prompt_embeds"], neg_pooled, rtol=0, atol=1e-6)
-    no_cfg = make_adapter(components, guidance_scale=1.0).encode_prompts(PROMPTS[:1])
-    assert set(no_cfg) == {"prompt_embeds", "pooled_prompt_embeds"}
-
-
-def test_preprocessed_cache_serves_an_adapter_without_text_encoders(components, tmp_path):
-    encoder = make_adapter(components)
-    report = encoder.preprocess_prompts(PROMPTS, tmp_path, batch_size=2)
-    assert (report.unique_prompts, report.encoded) == (4, 4)  # the prompts and the negative prompt
-    trainer_side = make_adapter(
-        {**components, "text_encoder": None, "text_encoder_2": None, "text_encoder_3": None},
-        prompt_cache_dir=tmp_path, encoder_config=encoder.encoder_config,
-    )
-    cached = trainer_side.encode_prompts(PROMPTS)
-    direct = encoder.encode_prompts(PROMPTS)
-    assert set(cached) == set(direct)
-    for name in direct:
-        torch.testing.assert_close(cached[name], direct[name], rtol=0, atol=1e-6)
-    with pytest.raises(PromptNotCachedError, match="branchgrpo preprocess"):
-        trainer_side.encode_prompts(["a dog"])
-
-
-def test_cache_identity_follows_the_encoders(components):
+def test_cache_identity_follows_the_text_encoder_configs(components):
     base = make_adapter(components, source="sd35")
-    others = [
-        make_adapter(components, source="other"),
-        make_adapter(components, source="sd35", max_sequence_length=MAX_SEQ - 1),
-        make_adapter({**components, "text_encoder_3": tiny_components(t5_layers=2)["text_encoder_3"]}, source="sd35"),
-    ]
-    assert len({base.encoder_identity} | {o.encoder_identity for o in others}) == 4
+    deeper_t5 = make_adapter({**components, "text_encoder_3": tiny_components(t5_layers=2)["text_encoder_3"]},
+                             source="sd35")
+    assert deeper_t5.encoder_identity != base.encoder_identity
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -345,29 +290,3 @@ def test_hub_id_offline_without_a_download_raises(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SD3FilesNotFoundError, match="stabilityai/stable-diffusion-3.5-medium"):
         SD3Adapter.from_pretrained("stabilityai/stable-diffusion-3.5-medium", local_files_only=True)
-
-
-def test_from_pretrained_round_trip_with_lazy_text_encoders(components, tmp_path):
-    save_layout(components, tmp_path)
-    loaded = SD3Adapter.from_pretrained(
-        tmp_path, dtype=torch.float32, text_encoders="lazy", max_sequence_length=MAX_SEQ, height=IMAGE,
-        width=IMAGE, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, prompt_cache_dir=tmp_path / "cache",
-    )
-    in_memory = make_adapter(components, source=str(tmp_path.resolve()))
-    assert loaded.text_encoder is None and loaded.text_encoder_3 is None
-    assert loaded.encoder_config == sd3_encoder_config(
-        components["text_encoder"].config, components["text_encoder_2"].config, components["text_encoder_3"].config,
-        components["tokenizer"], components["tokenizer_2"], components["tokenizer_3"], MAX_SEQ, torch.float32,
-    )
-    assert loaded.encoder_identity == in_memory.encoder_identity
-    first = loaded.encode_prompts(PROMPTS[:2])  # a miss: loads the text encoders now
-    assert loaded.text_encoder_3 is not None
-    expected = in_memory.encode_prompts(PROMPTS[:2])
-    for name in expected:  # a reloaded CLIP projection may pick another matmul kernel: 1-ulp differences
-        torch.testing.assert_close(first[name], expected[name], rtol=0, atol=1e-6)
-    x = torch.randn(2, *loaded.latent_shape(), generator=torch.Generator().manual_seed(5))
-    sigma = torch.full((2,), 0.5)
-    torch.testing.assert_close(
-        loaded.velocity_model()(x, sigma, first), in_memory.velocity_model()(x, sigma, first), rtol=0, atol=1e-6
-    )
-    torch.testing.assert_close(loaded.decode(x), in_memory.decode(x), rtol=0, atol=1e-6)

@@ -24,7 +24,7 @@ from branchgrpo.models.sd3 import SD3Velocity
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from test_sd3_adapter import tiny_transformer  # noqa: E402  (tests/ is on sys.path)
+from test_sd3 import tiny_transformer  # noqa: E402  (pytest puts tests/models/ on sys.path)
 
 LORA_SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
 

@@ -1,6 +1,6 @@
 """One full BranchGRPO run step for SD3 through the Trainer with everything on at once: classifier-free
 guidance (g > 1, a negative prompt) in rollout and training, LoRA, and the KL term to the
-adapter-disabled reference (tiny random SD3 components from test_sd3_adapter)."""
+adapter-disabled reference (tiny random SD3 components from test_sd3)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from branchgrpo.train.trainer import Trainer
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from test_sd3_adapter import GUIDANCE, IMAGE, MAX_SEQ, NEGATIVE, PROMPTS, tiny_components  # noqa: E402
+from test_sd3 import GUIDANCE, IMAGE, MAX_SEQ, NEGATIVE, PROMPTS, tiny_components  # noqa: E402
 
 
 def brightness(images, prompts):
