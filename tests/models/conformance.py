@@ -345,7 +345,7 @@ def make_trainer(case: FamilyCase, tmp_path: Path, adapter, reward=None, lora=No
 def check_trainer_iteration(case: FamilyCase, tmp_path: Path, seed: int = 1) -> dict:
     """One BranchGRPO iteration through the Trainer changes the weights and logs finite metrics (item 6)."""
     adapter = case.adapter(case.components(seed))
-    trainer = make_trainer(case, tmp_path, adapter)
+    trainer = make_trainer(case, tmp_path, adapter, overrides=["run.sample_grid_every=0"])
     before = {k: v.detach().clone() for k, v in adapter.transformer.state_dict().items()}
     summary = trainer.run()
     assert summary.iterations == 1

@@ -26,9 +26,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import test_flux as flux_tests  # noqa: E402  (tests/models/ is on sys.path: pytest prepends it)
+import test_flux as flux_tests  # noqa: E402  (pytest puts tests/models/ on sys.path)
 import test_sd3 as sd3_tests  # noqa: E402
-import test_wan_adapter as wan_tests  # noqa: E402
+import test_wan as wan_tests  # noqa: E402
+from conformance import save_layout  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -182,7 +183,7 @@ run:
 def wan_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan")
     components = wan_tests.tiny_components(seed=4)
-    wan_tests.save_layout(components, folder)
+    save_layout(components, folder)
     return folder, components
 
 
@@ -220,7 +221,7 @@ def test_sample_command_writes_png_and_gif_for_videos(wan_folder, tmp_path, caps
 def flux_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux")
     components = flux_tests.tiny_components(guidance=True, seed=4)
-    flux_tests.save_layout(components, folder)
+    save_layout(components, folder)
     return folder, components
 
 
