@@ -39,7 +39,7 @@ def format_plan(result: Plan) -> str:
     tree = cfg.tree
     c = result.counts
     per_leaf = c.per_leaf()
-    splits = ", ".join(f"step {s}: K={k}" for s, k in tree.split_plan.items()) or "none"
+    splits = ", ".join(f"step {s}: K={k}" for s, k in tree.split_plan_at(result.iteration).items()) or "none"
     sde = [i for i, s in enumerate(result.sde_steps) if s]
     lines = [
         f"preset {cfg.name}  (iteration {result.iteration})",

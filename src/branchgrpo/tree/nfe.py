@@ -1,4 +1,4 @@
-"""NFE accounting (SPEC §10) and the model-free cost planner behind ``branchgrpo plan``.
+"""NFE accounting (docs/method.md §10) and the model-free cost planner behind ``branchgrpo plan``.
 
 Counts are of what the engine runs: rollout denoiser rows, edges, trained edges and training
 forwards (distinct parents with at least one trained edge; one forward serves all its children).
@@ -94,7 +94,7 @@ def plan(config: MethodConfig, iteration: int = 0, seed: int = 0) -> Plan:
     """Cost of one iteration for one prompt: runs the real fusion, advantage and selection code
     on the tree's shape with distinct random leaf rewards (so only structural zeros remain)."""
     tree = config.tree
-    topology = build_topology(tree, num_prompts=1)
+    topology = build_topology(tree, num_prompts=1, iteration=iteration)
     generator = torch.Generator().manual_seed(seed)
     leaves = topology.parent[-1].numel()
     leaf_rewards = torch.rand(leaves, generator=generator, dtype=torch.float64)

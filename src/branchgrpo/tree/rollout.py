@@ -1,4 +1,4 @@
-"""Frontier-batched rollout of branching trees (SPEC §4).
+"""Frontier-batched rollout of branching trees (docs/method.md §4).
 
 A batch of trees is held as flat tensors per depth: ``parent[d]`` indexes depth ``d − 1``,
 ``group[d]`` is the prompt (advantage group) of each node. At every step the whole frontier of
@@ -35,15 +35,16 @@ class TreeTopology:
         return [int(p.numel()) for p in self.parent]
 
 
-def build_topology(spec: TreeSpec, num_prompts: int = 1) -> TreeTopology:
-    """Parent/group arrays of ``num_prompts`` groups of ``spec.roots_per_prompt`` trees each.
+def build_topology(spec: TreeSpec, num_prompts: int = 1, iteration: int = 0) -> TreeTopology:
+    """Parent/group arrays of ``num_prompts`` groups of ``spec.roots_per_prompt`` trees each,
+    split as :meth:`TreeSpec.split_plan_at` says at training ``iteration``.
 
     Children of one parent are contiguous; their order is the order of the parents.
     """
     group = torch.arange(num_prompts).repeat_interleave(spec.roots_per_prompt)
     parents = [torch.full((group.numel(),), -1, dtype=torch.long)]
     groups = [group]
-    for k in spec.branching():
+    for k in spec.branching(iteration):
         parent = torch.arange(groups[-1].numel()).repeat_interleave(k)
         parents.append(parent)
         groups.append(groups[-1][parent])
@@ -62,7 +63,7 @@ class RolloutTree(TreeTopology):
     logp: list[Tensor]  # logp[d]: [N_d] float32 log-prob of the edge into each node (0: root, ODE)
     leaf_x0: Tensor  # [N_T, ...] x̂0 predicted at the last step from each leaf's parent
     node_x0: list[Tensor] | None  # node_x0[d]: x̂0 predicted at node d (d < T), if kept
-    rollout_calls: int  # denoiser rows evaluated (SPEC §10: F)
+    rollout_calls: int  # denoiser rows evaluated (docs/method.md §10: F)
 
     def step_of_depth(self, depth: int) -> int:
         """Step index of the edge into a node at ``depth`` (= depth − 1)."""
@@ -121,7 +122,7 @@ class NoiseSource:
 def _step_noise(
     spec: TreeSpec, parent_groups: Tensor, k: int, num_groups: int, shape: tuple[int, ...], noise: NoiseSource, device
 ) -> Tensor:
-    """``ξ`` for all children of one step, ``[num_parents · k, ...]`` (SPEC §4)."""
+    """``ξ`` for all children of one step, ``[num_parents · k, ...]`` (docs/method.md §4)."""
     parents_per_group = torch.bincount(parent_groups, minlength=num_groups)
     if k == 1 or spec.split_noise == "independent":
         return noise.randn(parents_per_group * k, shape, device)
@@ -147,20 +148,22 @@ def rollout(
     device: torch.device | str | None = None,
     keep_node_x0: bool = False,
 ) -> RolloutTree:
-    """Sample one tree group per prompt; every frontier is evaluated batched (SPEC §4).
+    """Sample one tree group per prompt; every frontier is evaluated batched (docs/method.md §4).
 
     Args:
         model: velocity model (see :class:`VelocityModel`); conditioning: rows per prompt.
         latent_shape: shape of one latent (without batch dim).
         generator: source of all noise (one, or one per prompt group; see :class:`NoiseSource`);
-            the same seeds give the same trees whatever ``micro_batch`` is. iteration: training iteration (moves the Mix SDE window).
+            the same seeds give the same trees whatever ``micro_batch`` is.
+        iteration: training iteration (moves the Mix SDE window, and with it the split of a
+            ``split_at_window_start`` tree).
     """
     noise = NoiseSource(generator, num_prompts)
     device = torch.device(device) if device is not None else noise.generator.device
-    topology = build_topology(spec, num_prompts)
+    topology = build_topology(spec, num_prompts, iteration)
     sigmas = sigma_schedule(spec.steps, spec.shift)
     sde = spec.sde_steps(iteration)
-    branching = spec.branching()
+    branching = spec.branching(iteration)
     transition = get_transition(spec.transition)
 
     roots = topology.parent[0].numel()

@@ -1,4 +1,4 @@
-"""Which edges are trained (SPEC §7): masks per depth, one boolean per edge (= child node).
+"""Which edges are trained (docs/method.md §7): masks per depth, one boolean per edge (= child node).
 
 Selection never changes the rollout or the rewards; it only decides which edges get gradients.
 Every rule is a vectorised mask; the final mask is their conjunction.
@@ -61,16 +61,18 @@ def width_keep_anchors(
     parent: list[Tensor],
     group: list[Tensor],
     fused: list[Tensor],
+    iteration: int = 0,
 ) -> Tensor | None:
     """Which post-split chains survive width pruning, as a mask over nodes at depth ``i* + 1``.
 
-    A post-split chain is a node at depth ``i* + 1`` (a child of the last split) with everything
-    below it. ``parent_top1`` keeps, per split parent, the child with the highest fused reward;
-    ``extreme`` keeps the chains of the ``b`` best and ``b`` worst leaves of each group.
+    A post-split chain is a node at depth ``i* + 1`` (a child of the last split in force at
+    ``iteration``, see :meth:`TreeSpec.last_split_at`) with everything below it. ``parent_top1``
+    keeps, per split parent, the child with the highest fused reward; ``extreme`` keeps the chains
+    of the ``b`` best and ``b`` worst leaves of each group.
     """
     if selection.width_pruning == "none":
         return None
-    last = tree.last_split_step
+    last = tree.last_split_at(iteration)
     anchor = (last + 1) if last is not None else 0
     reward = fused[anchor]
     if selection.width_pruning == "parent_top1":
@@ -103,7 +105,7 @@ def select_edges(
     iteration: int,
     generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> EdgeSelection:
-    """Masks of trained edges per depth (SPEC §7); all rules are applied as a conjunction.
+    """Masks of trained edges per depth (docs/method.md §7); all rules are applied as a conjunction.
 
     ``generator`` draws DanceGRPO's random step subset (``timestep_fraction < 1``): one generator,
     or one per group (then a group's draw does not depend on the other groups in the batch).
@@ -124,9 +126,9 @@ def select_edges(
         for d in selection.depth_pruning.window(iteration, tree):
             if 1 <= d <= steps:
                 apply("depth_pruning", d, torch.zeros_like(mask[d]))
-    keep_anchor = width_keep_anchors(tree, selection, parent, group, [f.cpu() for f in fused])
+    keep_anchor = width_keep_anchors(tree, selection, parent, group, [f.cpu() for f in fused], iteration)
     if keep_anchor is not None:
-        last = tree.last_split_step
+        last = tree.last_split_at(iteration)
         anchor = (last + 1) if last is not None else 0
         ancestors = ancestor_at(parent, anchor)
         for d in range(anchor + 1, steps + 1):

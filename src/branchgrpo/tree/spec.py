@@ -1,4 +1,4 @@
-"""What a method is: the tree it samples, how it scores edges, which edges it trains (SPEC §4–9).
+"""What a method is: the tree it samples, how it scores edges, which edges it trains (docs/method.md §4–9).
 
 Each concern is one dataclass; :class:`MethodConfig` composes them. All validation happens in
 ``__post_init__`` and raises :class:`~branchgrpo.config.ConfigError` naming the field.
@@ -16,7 +16,7 @@ SplitNoise = Literal["correlated", "independent", "legacy_independent"]
 
 @dataclass
 class SdeWindow:
-    """A window of SDE steps that moves with the training iteration (MixGRPO, SPEC §7.4).
+    """A window of SDE steps that moves with the training iteration (MixGRPO, docs/method.md §7.4).
 
     At iteration ``k`` the window covers steps ``[a, a + size)`` with
     ``a = min(start + stride·(k // advance_every), stop − size + 1)``.
@@ -52,7 +52,7 @@ class SdeWindow:
 
 @dataclass
 class TreeSpec:
-    """The rollout tree (SPEC §2–4): schedule, SDE noise, split plan, roots and SDE/ODE pattern."""
+    """The rollout tree (docs/method.md §2–4): schedule, SDE noise, split plan, roots and SDE/ODE pattern."""
 
     steps: int = 20  # denoising steps T
     shift: float = 3.0  # schedule shift (FLUX: 3)
@@ -63,8 +63,11 @@ class TreeSpec:
     roots_per_prompt: int = 1  # independent root noises per prompt; all roots of a prompt form one group
     shared_root_noise: bool = False  # the same root noise for every prompt of a batch
     sde_window: SdeWindow | None = None  # None: every step SDE; else only split steps + window
+    # A flat group (one split) with an SDE window: the split moves to the window's first step at
+    # every iteration (MixGRPO; see split_plan_at). split_plan then gives K only, not the step.
+    split_at_window_start: bool = False
     logprob_reduction: Literal["mean", "sum"] = "mean"  # reduction of the per-edge log-prob
-    transition: Literal["flowsde", "flowgrpo"] = "flowsde"  # SDE: SPEC §3 (constant η) or Flow-GRPO's σ-dependent noise (η = a)
+    transition: Literal["flowsde", "flowgrpo"] = "flowsde"  # SDE: docs/method.md §3 (constant η) or Flow-GRPO's σ-dependent noise (η = a)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -90,15 +93,43 @@ class TreeSpec:
             raise ConfigError("tree.eta", "must be > 0 when the tree splits (siblings would be identical)")
         if self.sde_window is not None:
             self.sde_window.validate(self.steps)
+        if self.split_at_window_start:
+            if self.sde_window is None:
+                raise ConfigError("tree.split_at_window_start", "needs an SDE window (tree.sde_window) to follow")
+            if len(self.split_plan) != 1:
+                raise ConfigError(
+                    "tree.split_at_window_start",
+                    f"needs a flat group: exactly one split step in tree.split_plan, got {self.split_plan or '{}'}",
+                )
         self.split_plan = dict(sorted(self.split_plan.items()))
+
+    def split_plan_at(self, iteration: int = 0) -> dict[int, int]:
+        """The split plan in force at a training iteration (docs/method.md §7.4, §9).
+
+        ``split_plan`` itself, unless ``split_at_window_start``: then the group's one split sits at
+        the SDE window's first step ``a_k``. Steps before ``a_k`` are ODE, hence deterministic, so
+        the samples of a group that shares its root noise are one trajectory up to ``a_k`` (one
+        denoiser row per step) and branch there, as MixGRPO's flat group does.
+        """
+        if not self.split_at_window_start:
+            return self.split_plan
+        (k,) = self.split_plan.values()
+        return {self.sde_window.first_step(iteration, self.steps): k}
+
+    def last_split_at(self, iteration: int = 0) -> int | None:
+        """The last split step in force at a training iteration (None: the tree never splits)."""
+        plan = self.split_plan_at(iteration)
+        return max(plan) if plan else None
 
     @property
     def last_split_step(self) -> int | None:
-        return max(self.split_plan) if self.split_plan else None
+        """The last split step at iteration 0 (see :meth:`last_split_at`)."""
+        return self.last_split_at(0)
 
-    def branching(self) -> list[int]:
-        """``K_i`` for every step (1 where the step does not split)."""
-        return [self.split_plan.get(i, 1) for i in range(self.steps)]
+    def branching(self, iteration: int = 0) -> list[int]:
+        """``K_i`` for every step at a training iteration (1 where the step does not split)."""
+        plan = self.split_plan_at(iteration)
+        return [plan.get(i, 1) for i in range(self.steps)]
 
     def sde_steps(self, iteration: int = 0) -> list[bool]:
         """Whether each step is SDE at this training iteration (split steps always are)."""
@@ -106,7 +137,8 @@ class TreeSpec:
             return [self.eta > 0] * self.steps
         first = self.sde_window.first_step(iteration, self.steps)
         window = range(first, first + self.sde_window.size)
-        return [(i in window or i in self.split_plan) and self.eta > 0 for i in range(self.steps)]
+        plan = self.split_plan_at(iteration)
+        return [(i in window or i in plan) and self.eta > 0 for i in range(self.steps)]
 
     def leaves_per_prompt(self) -> int:
         leaves = self.roots_per_prompt
@@ -117,7 +149,7 @@ class TreeSpec:
 
 @dataclass
 class AdvantageSpec:
-    """Reward fusion and depth-wise normalisation (SPEC §5–6)."""
+    """Reward fusion and depth-wise normalisation (docs/method.md §5–6)."""
 
     fusion_beta: float = 1.0  # β of the path-log-prob softmax; 0 = uniform mean of leaf rewards
     std_floor: float = 0.0  # floor on the per-depth std (0 = none)
@@ -132,7 +164,7 @@ class AdvantageSpec:
 
 @dataclass
 class DepthPruning:
-    """Skip edges whose child depth lies in a window that slides with training (SPEC §7.2).
+    """Skip edges whose child depth lies in a window that slides with training (docs/method.md §7.2).
 
     At iteration ``k`` the window is ``[a, a + size)`` (direction ``later``) or ``(a − size, a]``
     (``earlier``) with ``a = start ± k // slide_every``, clamped so it never passes ``stop``.
@@ -147,7 +179,7 @@ class DepthPruning:
     def window(self, iteration: int, tree: TreeSpec) -> range:
         start = self.start
         if start is None:
-            last = tree.last_split_step
+            last = tree.last_split_at(iteration)
             start = (last + 1) if last is not None else 1
         moves = iteration // self.slide_every if self.slide_every > 0 else 0
         if self.direction == "later":
@@ -179,11 +211,11 @@ class DepthPruning:
 
 @dataclass
 class SelectionSpec:
-    """Which edges get gradients (SPEC §7); the rollout and rewards never change."""
+    """Which edges get gradients (docs/method.md §7); the rollout and rewards never change."""
 
     skip_zero_advantage: bool = True  # exact: A = 0 edges carry no gradient (off when update.kl_coef > 0)
     depth_pruning: DepthPruning | None = None  # None = off
-    width_pruning: Literal["none", "parent_top1", "extreme"] = "none"
+    width_pruning: Literal["none", "parent_top1", "extreme"] = "none"  # after the last split: none, parent_top1 (train one child per parent: WidPru) or extreme (Extreme-b)
     extreme_b: int = 4  # Extreme-b: keep the post-split chains of the b best and b worst leaves
     timestep_fraction: float = 1.0  # DanceGRPO: train this fraction of the steps (random per tree)
     ignore_last: bool = False  # DanceGRPO: never train the last step
@@ -197,15 +229,15 @@ class SelectionSpec:
 
 @dataclass
 class UpdateSpec:
-    """The clipped GRPO update (SPEC §8) and its semantics per iteration."""
+    """The clipped GRPO update (docs/method.md §8) and its semantics per iteration."""
 
     clip_range: float = 1e-3  # ε of the ratio clip
     kl_coef: float = 0.0  # β_KL of the optional KL-to-reference term (0 = off, no reference forward)
     kl_form: Literal["gaussian", "flowgrpo"] = "gaussian"  # true Gaussian KL, or Flow-GRPO's scale (× Δσ)
     updates_per_iteration: int = 1  # optimizer steps per iteration; trained edges split evenly among them
     max_grad_norm: float = 1.0  # gradient-norm clip (0 = off)
-    learning_rate: float = 1e-5
-    weight_decay: float = 1e-4
+    learning_rate: float = 1e-5  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
     shuffle_edges: bool = True  # shuffle trained edges (by shared parent) before micro-batching
 
     def __post_init__(self) -> None:
@@ -238,7 +270,7 @@ class EngineSpec:
 class MethodConfig:
     """One GRPO method = tree + advantage + selection + update (+ batching)."""
 
-    name: str = "branchgrpo"
+    name: str = "branchgrpo"  # the method's name, recorded in metrics and tree dumps
     tree: TreeSpec = field(default_factory=TreeSpec)
     advantage: AdvantageSpec = field(default_factory=AdvantageSpec)
     selection: SelectionSpec = field(default_factory=SelectionSpec)
