@@ -15,12 +15,13 @@ from __future__ import annotations
 from branchgrpo.families.base import ModelFamily, Modality, NoOptions, PolicyBundle, resolve_options
 from branchgrpo.families.digits import DigitsFamily
 from branchgrpo.families.flux import FluxFamily
+from branchgrpo.families.flux2 import Flux2Family, Flux2KleinFamily
 from branchgrpo.families.qwenimage import QwenImageFamily
 from branchgrpo.families.sd3 import SD3Family
 from branchgrpo.families.registry import available_families, get_family, register_family, registered_family
 from branchgrpo.families.wan import WanFamily
 
-for _family in (DigitsFamily(), FluxFamily(), QwenImageFamily(), SD3Family(), WanFamily()):
+for _family in (DigitsFamily(), FluxFamily(), Flux2Family(), Flux2KleinFamily(), QwenImageFamily(), SD3Family(), WanFamily()):
     register_family(_family)
 
 __all__ = [

@@ -30,6 +30,7 @@ LinkMode = Literal["symlink", "copy", "hardlink"]
 _PIPELINES = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline",
     "FluxTransformer2DModel": "FluxPipeline",
+    "Flux2Transformer2DModel": "Flux2Pipeline",  # its LoRA files load in Flux2KleinPipeline too
     "QwenImageTransformer2DModel": "QwenImagePipeline",
     "WanTransformer3DModel": "WanPipeline",
 }
