@@ -33,6 +33,7 @@ _PIPELINES = {
     "Flux2Transformer2DModel": "Flux2Pipeline",  # its LoRA files load in Flux2KleinPipeline too
     "QwenImageTransformer2DModel": "QwenImagePipeline",
     "WanTransformer3DModel": "WanPipeline",
+    "ZImageTransformer2DModel": "ZImagePipeline",
 }
 
 

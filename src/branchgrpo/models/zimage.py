@@ -20,8 +20,9 @@ Conventions match diffusers' ``ZImagePipeline`` (0.42), which differ from SD3/FL
   enable_thinking=True``), tokenised to ``max_sequence_length`` (512) and encoded by Qwen3; the
   second-to-last hidden state is kept **only at the prompt's tokens**, so prompts have different
   lengths and the transformer takes a *list* of ``[L_i, D]`` captions. The conditioning stores them
-  zero-padded to ``max_sequence_length`` with a boolean ``prompt_mask``, and the velocity model
-  hands the transformer exactly the masked rows (padding never reaches it).
+  zero-padded to ``max_sequence_length`` with a ``prompt_mask`` (float32 1/0, so any dtype cast of
+  the conditioning keeps it), and the velocity model hands the transformer exactly the masked rows
+  (padding never reaches it).
 
 Latents are ``[B, 16, 2·⌊H/16⌋, 2·⌊W/16⌋]`` (the FLUX VAE's 16 channels at 8×; the transformer
 patchifies 2×2 itself and takes a list of ``[C, 1, h, w]`` frames); decoding is
@@ -71,7 +72,8 @@ def zimage_timestep(sigmas: Tensor) -> Tensor:
 
 
 def pad_captions(captions: Sequence[Tensor], length: int) -> tuple[Tensor, Tensor]:
-    """Variable-length caption embeddings ``[L_i, D]`` → ``([P, length, D]`` zero-padded, ``[P, length]`` mask)."""
+    """Variable-length caption embeddings ``[L_i, D]`` → ``[P, length, D]`` zero-padded and a
+    ``[P, length]`` float32 mask (1 at each caption's tokens, 0 after)."""
     if not captions:
         raise ValueError("pad_captions needs at least one caption")
     longest = max(int(c.shape[0]) for c in captions)
@@ -79,10 +81,10 @@ def pad_captions(captions: Sequence[Tensor], length: int) -> tuple[Tensor, Tenso
         raise ValueError(f"a caption has {longest} tokens, more than max_sequence_length={length}")
     first = captions[0]
     embeds = first.new_zeros((len(captions), length, first.shape[-1]))
-    mask = torch.zeros((len(captions), length), dtype=torch.bool, device=first.device)
+    mask = torch.zeros((len(captions), length), dtype=torch.float32, device=first.device)
     for row, caption in enumerate(captions):
         embeds[row, : caption.shape[0]] = caption
-        mask[row, : caption.shape[0]] = True
+        mask[row, : caption.shape[0]] = 1.0
     return embeds, mask
 
 
@@ -90,9 +92,9 @@ def unpad_captions(embeds: Tensor, mask: Tensor) -> list[Tensor]:
     """The inverse of :func:`pad_captions`: each row's embeddings at its mask (``[L_i, D]``)."""
     if embeds.shape[:2] != mask.shape:
         raise ValueError(f"prompt_embeds {tuple(embeds.shape)} and prompt_mask {tuple(mask.shape)} do not match")
-    mask = mask.to(device=embeds.device, dtype=torch.bool)
+    mask = mask.to(embeds.device) != 0
     if not bool(mask.any(dim=1).all()):
-        raise ValueError("a prompt_mask row is all False: every caption needs at least one token")
+        raise ValueError("a prompt_mask row is all zeros: every caption needs at least one token")
     return [row[keep] for row, keep in zip(embeds, mask)]
 
 
@@ -342,12 +344,11 @@ class ZImageAdapter(DiffusersAdapter):
         """
         transformer = self._require_transformer()
         self.latent_size(height, width)
-        pick = lambda value, default: default if value is None else value  # noqa: E731
         return ZImageVelocity(
             transformer,
-            guidance_scale=pick(guidance_scale, self.guidance_scale),
-            cfg_normalization=pick(cfg_normalization, self.cfg_normalization),
-            cfg_truncation=pick(cfg_truncation, self.cfg_truncation),
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            cfg_normalization=self.cfg_normalization if cfg_normalization is None else cfg_normalization,
+            cfg_truncation=self.cfg_truncation if cfg_truncation is None else cfg_truncation,
             compute_dtype=self._compute_dtype(compute_dtype),
         )
 
