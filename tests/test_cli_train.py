@@ -62,7 +62,7 @@ def test_train_two_iterations_then_sample_and_eval(tmp_path):
         (["train", "model.path=/no/such/weights.safetensors"], "model.path"),
         (["train", "reward.name=hps", "reward.checkpoint=/no/such/hps.pt"], "/no/such/hps.pt"),
         (["train", "model.family=flux", "reward.name=clip", "reward.checkpoint=.", "model.path=/no/such/flux"],
-         "FLUX weights not found"),
+         "/no/such/flux does not exist"),
         (["train", "--config", "/no/such/config.yaml"], "does not exist"),
         (["eval", "--run", "/no/such/run"], "not a run directory"),
     ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -375,9 +376,29 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"branchgrpo: error: {line}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # an optional dependency a command needs
+        extra = {"diffusers": "models", "transformers": "models", "peft": "models", "open_clip": "rewards",
+                 "matplotlib": "bench", "wandb": None, "rapidocr_onnxruntime": "ocr"}.get((err.name or "").split(".")[0])
+        hint = (f"pip install 'branchgrpo[{extra}]'" if extra else f"pip install {err.name}") if err.name else ""
+        print(f"branchgrpo: error: this command needs the package {err.name!r}, which is not installed; {hint}",
+              file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `branchgrpo plan | head`: the reader left; nothing more to say
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush stays quiet
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print("branchgrpo: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a failure at run time: one line here, the details for a bug report
+        from branchgrpo.rewards.base import RewardError
+
+        if isinstance(err, RewardError):
+            print(f"branchgrpo: error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
@@ -68,9 +69,36 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that raises :class:`ConfigError` on duplicate keys."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)
+def load_yaml(text: str, source: str = "") -> Any:
+    """``yaml.safe_load`` that raises :class:`ConfigError` (one line: where and what) on duplicate keys,
+    syntax errors, tabs and tags that would build Python objects."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = (err.problem or err.context or "invalid YAML").strip()
+        if "\t" in text and ("tab" in problem.lower() or "\\t" in problem):
+            problem += " (YAML indents with spaces, not tabs)"
+        raise ConfigError(source, f"not valid YAML at {where}: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(source, f"not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def read_yaml_file(path: Any, field: str = "--config") -> Any:
+    """A YAML file's content, or one :class:`ConfigError` line (missing, unreadable, not UTF-8, bad YAML)."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(field, f"config file {file} does not exist" if not file.exists() else f"{file} is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(file), f"is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(str(file), f"cannot be read: {err.strerror}") from None
+    return load_yaml(text, str(file))
 
 
 def _parse_mapping_text(text: str) -> Any:
@@ -160,14 +188,19 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(field, f"expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(field, f"expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(field, f"expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(field, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -297,8 +330,8 @@ def parse_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
             # YAML for structures, and for values inside an option bag (typed later by their owner)
             try:
                 value = load_yaml(raw)
-            except yaml.YAMLError as err:
-                raise ConfigError(path, f"cannot read {raw!r} as a value: {str(err).splitlines()[0]}") from None
+            except ConfigError as err:
+                raise ConfigError(path, f"cannot read {raw!r} as a value: {str(err)}") from None
         node = nested
         *parents, leaf = path.split(".")
         for part in parents:

@@ -77,6 +77,7 @@ class ModelFamily:
     prompt_cache: ClassVar[bool] = False
     builtin_prompts: ClassVar[bool] = False  # True: train without data.train_prompts (the digits world)
     description: ClassVar[str] = ""
+    path_example: ClassVar[str | None] = None  # set: model.path is required (e.g. a hub id users know)
 
     # -- configuration ------------------------------------------------------------------------
     def options(self, config: "TrainConfig") -> Any:
@@ -84,8 +85,21 @@ class ModelFamily:
         return resolve_options(self, config.model.options)
 
     def check(self, config: "TrainConfig") -> list[ConfigError]:
-        """Problems found without loading anything (missing files, sizes); empty when fine."""
-        return []
+        """Problems found without loading anything (missing files, sizes); empty when fine.
+        The default: ``model.path`` is set when the family has a :attr:`path_example`, and the options fit."""
+        problems = []
+        path = config.model.path
+        if self.path_example is not None and path is None:
+            problems.append(ConfigError("model.path", f"the {self.name} family needs a local diffusers folder or a "
+                                        f"hub id (e.g. {self.path_example})"))
+        elif self.path_example is not None and looks_local(path) and not Path(path).exists():
+            problems.append(ConfigError("model.path", f"{path} does not exist: no {self.name} weights there (a "
+                                        f"diffusers folder; a hub id looks like {self.path_example})"))
+        try:
+            self.options(config)
+        except ConfigError as err:
+            problems.append(err)
+        return problems
 
     # -- building -----------------------------------------------------------------------------
     def build(self, config: "TrainConfig", device: torch.device, dtype: torch.dtype) -> PolicyBundle:  # pragma: no cover
@@ -110,6 +124,15 @@ class ModelFamily:
         transformer.save_pretrained(out, safe_serialization=True)
         return f"wrote {out} ({type(transformer).__name__}.from_pretrained({str(out)!r}))"
 
+    def export_lora(self, bundle: PolicyBundle, config: "TrainConfig", out: Path) -> str:
+        """Write the LoRA for the pipeline's ``load_lora_weights`` (``out``: a ``.safetensors`` file or a
+        folder); returns the line the CLI prints. Families with several trained modules override it."""
+        from branchgrpo.models.export import export_lora
+
+        target = out if out.suffix == ".safetensors" else out / "lora.safetensors"
+        path = export_lora(bundle.policy.transformer, target)
+        return f"wrote LoRA {path}; load it with pipe.load_lora_weights({str(path)!r})"
+
 
 def resolve_options(family: ModelFamily, options: Any) -> Any:
     """Build the family's options dataclass from a mapping (or pass an instance through)."""
@@ -126,6 +149,18 @@ def resolve_options(family: ModelFamily, options: Any) -> Any:
     if not isinstance(options, Mapping):
         raise ConfigError("model.options", f"expected a mapping of {cls.__name__} fields, got {options!r}")
     return build(cls, options, prefix="model.options")
+
+
+def looks_local(path: str) -> bool:
+    """A path meant for this machine (absolute, relative with ./ or ../, ~, or an existing path), never
+    a hub id (``org/name``)."""
+    text = str(path)
+    if text.startswith(("/", "./", "../", "~", ".\\")) or Path(text).exists():
+        return True
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts):
+        return Path(parts[0]).is_dir()  # data/flux with a local data/ folder: a missing download, not a hub id
+    return True
 
 
 def require_model_path(config: "TrainConfig", family: str, example: str) -> str:

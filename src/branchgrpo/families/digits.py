@@ -33,11 +33,12 @@ class DigitsFamily(ModelFamily):
     description = "built-in 16x16 handwritten digits world (FLUX transformer, 1.3 M parameters), CPU, no download"
 
     def check(self, config) -> list[ConfigError]:
+        problems = super().check(config)
         path = config.model.path
         if path is not None and not Path(path).is_file():
-            return [ConfigError("model.path", f"generator weights {path} do not exist (a .safetensors file of the "
-                                "digits transformer; leave model.path unset for the shipped one)")]
-        return []
+            problems.append(ConfigError("model.path", f"generator weights {path} do not exist (a .safetensors file "
+                                        "of the digits transformer; leave model.path unset for the shipped one)"))
+        return problems
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:
         from branchgrpo.worlds.digits import DigitsWorld

@@ -34,6 +34,7 @@ class FluxFamily(ModelFamily):
     modality = "image"
     options_class = FluxOptions
     prompt_cache = True
+    path_example = "black-forest-labs/FLUX.1-dev"
     description = "FLUX.1-dev (FluxTransformer2DModel + CLIP-L/T5-XXL), guidance embedding"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

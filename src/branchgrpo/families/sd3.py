@@ -35,6 +35,7 @@ class SD3Family(ModelFamily):
     modality = "image"
     options_class = SD3Options
     prompt_cache = True
+    path_example = "stabilityai/stable-diffusion-3.5-medium"
     description = "Stable Diffusion 3/3.5 (SD3Transformer2DModel + CLIP-L/G, T5), classifier-free guidance"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

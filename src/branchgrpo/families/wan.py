@@ -39,6 +39,7 @@ class WanFamily(ModelFamily):
     modality = "video"
     options_class = WanOptions
     prompt_cache = True
+    path_example = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     description = "Wan2.1 text-to-video (WanTransformer3DModel + UMT5), classifier-free guidance"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

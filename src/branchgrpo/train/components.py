@@ -80,6 +80,9 @@ def validate_job(config: TrainConfig, *, custom_policy: bool = False, custom_rew
     if family is not None and not family.builtin_prompts and config.data.train_prompts is None:
         problems.append(ConfigError("data.train_prompts", f"the {family.name} family has no built-in prompts; "
                                     "give a prompt file (one prompt per line)"))
+    output_dir = Path(config.run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(ConfigError("run.output_dir", f"{output_dir} exists and is not a folder"))
     if config.method.update.kl_coef > 0 and config.model.lora is None:
         problems.append(ConfigError(
             "method.update.kl_coef", "the KL term needs a reference model: train with model.lora (the reference is "

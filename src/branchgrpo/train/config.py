@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from branchgrpo.config import ConfigError, build, load_yaml, merge, parse_overrides, to_dict
+from branchgrpo.config import ConfigError, build, merge, parse_overrides, read_yaml_file, to_dict
 from branchgrpo.tree.presets import preset_mapping
 from branchgrpo.tree.spec import MethodConfig
 
@@ -124,6 +124,8 @@ class RunConfig:
         if self.cpu_offload and self.parallel != "fsdp":
             raise ConfigError("run.cpu_offload", "CPU offload works through FSDP; set run.parallel=fsdp "
                               "(or run.cpu_offload=false)")
+        if not self.output_dir.strip():
+            raise ConfigError("run.output_dir", "must name a folder (empty would train into the current folder)")
         if self.iterations < 0:
             raise ConfigError("run.iterations", f"must be >= 0, got {self.iterations}")
         if self.threads < 0:
@@ -148,6 +150,10 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     imports: list[str] = field(default_factory=list)  # modules imported first: where your register_family/register_reward calls live
+
+
+_SECTIONS = {"method": "MethodConfig", "model": "ModelConfig", "reward": "RewardConfig", "data": "DataConfig",
+             "eval": "EvalConfig", "run": "RunConfig"}
 
 
 def import_plugins(modules: list[str], field_name: str = "imports") -> None:
@@ -190,20 +196,19 @@ def load_train_config(
 
     data: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError("--config", f"config file {path} does not exist")
-        try:
-            data = load_yaml(path.read_text()) or {}
-        except ConfigError as err:
-            raise ConfigError(f"{path}", str(err)) from None
+        data = read_yaml_file(config_file) or {}
         if not isinstance(data, Mapping):
-            raise ConfigError(str(path), "a config file is a YAML mapping of sections (model, reward, method, ...)")
+            raise ConfigError(str(config_file), "a config file is a YAML mapping of sections (model, reward, method, ...)")
         data = dict(data)
+        for section, value in data.items():
+            if section in _SECTIONS and value is not None and not isinstance(value, Mapping):
+                raise ConfigError(section, f"expected a mapping of {_SECTIONS[section]} fields, got {value!r} "
+                                  f"(in {config_file})")
     override_map = parse_overrides(TrainConfig, overrides or [])
     import_plugins([*(data.get("imports") or []), *(override_map.get("imports") or [])])
     preset_name = preset or override_map.pop("preset", None) or data.get("preset") or "branchgrpo"
-    family_name = (override_map.get("model", {}) or {}).get("family") or (data.get("model") or {}).get("family") or "digits"
+    override_model = override_map.get("model") if isinstance(override_map.get("model"), Mapping) else {}
+    family_name = override_model.get("family") or (data.get("model") or {}).get("family") or "digits"
     family = get_family(str(family_name))
     method = preset_mapping(str(preset_name))
     method = merge(method, family.method_defaults, MethodConfig)
