@@ -385,13 +385,11 @@ def test_options_are_validated_with_the_field_named():
     assert dev == {"height": 1024, "width": 1024, "embedded_guidance": 4.0, "max_sequence_length": 512}
     klein = load_train_config(None, "branchgrpo", ["model.family=flux2-klein"]).model.options
     assert (klein["guidance_scale"], klein["negative_prompt"]) == (4.0, "")
-    for family, override, field in (("flux2", "model.options.height=1000", "model.options.height"),
-                                    ("flux2", "model.options.embedded_guidance=-1", "model.options.embedded_guidance"),
-                                    ("flux2", "model.options.max_sequence_length=0", "model.options.max_sequence_length"),
-                                    ("flux2-klein", "model.options.guidance_scale=0", "model.options.guidance_scale"),
-                                    ("flux2-klein", "model.options.width=8", "model.options.width")):
-        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            load_train_config(None, "branchgrpo", [f"model.family={family}", override])
+    for family, field, value in (("flux2", "height", 1000), ("flux2", "embedded_guidance", -1),
+                                 ("flux2", "max_sequence_length", 0), ("flux2-klein", "guidance_scale", 0),
+                                 ("flux2-klein", "width", 8)):
+        with pytest.raises(ConfigError, match=rf"model\.options\.{field}"):
+            load_train_config(None, "branchgrpo", [f"model.family={family}", f"model.options.{field}={value}"])
 
 
 def test_the_config_file_resolves():

@@ -307,7 +307,8 @@ class Flux2Adapter(DiffusersAdapter):
             raise ValueError(f"FLUX.2 [{variant}] here is {kind}: it takes no negative prompt, got {negative_prompt!r}")
         else:
             self.negative_prompt = None
-        self.text_encoder_out_layers = tuple(int(i) for i in (text_encoder_out_layers or TEXT_ENCODER_OUT_LAYERS[variant]))
+        layers = text_encoder_out_layers or TEXT_ENCODER_OUT_LAYERS[variant]
+        self.text_encoder_out_layers = tuple(int(i) for i in layers)
         self.height, self.width = int(height), int(width)
         self._init_common(
             source=source, max_sequence_length=max_sequence_length, compute_dtype=compute_dtype,
@@ -461,7 +462,7 @@ FLUX2_KLEIN_LAYOUT_TEXT = """\
   <folder>/
     model_index.json                                              (Flux2KleinPipeline, is_distilled)
     scheduler/        scheduler_config.json                       (FlowMatchEulerDiscreteScheduler, dynamic shift)
-    transformer/      config.json, diffusion_pytorch_model*.safetensors   (Flux2Transformer2DModel, no guidance embedding)
+    transformer/      config.json, diffusion_pytorch_model*.safetensors   (Flux2Transformer2DModel, no guidance)
     vae/              config.json, diffusion_pytorch_model.safetensors    (AutoencoderKLFlux2)
     text_encoder/     config.json, model*.safetensors             (Qwen3ForCausalLM)
     tokenizer/        vocab.json, merges.txt, tokenizer.json, tokenizer_config.json  (Qwen2Tokenizer)"""
