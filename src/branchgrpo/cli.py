@@ -215,14 +215,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from branchgrpo.families import get_family
-    from branchgrpo.models.export import export_lora
 
     config, _, bundle, _ = _load_run_policy(args, with_reward=False)
     out = Path(args.out)
     if config.model.lora is not None:
-        target = out if out.suffix == ".safetensors" else out / "lora.safetensors"
-        path = export_lora(bundle.policy.transformer, target)
-        print(f"wrote LoRA {path}; load it with pipe.load_lora_weights({str(path)!r})")
+        print(get_family(config.model.family).export_lora(bundle, config, out))
         return 0
     print(get_family(config.model.family).export(bundle, config, out, args.link))
     return 0

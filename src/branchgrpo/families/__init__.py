@@ -20,9 +20,10 @@ from branchgrpo.families.qwenimage import QwenImageFamily
 from branchgrpo.families.sd3 import SD3Family
 from branchgrpo.families.registry import available_families, get_family, register_family, registered_family
 from branchgrpo.families.wan import WanFamily
+from branchgrpo.families.wan22 import Wan22Family
 from branchgrpo.families.zimage import ZImageFamily
 
-for _family in (DigitsFamily(), FluxFamily(), Flux2Family(), Flux2KleinFamily(), QwenImageFamily(), SD3Family(), WanFamily(), ZImageFamily()):
+for _family in (DigitsFamily(), FluxFamily(), Flux2Family(), Flux2KleinFamily(), QwenImageFamily(), SD3Family(), WanFamily(), Wan22Family(), ZImageFamily()):
     register_family(_family)
 
 __all__ = [
