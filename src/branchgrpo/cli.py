@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, CliError, FileNotFoundError) as err:
-        for line in str(err).splitlines() or [type(err).__name__]:
-            print(f"branchgrpo: error: {line}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun every rank fails alike: say it once
+            for line in str(err).splitlines() or [type(err).__name__]:
+                print(f"branchgrpo: error: {line}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:  # an optional dependency a command needs
         extra = {"diffusers": "models", "transformers": "models", "peft": "models", "open_clip": "rewards",

@@ -232,7 +232,11 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError as err:
         if prefix and err.field and not err.field.startswith(prefix):
-            raise ConfigError(f"{prefix}.{err.field}", str(err).split(": ", 1)[-1]) from None
+            parent, _, section = prefix.rpartition(".")
+            # a section names its own fields from itself (tree.steps inside method.tree): don't double it
+            full = (f"{parent}.{err.field}" if parent else err.field) if err.field.split(".")[0] == section \
+                else f"{prefix}.{err.field}"
+            raise ConfigError(full, str(err).split(": ", 1)[-1]) from None
         raise
 
 

@@ -22,7 +22,7 @@ class LoraConfig:
     rank: int = 32  # LoRA rank r
     alpha: float = 64.0  # LoRA scale numerator: the update is (alpha / rank) · B·A
     dropout: float = 0.0  # > 0 makes the on-policy ratio differ from 1 (dropout in training mode)
-    target_modules: list[str] | None = None  # None = the attention/feed-forward projections (Flow-GRPO's list)
+    target_modules: list[str] | None = None  # None = the model family's default (its attention projections)
     init: str = "gaussian"  # peft's init_lora_weights (gaussian: A ~ N(0, 1/r), B = 0, so training starts at the base model)
 
     def __post_init__(self) -> None:
@@ -72,11 +72,18 @@ class DataConfig:
 
     train_prompts: str | None = None  # None = built-in (digits world)
     heldout_prompts: str | None = None  # None = built-in held-out prompts
-    prompts_per_iteration: int = 4  # prompt groups (trees) per iteration
+    prompts_per_iteration: int = 4  # prompt groups (trees) per iteration, over all processes (a multiple of their number)
+    prompts_per_process: int = 0  # > 0: prompt groups each process rolls out per iteration (replaces prompts_per_iteration)
 
     def __post_init__(self) -> None:
         if self.prompts_per_iteration < 1:
             raise ConfigError("data.prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
+        if self.prompts_per_process < 0:
+            raise ConfigError("data.prompts_per_process", f"must be >= 0, got {self.prompts_per_process}")
+
+    def global_prompts(self, processes: int) -> int:
+        """Prompt groups per iteration over ``processes`` processes."""
+        return self.prompts_per_process * processes if self.prompts_per_process else self.prompts_per_iteration
 
 
 @dataclass

@@ -107,13 +107,14 @@ class Trainer:
             resolve_device(config.run.device), parallel=config.run.parallel, cpu_offload=config.run.cpu_offload
         )
         self.device = self.dist.device(resolve_device(config.run.device))
-        if config.data.prompts_per_iteration % self.dist.world_size:
+        if config.data.global_prompts(self.dist.world_size) % self.dist.world_size:
             from branchgrpo.config import ConfigError
 
+            world, total = self.dist.world_size, config.data.prompts_per_iteration
             raise ConfigError(
                 "data.prompts_per_iteration",
-                f"{config.data.prompts_per_iteration} prompts cannot be shared evenly by {self.dist.world_size} processes; "
-                "use a multiple of the number of processes",
+                f"{total} prompts cannot be shared evenly by {world} processes; set "
+                f"data.prompts_per_iteration={world * max(1, round(total / world))} or data.prompts_per_process=1",
             )
         self.model: PolicyBundle = model or build_policy(config, self.device)
         self.reward: Reward = reward if reward is not None else build_reward(config, self.model, self.device)
@@ -156,9 +157,10 @@ class Trainer:
 
         start = time.perf_counter()
         # every rank draws the same global prompts and keeps its contiguous share
-        local = cfg.data.prompts_per_iteration // self.dist.world_size
+        total = cfg.data.global_prompts(self.dist.world_size)
+        local = total // self.dist.world_size
         first = self.dist.rank * local
-        prompts = self.sampler.next(cfg.data.prompts_per_iteration)[first : first + local]
+        prompts = self.sampler.next(total)[first : first + local]
         groups = range(first, first + local)
         conditioning = bundle.encode_prompts(prompts)
         times["encode"] = time.perf_counter() - start
