@@ -16,7 +16,8 @@ video frames, file-layout errors). The generic tests, all on CPU in float32:
    prompt, ``split_plan={}``) and ``decode`` equal the pipeline run from the same initial noise on
    the same σ grid (docs/method.md §2): final latents, x̂0 and decoded output within
    :attr:`FamilyCase.tolerance`; the compared values are not all ~0 (nor all saturated pixels), and
-   switching guidance off moves the pipeline's sample (so guidance is part of what is compared).
+   (with :attr:`FamilyCase.guidance_off`) switching guidance off moves the pipeline's sample, so
+   guidance is part of what is compared.
 2. ``test_encode_prompts_equals_pipeline_encode_prompt`` — every conditioning key equals the
    pipeline's own ``encode_prompt`` (negative rows included under CFG); no negative rows without CFG.
 3. ``test_decode_is_batched_and_in_unit_range`` — output shape, float32, ``[0, 1]``, and decoding in
@@ -141,13 +142,18 @@ def pipeline_oracle(case: FamilyCase, components: dict, noise: torch.Tensor) -> 
 
 
 def check_oracle(case: FamilyCase, components: dict | None = None, micro_batch: int = 1,
-                 expected: dict | None = None) -> dict:
-    """η = 0 rollout + decode vs the pipeline (item 1 of the module docstring); returns the max |Δ|s."""
+                 cache: dict | None = None) -> dict:
+    """η = 0 rollout + decode vs the pipeline (item 1 of the module docstring); returns the max |Δ|s.
+
+    ``cache`` (a dict) keeps the pipeline's outputs for further calls on the same components."""
     components = components if components is not None else case.components(1)
     adapter = case.adapter(components)
     tree = ode_tree(case, adapter, micro_batch)
     noise = tree.latents[0]
-    expected = expected if expected is not None else pipeline_oracle(case, components, noise)
+    cache = cache if cache is not None else {}
+    if "expected" not in cache:
+        cache["expected"] = pipeline_oracle(case, components, noise)
+    expected = cache["expected"]
     assert torch.equal(expected["noise"], noise)  # the pipeline started where we did
     torch.testing.assert_close(expected["sigmas"], sigma_schedule(case.steps, case.shift).float(),
                                rtol=0, atol=FLOAT32_EPS)  # the pipeline ran on our σ grid
@@ -304,16 +310,17 @@ def check_lora_export(case: FamilyCase, tmp_path: Path, seed: int = 5) -> None:
     assert (config["transformer.r"], config["transformer.lora_alpha"]) == (4, 12.0)
     assert not list((tmp_path / "lora").glob(".*"))  # no temporary leftovers
 
-    pipe = case.pipeline(fresh)
-    pipe.load_lora_weights(str(path))
-    base = case.adapter(case.components(seed))
+    base = case.adapter(fresh)
     x = torch.randn(2, *base.latent_shape(), generator=torch.Generator().manual_seed(6))
     sigma = torch.tensor([0.7, 0.3])
     cond = base.encode_prompts(list(case.prompts[:2]))
     with torch.no_grad():
         ours = ours_adapter.velocity_model()(x, sigma, cond)
+        without = base.velocity_model()(x, sigma, cond)  # before the pipeline loads LoRA into fresh's transformer
+    pipe = case.pipeline(fresh)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
         loaded = case.adapter({**fresh, "transformer": pipe.transformer}).velocity_model()(x, sigma, cond)
-        without = base.velocity_model()(x, sigma, cond)
     torch.testing.assert_close(loaded, ours, rtol=0, atol=1e-6)
     assert (ours - without).abs().max() > 1e-2  # the LoRA is what makes them equal
 
@@ -344,18 +351,22 @@ def make_trainer(case: FamilyCase, tmp_path: Path, adapter, reward=None, lora=No
 
 def check_trainer_iteration(case: FamilyCase, tmp_path: Path, seed: int = 1) -> dict:
     """One BranchGRPO iteration through the Trainer changes the weights and logs finite metrics (item 6)."""
+    from branchgrpo.train.logging import MetricsLogger
+
     adapter = case.adapter(case.components(seed))
-    trainer = make_trainer(case, tmp_path, adapter, overrides=["run.sample_grid_every=0"])
+    trainer = make_trainer(case, tmp_path, adapter)
     before = {k: v.detach().clone() for k, v in adapter.transformer.state_dict().items()}
-    summary = trainer.run()
-    assert summary.iterations == 1
+    metrics = trainer.step()
     after = adapter.transformer.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the update changed no weight"
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = next(row for row in rows if "reward_mean" in row)
+    logger = MetricsLogger(tmp_path, tensorboard=False, progress=False)  # what Trainer.run writes per iteration
+    logger.log(metrics)
+    logger.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    train = json.loads(line)  # strict JSON: a non-finite value would be null and named in nonfinite_keys
     assert "nonfinite_keys" not in train, train.get("nonfinite_keys")
     numbers = {k: v for k, v in train.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert all(math.isfinite(v) for v in numbers.values()), numbers
+    assert len(numbers) > 10 and all(math.isfinite(v) for v in numbers.values()), numbers
     assert train["optimizer_steps"] == 1 and train["nfe/trained_edges"] > 0
     assert 0 < train["reward_mean"] < 1 and train["reward_std"] > 0
     # the rollout policy is the trained one (CFG, guidance, packing included): ratio 1 at the first update
@@ -410,11 +421,7 @@ def conformance_tests(case: FamilyCase) -> dict[str, Callable]:
 
     @pytest.mark.parametrize("micro_batch", [2, 1])
     def test_ode_rollout_reproduces_the_pipeline(micro_batch):
-        components = shared("oracle", 1)
-        if "expected" not in state:
-            noise = ode_tree(case, case.adapter(components), micro_batch=2).latents[0]
-            state["expected"] = pipeline_oracle(case, components, noise)
-        check_oracle(case, components, micro_batch, expected=state["expected"])
+        check_oracle(case, shared("oracle", 1), micro_batch, cache=state.setdefault("oracle_outputs", {}))
 
     def test_encode_prompts_equals_pipeline_encode_prompt():
         check_encode_prompts(case, shared("components", 0))
