@@ -22,19 +22,25 @@ _DEFAULT_GUIDANCE = {"t2v-a14b": (4.0, 3.0), "ti2v-5b": (5.0, None)}
 class Wan22Options:
     """Wan2.2 settings: the variant, video size, and guidance per expert (the authors' values by default)."""
 
-    variant: Literal["t2v-a14b", "ti2v-5b"] = "t2v-a14b"  # t2v-a14b: two 14B experts (high/low noise); ti2v-5b: one 5B transformer, 48-channel VAE
+    # t2v-a14b: two 14B experts (high/low noise); ti2v-5b: one 5B transformer, 48-channel VAE
+    variant: Literal["t2v-a14b", "ti2v-5b"] = "t2v-a14b"
     height: int = 480  # pixels: a multiple of 16 (t2v-a14b: VAE 8 × patch 2) or 32 (ti2v-5b: VAE 16 × patch 2)
     width: int = 832  # pixels, the same multiple as height
-    num_frames: int = 33  # 4k + 1: the VAE codes frame 0 alone, then 4 frames per latent frame (the authors sample 81 / 121)
-    guidance_scale: float | None = None  # CFG of the high-noise expert (ti2v-5b: of its one transformer); None: 4.0 (t2v-a14b) / 5.0 (ti2v-5b); <= 1 turns CFG off for both experts
-    guidance_scale_2: float | None = None  # CFG of the low-noise expert (t2v-a14b only); None: 3.0, the authors' low-noise value
-    boundary_ratio: float | None = None  # expert switch: the high-noise expert serves 1000·σ >= boundary_ratio·1000; None: model_index.json's (0.875)
+    # 4k + 1: the VAE codes frame 0 alone, then 4 frames per latent frame (the authors sample 81 / 121)
+    num_frames: int = 33
+    # CFG of the high-noise expert (ti2v-5b: of its one transformer); None: 4.0 (t2v-a14b) / 5.0 (ti2v-5b);
+    # <= 1 turns CFG off for both experts
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None  # CFG of the low-noise expert (t2v-a14b only); None: 3.0, the authors'
+    # expert switch: the high-noise expert serves 1000·σ >= boundary_ratio·1000; None: model_index.json's (0.875)
+    boundary_ratio: float | None = None
     negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
     max_sequence_length: int = 512  # UMT5 tokens
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ConfigError("model.options.variant", f"got {self.variant!r}; allowed values: {', '.join(VARIANTS)}")
+            raise ConfigError("model.options.variant",
+                              f"got {self.variant!r}; allowed values: {', '.join(VARIANTS)}")
         high, low = _DEFAULT_GUIDANCE[self.variant]
         if self.guidance_scale is None:
             self.guidance_scale = high
@@ -53,8 +59,8 @@ class Wan22Options:
         if self.boundary_ratio is not None and not 0.0 < self.boundary_ratio < 1.0:
             raise ConfigError("model.options.boundary_ratio", f"must be in (0, 1), got {self.boundary_ratio}")
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise ConfigError("model.options.num_frames",
-                              f"Wan videos have 4k + 1 frames (1, 5, ..., 33, ..., 81, ..., 121), got {self.num_frames}")
+            raise ConfigError("model.options.num_frames", "Wan videos have 4k + 1 frames (1, 5, ..., 33, ..., 81, "
+                              f"..., 121), got {self.num_frames}")
         multiple = 16 if two_experts else 32
         for name in ("height", "width"):
             value = getattr(self, name)

@@ -438,8 +438,9 @@ def read_model_index(path_or_hub_id: str | os.PathLike, *, local_files_only: boo
         try:
             index = Path(hf_hub_download(location, "model_index.json", revision=revision))
         except Exception as err:  # noqa: BLE001 - any hub failure: the file is not reachable
+            first_line = str(err).splitlines()[0] if str(err) else ""
             raise WAN22_FILES.error(str(path_or_hub_id), ["model_index.json"],
-                                    detail=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+                                    detail=f"{type(err).__name__}: {first_line}") from None
     try:
         return json.loads(index.read_text())
     except (OSError, ValueError) as err:
@@ -483,8 +484,8 @@ def load_wan22_adapter(
     if boundary_ratio is None:
         boundary_ratio = index.get("boundary_ratio")
     if two_experts and boundary_ratio is None:
-        raise WAN22_FILES.error(str(path_or_hub_id), [],
-                                detail="model_index.json lists transformer_2 but no boundary_ratio; pass boundary_ratio=")
+        raise WAN22_FILES.error(str(path_or_hub_id), [], detail="model_index.json lists transformer_2 but no "
+                                "boundary_ratio; pass boundary_ratio=")
     experts = ["transformer", "transformer_2"] if two_experts else ["transformer"]
     needed = ["tokenizer", "text_encoder"] + experts * load_transformer + ["vae"] * load_vae
     folder = PretrainedFolder(path_or_hub_id, WAN22_FILES, needed, text_encoders=text_encoders,
