@@ -69,12 +69,29 @@ def format_plan(result: Plan) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     overrides, iteration = _split_overrides(args.overrides)
-    config = method_config(args.preset, overrides)
-    result = plan(config, iteration=iteration, seed=args.seed)
+    if args.config is None:
+        if args.processes != 1 or args.gpu_memory is not None:
+            raise CliError("--processes and --gpu-memory size a training job: pass its --config FILE")
+        config = method_config(args.preset or "branchgrpo", overrides)
+        result = plan(config, iteration=iteration, seed=args.seed)
+        print(json.dumps(result.to_json()) if args.json else format_plan(result))
+        return 0
+    # a job: train's config and keys (method.tree.steps=16, model.lora.rank=32), plus its resources
+    from branchgrpo.resources import estimate_job, format_estimate, parse_memory, transformer_config
+    from branchgrpo.train.config import load_train_config
+
+    job = load_train_config(args.config, args.preset, overrides)
+    result = plan(job.method, iteration=iteration, seed=args.seed)
+    try:
+        gpu_memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
+        arch_config, source = transformer_config(job.model.family, job.model.path)
+        estimate = estimate_job(job, arch_config, args.processes, gpu_memory, source, iteration)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "resources": estimate.to_json()}))
     else:
-        print(format_plan(result))
+        print(format_plan(result) + "\n\n" + format_estimate(estimate))
     return 0
 
 
@@ -279,11 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="branchgrpo", description="Tree-structured GRPO for flow-matching generators.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="show a method's tree and NFE cost without loading a model")
-    p.add_argument("--preset", default="branchgrpo", help="method preset (see `branchgrpo presets`)")
+    p = sub.add_parser("plan", help="show a method's tree and NFE cost (with --config: a job's memory and FLOPs "
+                                     "per process) without loading a model")
+    p.add_argument("--preset", help="method preset (see `branchgrpo presets`; default: the config's, else branchgrpo)")
+    p.add_argument("--config", help="a training config (as for train): add its resources per process")
+    p.add_argument("--processes", type=int, default=1, help="with --config: processes (GPUs) of the job (default 1)")
+    p.add_argument("--gpu-memory", help="with --config: memory of one GPU, e.g. 80GB or 80GiB; says whether it fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0, help="seed of the random step subset (timestep_fraction)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tree.steps=16 iteration=30")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. tree.steps=16 iteration=30 (with --config: method.tree.steps=16)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train a generator with a GRPO method (default: BranchGRPO on the digits world)")
