@@ -140,12 +140,16 @@ def test_report_content(run_dir, tmp_path):
         assert data["train"][key] == pytest.approx([r[key] for r in train], rel=1e-6), key
     assert data["eval"]["iteration"] == [0, 1, 2, 3]
     assert data["eval"]["eval_reward"] == pytest.approx([r["eval_reward"] for r in evals], rel=1e-6)
+    for key in ("diversity_pixel", "diversity_feature"):  # two samples per prompt: diversity in every eval row
+        assert data["eval"][key] == pytest.approx([r[key] for r in evals], rel=1e-6), key
+    assert all(v > 0 for v in data["eval"]["diversity_feature"])
     # every sample grid, as the PNG bytes of the file
     assert [s["iteration"] for s in data["samples"]] == [0, 1, 2, 3]
     for s in data["samples"]:
         png = base64.b64decode(s["src"].removeprefix("data:image/png;base64,"))
         assert png == (run_dir / "samples" / s["file"]).read_bytes()
         assert (s["width"], s["height"]) == png_size(png)
+        assert s["diversity_feature"] == pytest.approx(evals[s["iteration"]]["diversity_feature"], rel=1e-6)
     # every tree dump, column for column
     assert [t["file"] for t in data["trees"]] == [f"iter_00000{i}.safetensors" for i in range(3)]
     for tree in data["trees"]:
@@ -185,6 +189,7 @@ def test_default_output_limits_and_partial_runs(run_dir, tmp_path):
     (partial / "samples" / "iter_000000.png").write_bytes(b"not a png")
     data = read_report_data(write_report(partial))
     assert data["train"]["iteration"] == [] and data["eval"]["eval_reward"] == [0.5]
+    assert data["eval"]["diversity_pixel"] == data["eval"]["diversity_feature"] == [None]  # not logged then
     assert data["trees"] == [] and data["samples"] == []
     assert [w.split(":")[0] for w in data["warnings"]] == ["metrics.jsonl", "samples/iter_000000.png",
                                                            "trees/iter_000000.safetensors"]
@@ -533,7 +538,9 @@ def test_report_in_headless_chromium(run_dir, browser, tmp_path):
     # every section rendered, charts have lines, images decoded
     for sid, _ in SECTIONS:
         assert browser.evaluate(f"document.querySelector('#{sid}-body').children.length > 0"), sid
-    assert count(browser, "#rewards svg.chart path.line") >= 3  # train reward, eval reward, loss
+    # train reward, eval reward, loss, and the diversity card's two curves next to the reward
+    assert count(browser, "#rewards svg.chart path.line") >= 5
+    assert browser.evaluate("document.querySelector('#rewards-body').textContent.includes('Sample diversity')")
     assert count(browser, "#metrics svg.chart path.line") >= 4
     assert count(browser, "#cost #time-bars rect") >= 3 * 4
     assert count(browser, "#nfe-table tbody tr") >= 7

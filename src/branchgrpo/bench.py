@@ -3,13 +3,15 @@
 Every method trains the same model from the same weights with the same reward, prompts and
 seeds; iterations are interleaved across methods (method A iteration k, method B iteration k, …)
 so that machine drift affects all of them alike. Writes ``bench.csv``, ``bench.md``, ``bench.json``
-and PNG plots of held-out reward against iteration and against training wall-clock.
+and PNG plots of held-out reward against iteration and against training wall-clock. Every evaluation
+also records the samples' diversity (:mod:`branchgrpo.diversity`); the table shows it at the end.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import platform
 import statistics
 import time
@@ -34,6 +36,7 @@ class MethodRecord:
     phase_times: dict[str, list[float]] = field(default_factory=dict)
     nfe_sums: dict[str, float] = field(default_factory=dict)  # per leaf, summed over iterations
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, train seconds, reward)
+    diversity: list[dict[str, float | None]] = field(default_factory=list)  # per eval: diversity_pixel/_feature
     calls: dict[str, float] = field(default_factory=dict)  # absolute model calls summed over iterations
 
     def unit_costs(self) -> tuple[float, float]:
@@ -58,6 +61,17 @@ class MethodRecord:
             if t <= seconds + 1e-9:
                 value = reward
         return value
+
+    def add_eval(self, trainer: Trainer, tag: str) -> None:
+        """Evaluate ``trainer`` now: held-out reward at this many iterations and training seconds."""
+        reward = trainer._evaluate(tag)
+        self.evals.append((len(self.iteration_times), self.train_seconds, reward))
+        metrics = trainer.last_eval.diversity_metrics()
+        self.diversity.append({k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
+
+    def end_diversity(self, key: str) -> float | None:
+        """``diversity_pixel`` or ``diversity_feature`` of the last evaluation (None: not measured)."""
+        return self.diversity[-1].get(key) if self.diversity else None
 
     def seconds_to_reach(self, reward: float) -> float | None:
         for _, t, r in self.evals:
@@ -142,7 +156,7 @@ def run_bench(
         trainers[name] = make_trainer(config) if make_trainer else Trainer(config)
     records = {name: MethodRecord(name) for name in methods}
     for name, trainer in trainers.items():
-        records[name].evals.append((0, 0.0, trainer._evaluate(f"{name}-start")))
+        records[name].add_eval(trainer, f"{name}-start")
     reference = reference_method(methods)
 
     def step(name: str) -> None:
@@ -150,7 +164,7 @@ def run_bench(
         _record_step(record, trainer.step())
         done = len(record.iteration_times)
         if done % eval_every == 0:
-            record.evals.append((done, record.train_seconds, trainer._evaluate(f"{name}-{done}")))
+            record.add_eval(trainer, f"{name}-{done}")
 
     for _ in range(iterations):
         for name in methods:
@@ -163,7 +177,7 @@ def run_bench(
     for name in methods:  # a final evaluation where the last step was not an evaluation step
         record, done = records[name], len(records[name].iteration_times)
         if record.evals[-1][0] != done:
-            record.evals.append((done, record.train_seconds, trainers[name]._evaluate(f"{name}-{done}")))
+            record.add_eval(trainers[name], f"{name}-{done}")
     probe_costs = measure_unit_costs(next(iter(trainers.values())))
     return write_results(records, methods, probe_costs, base, iterations, out_dir, equal_time)
 
@@ -198,6 +212,11 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     ref_probe = ideal(records[reference], probe_costs)
     budget = min(r.train_seconds for r in records.values())
     ref_final = records[reference].evals[-1][2]
+    ref_diversity = records[reference].end_diversity("diversity_feature")
+
+    def rounded(value: float | None, digits: int = 4) -> float | None:
+        return None if value is None else round(value, digits)
+
     rows = []
     for name in methods:
         r = records[name]
@@ -224,6 +243,10 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
             "reward_at_equal_time": round(r.reward_at_seconds(budget), 4),
             "seconds_to_reference_final": None if reach is None else round(reach, 2),
             "fraction_of_reference_time": None if reach is None else round(reach / records[reference].train_seconds, 4),
+            "end_diversity_pixel": rounded(r.end_diversity("diversity_pixel")),
+            "end_diversity_feature": rounded(r.end_diversity("diversity_feature")),
+            "end_diversity_ratio": (rounded(r.end_diversity("diversity_feature") / ref_diversity)
+                                    if r.end_diversity("diversity_feature") is not None and ref_diversity else None),
         })
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "bench.csv", "w", newline="") as handle:
@@ -248,6 +271,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls}
                      for k, r in records.items()}
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "evals": {k: r.evals for k, r in records.items()},
+                                                    "diversity": {k: r.diversity for k, r in records.items()},
                                                     "per_iteration": per_iteration}, indent=2))
     lines = [
         f"# branchgrpo bench — {meta['model']} world, {iterations} interleaved iterations"
@@ -264,6 +288,9 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         f"measured median iteration time relative to `{reference}`",
         f"- reward at equal wall-clock: the last held-out evaluation within {budget:.1f} s of training "
         "(the shortest total among the methods)",
+        "- end diversity: at the last evaluation, the mean over held-out prompts of the mean pairwise distance "
+        "among a prompt's samples, in pixels (RMS difference) and in fixed random-conv features (unit vectors, "
+        f"0–2); `end_diversity_ratio` = feature diversity relative to `{reference}` (– with one sample per prompt)",
         "",
         "| " + " | ".join(rows[0]) + " |",
         "|" + "---|" * len(rows[0]),
@@ -292,6 +319,11 @@ def _target_lines(rows: dict[str, dict], reference: str) -> list[str]:
         if name in rows:
             ratio = rows[name]["time_ratio"]
             lines.append(f"| `{name}` time_ratio ≤ {limit} | {ratio} | {'yes' if ratio <= limit else 'no'} |")
+    for name, row in rows.items():
+        ratio = row["end_diversity_ratio"]
+        if name != reference and ratio is not None:
+            lines.append(f"| `{name}` end feature diversity ≥ 90% of `{reference}`'s | {ratio} | "
+                         f"{'yes' if ratio >= 0.9 else 'no'} |")
     if "branchgrpo-deppru" in rows:
         row = rows["branchgrpo-deppru"]
         fraction = row["fraction_of_reference_time"]

@@ -79,10 +79,17 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return path
 
 
+EVAL_COLUMNS = ("eval_reward", "diversity_pixel", "diversity_feature")  # what an eval row may hold
+
+
 def read_metrics(path: Path, warnings: _Warnings) -> tuple[dict, dict]:
-    """``(train, eval)`` column tables from metrics.jsonl; the last row of a repeated iteration wins."""
+    """``(train, eval)`` column tables from metrics.jsonl; the last row of a repeated iteration wins.
+
+    The eval table has ``iteration`` and every :data:`EVAL_COLUMNS` column (None where a row lacks it:
+    runs from before diversity was logged, or one sample per prompt).
+    """
     train_rows: dict[int, dict] = {}
-    eval_rows: dict[int, float | None] = {}
+    eval_rows: dict[int, dict] = {}
     bad = 0
     if path.is_file():
         for line in path.read_text(errors="replace").splitlines():
@@ -95,7 +102,7 @@ def read_metrics(path: Path, warnings: _Warnings) -> tuple[dict, dict]:
                 bad += 1
                 continue
             if "eval_reward" in row:
-                eval_rows[iteration] = _clean(row["eval_reward"])
+                eval_rows[iteration] = {key: _number(row.get(key)) for key in EVAL_COLUMNS}
             else:
                 train_rows[iteration] = row
     if bad:
@@ -112,7 +119,9 @@ def read_metrics(path: Path, warnings: _Warnings) -> tuple[dict, dict]:
     for key in keys:
         train[key] = [_clean(train_rows[i].get(key)) for i in iterations]
     eval_iterations = sorted(eval_rows)
-    evals = {"iteration": eval_iterations, "eval_reward": [eval_rows[i] for i in eval_iterations]}
+    evals = {"iteration": eval_iterations}
+    for key in EVAL_COLUMNS:
+        evals[key] = [eval_rows[i][key] for i in eval_iterations]
     return train, evals
 
 
@@ -165,6 +174,7 @@ def shrink_image(data: bytes, size: tuple[int, int]) -> tuple[bytes, str, tuple[
 
 def read_samples(run_dir: Path, evals: dict, limit: int | None, warnings: _Warnings) -> tuple[list, int]:
     eval_by_iteration = dict(zip(evals["iteration"], evals["eval_reward"]))
+    diversity_by_iteration = dict(zip(evals["iteration"], evals["diversity_feature"]))
     files, omitted = _evenly(_iter_files(run_dir / "samples", "png"), limit)
     samples = []
     for iteration, path in files:
@@ -178,6 +188,7 @@ def read_samples(run_dir: Path, evals: dict, limit: int | None, warnings: _Warni
             "iteration": iteration, "file": path.name, "width": shown[0], "height": shown[1],
             "original": list(size) if shown != size or mime != "image/png" else None,
             "eval_reward": eval_by_iteration.get(iteration),
+            "diversity_feature": diversity_by_iteration.get(iteration),
             "src": f"data:{mime};base64," + base64.b64encode(embedded).decode("ascii"),
         })
     if omitted:
@@ -323,7 +334,8 @@ def _highlights(config: dict, train: dict, evals: dict, summary: dict | None) ->
     if tree:
         plan = tree.get("split_plan") or {}
         add("steps T", tree.get("steps"))
-        add("splits", ", ".join(f"{k}:{v}" for k, v in plan.items()) or "none")
+        moving = " (at the SDE window's first step)" if tree.get("split_at_window_start") else ""
+        add("splits", (", ".join(f"{k}:{v}" for k, v in plan.items()) or "none") + moving)
         add("eta", tree.get("eta"))
         window = tree.get("sde_window")
         if window:

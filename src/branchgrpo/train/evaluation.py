@@ -1,4 +1,7 @@
-"""Held-out evaluation: fixed prompts and seeds, flat sampling, mean reward; sample grids.
+"""Held-out evaluation: fixed prompts and seeds, flat sampling, mean reward, sample diversity; sample grids.
+
+Diversity (:mod:`branchgrpo.diversity`): per prompt, the mean pairwise distance among its samples,
+in pixels (RMS difference) and in a fixed random-conv-net feature space; averaged over prompts.
 
 :func:`save_image_grid` writes images ``[N, C, H, W]`` as one PNG grid; given videos
 ``[N, F, C, H, W]`` (what ``WanAdapter.decode`` returns) it writes :func:`save_video_grid`'s PNG
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from branchgrpo.diversity import Diversity, sample_diversity
 from branchgrpo.families import PolicyBundle
 from branchgrpo.rewards.base import Reward
 from branchgrpo.train.components import score_rewards
@@ -28,10 +32,17 @@ class EvalResult:
     images: Tensor  # [P·S, C, H, W] in [0, 1], prompt-major (videos: [P·S, F, C, H, W])
     rewards: Tensor  # [P·S] (a weighted list: the weighted sum of raw component scores)
     components: dict[str, Tensor] | None = None  # raw scores per component of a weighted list
+    diversity: Diversity | None = None  # mean pairwise sample distances per prompt (None: 1 sample each)
 
     @property
     def mean_reward(self) -> float:
         return float(self.rewards.mean())
+
+    def diversity_metrics(self) -> dict[str, float]:
+        """``{"diversity_pixel", "diversity_feature"}``: means over prompts (empty without diversity)."""
+        if self.diversity is None:
+            return {}
+        return {"diversity_pixel": self.diversity.pixel, "diversity_feature": self.diversity.feature}
 
     def columns(self) -> dict[str, Tensor]:
         """Every reported score: the components of a weighted list (then their sum), or the reward."""
@@ -78,7 +89,7 @@ def sample(
 
 
 def evaluate(generator: PolicyBundle, reward: Reward, prompts: list[str], config: TrainConfig, device) -> EvalResult:
-    """Mean reward of ``eval.samples_per_prompt`` samples per held-out prompt (fixed seed)."""
+    """Mean reward and diversity of ``eval.samples_per_prompt`` samples per held-out prompt (fixed seed)."""
     if not prompts:
         raise ValueError("no held-out prompts to evaluate; set data.heldout_prompts")
     eta = config.method.tree.eta if config.eval.eta is None else config.eval.eta
@@ -90,7 +101,10 @@ def evaluate(generator: PolicyBundle, reward: Reward, prompts: list[str], config
     scored = score_rewards(reward, images, image_prompts, torch.zeros(len(image_prompts), dtype=torch.long),
                            config.reward.batch_size, absolute=True)
     components = scored.components if len(scored.components) > 1 else None
-    return EvalResult(prompts=image_prompts, images=images.cpu(), rewards=scored.total, components=components)
+    images = images.cpu()
+    diversity = sample_diversity(images, image_prompts) if config.eval.samples_per_prompt >= 2 else None
+    return EvalResult(prompts=image_prompts, images=images, rewards=scored.total, components=components,
+                      diversity=diversity)
 
 
 VIDEO_FPS = 16.0  # Wan2.1's frame rate: what a GIF of its videos plays at unless told otherwise

@@ -58,12 +58,16 @@ class MetricsLogger:
                 nfe=f"{metrics['nfe/rollout_calls']:.0f}/{metrics['nfe/training_forwards']:.0f}",
             )
 
-    def log_eval(self, iteration: int, mean_reward: float) -> None:
-        self.file.write(metrics_line({"iteration": iteration, "eval_reward": mean_reward}) + "\n")
+    def log_eval(self, iteration: int, mean_reward: float, extra: dict[str, float] | None = None) -> None:
+        """One eval row: ``eval_reward`` and ``extra`` (e.g. ``diversity_pixel``); TensorBoard ``eval/*``."""
+        extra = extra or {}
+        self.file.write(metrics_line({"iteration": iteration, "eval_reward": mean_reward, **extra}) + "\n")
+        scalars = {"eval/reward": mean_reward, **{f"eval/{k}": v for k, v in extra.items()}}
         if self.writer is not None:
-            self.writer.add_scalar("eval/reward", mean_reward, iteration)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, iteration)
         if self.wandb is not None:
-            self.wandb.log({"eval/reward": mean_reward}, step=iteration)
+            self.wandb.log(scalars, step=iteration)
         if self.bar is not None:
             self.bar.write(f"eval @ {iteration}: held-out mean reward {mean_reward:.4f}")
 

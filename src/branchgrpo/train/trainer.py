@@ -229,6 +229,7 @@ class Trainer:
         if cfg.eval.max_prompts:
             prompts = prompts[: cfg.eval.max_prompts]
         result = evaluate(self.model, self.reward, prompts, cfg, device=self.device)
+        self.last_eval = result  # the eval log row's diversity columns come from it
         if cfg.run.sample_grid_every and write:
             save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png", columns=cfg.eval.samples_per_prompt)
         return result.mean_reward
@@ -298,7 +299,7 @@ class Trainer:
             if resume_from is None:
                 eval_start = eval_end = self.evaluate(f"iter_{self.iteration:06d}")
                 if logger:
-                    logger.log_eval(self.iteration, eval_start)
+                    logger.log_eval(self.iteration, eval_start, self.last_eval.diversity_metrics())
             while self.iteration < cfg.run.iterations and not self._should_stop():
                 metrics = self.step()
                 if logger:
@@ -307,7 +308,7 @@ class Trainer:
                 if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.run.iterations:
                     eval_end = self.evaluate(f"iter_{done:06d}")
                     if logger:
-                        logger.log_eval(done, eval_end)
+                        logger.log_eval(done, eval_end, self.last_eval.diversity_metrics())
                 if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
                     self.save_checkpoint(eval_start, eval_end)
             if self._stop_signal is not None:

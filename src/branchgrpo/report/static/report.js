@@ -241,6 +241,10 @@ section('overview', b => {
     stat('held-out reward (first \u2192 last eval)', fmt(a, 4) + ' \u2192 ' + fmt(z, 4),
       el('div', {class: 'd ' + (d >= 0 ? 'up' : 'down'), text: (d >= 0 ? '+' : '') + fmt(d, 3) + (a ? ' (' + (d / Math.abs(a) * 100).toFixed(1) + '%)' : '')}));
   }
+  const dv = E.diversity_feature || [];
+  if (dv.some(isNum)) {
+    stat('held-out diversity, features (first \u2192 last eval)', fmt(firstNum(dv), 4) + ' \u2192 ' + fmt(lastNum(dv), 4));
+  }
   if (has('reward_mean')) stat('train reward mean (first \u2192 last)', fmt(firstNum(col('reward_mean')), 4) + ' \u2192 ' + fmt(lastNum(col('reward_mean')), 4));
   stat('iterations logged', String(IT.length));
   if (has('time/iteration')) stat('median time / iteration', secs(median(col('time/iteration'))) + ' s');
@@ -265,7 +269,19 @@ section('rewards', b => {
   b.append(grid);
   const [c1, h1] = card('Reward', 'train leaves: mean, \u00b1 std and min\u2013max band; held-out eval');
   const [c2, h2] = card('Loss', 'clipped surrogate, mean over trained edges');
-  grid.append(c1, c2);
+  const diversity = ['diversity_pixel', 'diversity_feature'].some(k => (E[k] || []).some(isNum));
+  if (diversity) {
+    const [c3, h3] = card('Sample diversity (held-out)', 'per prompt: mean pairwise distance among its samples');
+    grid.append(c1, c3, c2);
+    addChart(h3, {
+      height: 260,
+      series: [
+        {name: 'random-conv features (0\u20132)', x: E.iteration, y: E.diversity_feature || [], color: '#16a34a', markers: E.iteration.length <= 60, width: 2},
+        {name: 'pixels (RMS)', x: E.iteration, y: E.diversity_pixel || [], color: '#ca8a04', markers: E.iteration.length <= 60, width: 2},
+      ],
+      empty: 'no diversity logged (one sample per prompt)',
+    });
+  } else grid.append(c1, c2);
   const mu = col('reward_mean') || [], sd = col('reward_std') || [];
   addChart(h1, {
     height: 260,
@@ -318,7 +334,7 @@ function openLightbox(i) {
   lightbox.innerHTML = '';
   lightbox.append(el('img', {src: s.src, width: s.width * scale, height: s.height * scale, alt: 'samples at iteration ' + s.iteration}),
     el('div', {class: 'cap', text: 'iteration ' + s.iteration + (isNum(s.eval_reward) ? ' \u00b7 held-out reward ' + fmt(s.eval_reward, 4) : '') +
-      ' \u00b7 samples/' + s.file + (s.original ? ' (' + s.original[0] + '\u00d7' + s.original[1] + ', shown reduced)' : '') + '   (\u2190 \u2192 to browse, Esc to close)'}));
+      (isNum(s.diversity_feature) ? ' \u00b7 diversity ' + fmt(s.diversity_feature, 4) : '') + ' \u00b7 samples/' + s.file + (s.original ? ' (' + s.original[0] + '\u00d7' + s.original[1] + ', shown reduced)' : '') + '   (\u2190 \u2192 to browse, Esc to close)'}));
   lightbox.hidden = false;
 }
 lightbox.addEventListener('click', () => { lightbox.hidden = true; });
@@ -340,7 +356,8 @@ section('samples', b => {
   S.forEach((s, i) => {
     gal.append(el('figure', {onclick: () => openLightbox(i)}, [
       el('img', {src: s.src, width: Math.round(s.width * scale), height: Math.round(s.height * scale), alt: 'samples at iteration ' + s.iteration, class: scale < 1 ? 'smooth' : null}),
-      el('figcaption', {html: '<b>iteration ' + s.iteration + '</b>' + (isNum(s.eval_reward) ? ' \u00b7 reward ' + esc(fmt(s.eval_reward, 4)) : '')}),
+      el('figcaption', {html: '<b>iteration ' + s.iteration + '</b>' + (isNum(s.eval_reward) ? ' \u00b7 reward ' + esc(fmt(s.eval_reward, 4)) : '') +
+        (isNum(s.diversity_feature) ? ' \u00b7 diversity ' + esc(fmt(s.diversity_feature, 4)) : '')}),
     ]));
   });
   b.append(gal);
