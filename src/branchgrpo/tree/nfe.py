@@ -1,7 +1,8 @@
-"""NFE accounting (docs/method.md §10) and the model-free cost planner behind ``branchgrpo plan``.
+"""The model-free cost planner behind ``branchgrpo plan`` (docs/method.md §10).
 
-Counts are of what the engine runs: rollout denoiser rows, edges, trained edges and training
-forwards (distinct parents with at least one trained edge; one forward serves all its children).
+It scores a tree of the method's shape through the same path as training
+(:func:`branchgrpo.tree.scoring.score_topology`) with distinct random leaf rewards, so the counts
+are those of the engine (:mod:`branchgrpo.tree.counting`), structural zeros included.
 """
 
 from __future__ import annotations
@@ -9,59 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
 
-from branchgrpo.tree.advantages import depth_advantages, edge_advantages, fuse_rewards
+from branchgrpo.tree.counting import NfeCounts, count_nfe
 from branchgrpo.tree.rollout import build_topology
-from branchgrpo.tree.selection import EdgeSelection, select_edges
+from branchgrpo.tree.scoring import score_topology
 from branchgrpo.tree.spec import MethodConfig
-
-
-@dataclass
-class NfeCounts:
-    """Cost of one iteration for one prompt group (divide by ``leaves`` for per-leaf numbers)."""
-
-    leaves: int
-    nodes: int  # including roots
-    rollout_calls: int  # F = Σ_i frontier size at step i
-    edges: int
-    sde_edges: int
-    trained_edges: int
-    training_forwards: int
-
-    def per_leaf(self) -> dict[str, float]:
-        return {
-            key: value / self.leaves
-            for key, value in asdict(self).items()
-            if key not in ("leaves",)
-        }
-
-    def scaled(self, factor: float) -> "NfeCounts":
-        return NfeCounts(**{k: v / factor for k, v in asdict(self).items()})  # type: ignore[arg-type]
-
-
-def count_nfe(
-    parent: list[Tensor], sde: list[bool], selection: EdgeSelection, num_groups: int
-) -> NfeCounts:
-    """NFE of a tree batch, divided by the number of groups (so: per prompt)."""
-    nodes = [p.numel() for p in parent]
-    trained = selection.mask
-    forwards = 0
-    for d in range(1, len(parent)):
-        if trained[d].any():
-            forwards += int(torch.unique(parent[d][trained[d]]).numel())
-    total = NfeCounts(
-        leaves=nodes[-1],
-        nodes=sum(nodes),
-        rollout_calls=sum(nodes[:-1]),
-        edges=sum(nodes[1:]),
-        sde_edges=sum(n for n, s in zip(nodes[1:], sde) if s),
-        trained_edges=selection.trained_edges,
-        training_forwards=forwards,
-    )
-    if num_groups == 1:
-        return total
-    return total.scaled(num_groups)
 
 
 @dataclass
@@ -100,13 +53,8 @@ def plan(config: MethodConfig, iteration: int = 0, seed: int = 0) -> Plan:
     leaf_rewards = torch.rand(leaves, generator=generator, dtype=torch.float64)
     logp = [torch.zeros(p.numel()) for p in topology.parent]
     sde = tree.sde_steps(iteration)
-    fused = fuse_rewards(topology.parent, logp, leaf_rewards, config.advantage.fusion_beta)
-    node_adv = depth_advantages(fused.reward, topology.group, 1, config.advantage.std_floor)
-    edge_adv = edge_advantages(node_adv, config.advantage.advantage_clip)
-    selection = select_edges(
-        config, topology.parent, topology.group, 1, sde, fused.reward, edge_adv, iteration, generator
-    )
-    counts = count_nfe(topology.parent, sde, selection, 1)
+    scores = score_topology(topology.parent, topology.group, 1, sde, logp, iteration, leaf_rewards, config, generator)
+    selection, counts = scores.selection, scores.nfe
     return Plan(
         config=config,
         iteration=iteration,
@@ -116,3 +64,6 @@ def plan(config: MethodConfig, iteration: int = 0, seed: int = 0) -> Plan:
         counts=counts,
         skipped=selection.skipped,
     )
+
+
+__all__ = ["NfeCounts", "Plan", "count_nfe", "plan"]

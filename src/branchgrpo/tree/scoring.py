@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from branchgrpo.tree.advantages import FusedRewards, depth_advantages, edge_advantages, fuse_rewards
-from branchgrpo.tree.nfe import NfeCounts, count_nfe
+from branchgrpo.tree.counting import NfeCounts, count_nfe
 from branchgrpo.tree.rollout import RolloutTree
 from branchgrpo.tree.selection import EdgeSelection, select_edges
 from branchgrpo.tree.spec import MethodConfig
@@ -39,13 +39,29 @@ def score_tree(
         )
     if not torch.isfinite(leaf_rewards).all():
         raise ValueError("leaf_rewards contain NaN or Inf; refusing to train on missing rewards")
+    return score_topology(tree.parent, tree.group, tree.num_groups, tree.sde, tree.logp, tree.iteration,
+                          leaf_rewards, config, generator)
+
+
+def score_topology(
+    parent: list[Tensor],
+    group: list[Tensor],
+    num_groups: int,
+    sde: list[bool],
+    logp: list[Tensor],
+    iteration: int,
+    leaf_rewards: Tensor,
+    config: MethodConfig,
+    generator: torch.Generator | None = None,
+) -> TreeScores:
+    """The fuse → normalise → select → count chain on a tree's arrays; training (:func:`score_tree`)
+    and the planner (``branchgrpo plan``) both go through it."""
     advantage = config.advantage
-    fused = fuse_rewards(tree.parent, tree.logp, leaf_rewards, advantage.fusion_beta)
-    node_adv = depth_advantages(fused.reward, tree.group, tree.num_groups, advantage.std_floor)
+    fused = fuse_rewards(parent, logp, leaf_rewards, advantage.fusion_beta)
+    node_adv = depth_advantages(fused.reward, group, num_groups, advantage.std_floor)
     edge_adv = edge_advantages(node_adv, advantage.advantage_clip)
     selection = select_edges(
-        config, tree.parent, tree.group, tree.num_groups, tree.sde,
-        [f.float() for f in fused.reward], edge_adv, tree.iteration, generator,
+        config, parent, group, num_groups, sde, [f.float() for f in fused.reward], edge_adv, iteration, generator,
     )
-    nfe = count_nfe(tree.parent, tree.sde, selection, tree.num_groups)
+    nfe = count_nfe(parent, sde, selection, num_groups)
     return TreeScores(leaf_rewards, fused, node_adv, edge_adv, selection, nfe)
