@@ -201,10 +201,10 @@ def check_encode_prompts(case: FamilyCase, components: dict) -> None:
 def check_decode(case: FamilyCase, components: dict) -> None:
     """Decoding: shape, float32, [0, 1], batched = one at a time (item 3)."""
     adapter = case.adapter(components)
-    z = 2.0 * torch.randn(3, *adapter.latent_shape(), generator=torch.Generator().manual_seed(4))
-    whole = adapter.decode(z, batch_size=3)
+    z = 2.0 * torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(4))
+    whole = adapter.decode(z, batch_size=2)
     pieces = adapter.decode(z, batch_size=1)
-    assert whole.shape == (3, *case.output_shape) and whole.dtype == torch.float32
+    assert whole.shape == (2, *case.output_shape) and whole.dtype == torch.float32
     assert whole.min() >= 0 and whole.max() <= 1
     assert ((whole > 0.01) & (whole < 0.99)).float().mean() > 0.1  # the range is not met by clamping all
     torch.testing.assert_close(pieces, whole, rtol=0, atol=case.decode_atol)
