@@ -52,17 +52,23 @@ GUIDANCE = 4.0
 SHIFT = qwenimage_dynamic_shift(HEIGHT, WIDTH)  # what the pipeline's own scheduler resolves at this size
 
 
-def qwen_tokenizer():
+SPECIAL = ("<|im_start|>", "<|im_end|>")
+VISION_SPECIAL = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def qwen_tokenizer(template: str = TEMPLATE, special: tuple[str, ...] = SPECIAL):
     """A byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokeniser) whose merges spell every word of the
-    template and of WORDS as one token, with ``<|im_start|>``/``<|im_end|>`` as special tokens: the
-    template's system turn + ``<|im_start|>user\\n`` is 34 tokens, as with Qwen2.5-VL's real vocabulary."""
+    template and of WORDS as one token, with ``special`` as special tokens: the template's system turn +
+    ``<|im_start|>user\\n`` is 34 tokens, as with Qwen2.5-VL's real vocabulary (64 for the edit template)."""
     from tokenizers import Regex, pre_tokenizers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    texts = TEMPLATE.replace("<|im_start|>", "{}").replace("<|im_end|>", "{}").split("{}")
+    for token in special:
+        template = template.replace(token, "{}")
+    texts = template.split("{}")
     texts += WORDS + [" " + word for word in WORDS]
     vocab = {"<|endoftext|>": 0}
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -73,17 +79,19 @@ def qwen_tokenizer():
     # every split of every multi-character token, shorter results first: any merge order ends in whole pieces
     tokens = sorted((t for t in vocab if len(t) > 1 and t != "<|endoftext|>"), key=len)
     merges = [(token[:k], token[k:]) for token in tokens for k in range(1, len(token))]
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=list(special))
 
 
-def tiny_components(seed: int = 0, text_layers: int = 2) -> dict:
+def tiny_components(seed: int = 0, text_layers: int = 2, tokenizer=None) -> dict:
     """Random Qwen-Image transformer (2 blocks), Qwen-Image VAE (real 8× factor, default latent
-    mean/std) and a Qwen2.5-VL text encoder with a tiny vision tower."""
+    mean/std) and a Qwen2.5-VL text encoder with a tiny vision tower (14-pixel patches, 2×2 merge),
+    whose image/vision token ids are the tokenizer's when it has them."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = qwen_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else qwen_tokenizer()
     vocab = len(tokenizer)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_SPECIAL if token in tokenizer.get_vocab()}
     torch.manual_seed(seed)
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
@@ -92,8 +100,9 @@ def tiny_components(seed: int = 0, text_layers: int = 2) -> dict:
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            fullatt_block_indexes=[0], window_size=28),
-        image_token_id=vocab + 1, video_token_id=vocab + 2, vision_start_token_id=vocab + 3,
-        vision_end_token_id=vocab + 4,
+        image_token_id=ids.get("<|image_pad|>", vocab + 1), video_token_id=ids.get("<|video_pad|>", vocab + 2),
+        vision_start_token_id=ids.get("<|vision_start|>", vocab + 3),
+        vision_end_token_id=ids.get("<|vision_end|>", vocab + 4),
     )).eval()
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,

@@ -55,6 +55,7 @@ class QwenImageFamily(ModelFamily):
     modality = "image"
     options_class = QwenImageOptions
     prompt_cache = True
+    path_example = QWEN_IMAGE_EXAMPLE
     description = "Qwen-Image (QwenImageTransformer2DModel + Qwen2.5-VL), true classifier-free guidance"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

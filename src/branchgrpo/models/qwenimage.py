@@ -161,6 +161,11 @@ class QwenImageVelocity(GuidedVelocity):
         super().__init__(transformer, guidance_scale, compute_dtype, timestep_scale=1.0)
         self.latent_height, self.latent_width = int(latent_height), int(latent_width)
 
+    def _image_tokens(self, x: Tensor, conditioning: Conditioning, doubled: bool) -> tuple[Tensor, list]:
+        """The transformer's image-stream input for latents ``x`` (``[x; x]`` when ``doubled``) and its
+        ``img_shapes`` (the packed grid per row, for RoPE)."""
+        return x, [[(1, self.latent_height // 2, self.latent_width // 2)]] * x.shape[0]
+
     def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
         param = self._base_param()
         device = latents.device
@@ -183,13 +188,13 @@ class QwenImageVelocity(GuidedVelocity):
             timestep = torch.cat([timestep, timestep], dim=0)
         embeds, mask = trim_text(embeds, mask)
         attention_mask = None if bool(mask.bool().all()) else mask.bool()
-        img_shapes = [[(1, self.latent_height // 2, self.latent_width // 2)]] * x.shape[0]
+        hidden, img_shapes = self._image_tokens(x, conditioning, doubled=self.uses_cfg)
         with autocast_context(device, self.compute_dtype):
             out = self.transformer(
-                hidden_states=x.to(param.dtype), timestep=timestep, encoder_hidden_states=embeds.to(param.dtype),
+                hidden_states=hidden.to(param.dtype), timestep=timestep, encoder_hidden_states=embeds.to(param.dtype),
                 encoder_hidden_states_mask=attention_mask, img_shapes=img_shapes, return_dict=False,
             )[0]
-        out = out.float()
+        out = out[:, : latents.shape[1]].float()  # the generated image's tokens (an edit model appends others)
         if self.uses_cfg:
             uncond, cond = out.chunk(2)
             out = true_cfg(cond, uncond, self.guidance_scale)
@@ -408,23 +413,28 @@ class QwenImageAdapter(DiffusersAdapter):
         if not prompts:
             raise ValueError("encode_prompts needs at least one prompt")
         negative = with_negative if with_negative is not None else self.uses_negative_prompt
-        texts = prompts + ([self.negative_prompt] if negative else [])
-        rows = self._embedding_rows(texts)
-        length = max(rows[text].shape[0] for text in texts)
+        if negative and self.negative_prompt is None:
+            raise ValueError(f"{type(self).__name__} has no negative prompt")
+        rows = self._embedding_rows(prompts)
+        negatives = None
+        if negative:
+            negative_row = self._embedding_rows([self.negative_prompt])[self.negative_prompt]
+            negatives = [negative_row] * len(prompts)
+        return self._text_conditioning([rows[p] for p in prompts], negatives)
 
-        def stack(items: Sequence[str]) -> tuple[Tensor, Tensor]:
-            embeds = torch.stack([torch.cat([rows[t], rows[t].new_zeros(length - rows[t].shape[0], rows[t].shape[1])])
-                                  for t in items])
-            mask = torch.stack([torch.cat([torch.ones(rows[t].shape[0]), torch.zeros(length - rows[t].shape[0])])
-                                for t in items])
+    def _text_conditioning(self, rows: Sequence[Tensor], negatives: Sequence[Tensor] | None) -> dict[str, Tensor]:
+        """Unpadded ``[n_i, D]`` rows (and negative rows) → the padded, masked conditioning tensors."""
+        length = max(row.shape[0] for row in [*rows, *(negatives or [])])
+
+        def stack(items: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+            embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in items])
+            mask = torch.stack([torch.cat([torch.ones(r.shape[0]), torch.zeros(length - r.shape[0])]) for r in items])
             return embeds.to(self.device), mask.to(self.device)
 
-        embeds, mask = stack(prompts)
+        embeds, mask = stack(rows)
         out = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-        if negative:
-            neg_embeds, neg_mask = stack([self.negative_prompt])
-            out["negative_prompt_embeds"] = neg_embeds.expand(len(prompts), -1, -1).contiguous()
-            out["negative_prompt_embeds_mask"] = neg_mask.expand(len(prompts), -1).contiguous()
+        if negatives is not None:
+            out["negative_prompt_embeds"], out["negative_prompt_embeds_mask"] = stack(negatives)
         return out
 
     # -- decoding ---------------------------------------------------------------------------
