@@ -14,6 +14,9 @@ from branchgrpo.config import ConfigError
 SplitNoise = Literal["correlated", "independent", "legacy_independent"]
 
 
+MAX_LEAVES_PER_PROMPT = 4096  # 16 leaves is the paper's tree; 256 (K = 4 at 4 steps) its largest
+
+
 @dataclass
 class SdeWindow:
     """A window of SDE steps that moves with the training iteration (MixGRPO, docs/method.md §7.4).
@@ -89,6 +92,13 @@ class TreeSpec:
             raise ConfigError("tree.split_noise_scale", f"must be >= 0, got {self.split_noise_scale}")
         if self.roots_per_prompt < 1:
             raise ConfigError("tree.roots_per_prompt", f"must be >= 1, got {self.roots_per_prompt}")
+        leaves = self.roots_per_prompt
+        for k in self.split_plan.values():
+            leaves *= int(k)
+        if leaves > MAX_LEAVES_PER_PROMPT:
+            raise ConfigError("tree.split_plan", f"gives {leaves:,} leaves per prompt (roots_per_prompt × the "
+                              f"product of K); at most {MAX_LEAVES_PER_PROMPT:,}: every leaf is a full sample held in "
+                              "memory, decoded and scored")
         if self.split_plan and self.eta == 0:
             raise ConfigError("tree.eta", "must be > 0 when the tree splits (siblings would be identical)")
         if self.sde_window is not None:
