@@ -1,8 +1,8 @@
-"""Specification tests for NFE accounting (SPEC §10) and the Mix SDE window (SPEC §7.4).
+"""Specification tests for NFE accounting (docs/method.md §10) and the Mix SDE window (docs/method.md §7.4).
 
 Expected numbers come from the closed form ``nodes at depth d = R · Π_{split steps j < d} K_j``
 (rollout calls = Σ_{d<T}, edges = Σ_{d≥1}), from plain-loop counts over the topology arrays, and
-from the numbers written in SPEC §10.
+from the numbers written in docs/method.md §10.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_topology_arrays_match_closed_form(steps, split_plan, roots):
     assert topo.parent[0].tolist() == [-1] * (3 * roots)
 
 
-def test_spec_section_10_numbers():
+def test_method_section_10_numbers():
     counts = plan(method_config("branchgrpo")).counts
     assert (counts.leaves, counts.rollout_calls, counts.edges, counts.nodes) == (16, 203, 218, 219)
     per_leaf = counts.per_leaf()
@@ -183,7 +183,7 @@ def test_count_nfe_random_masks():
 
 
 # ---------------------------------------------------------------------------------------------
-# Mix: the SDE window moves with the training iteration (SPEC §7.4)
+# Mix: the SDE window moves with the training iteration (docs/method.md §7.4)
 # ---------------------------------------------------------------------------------------------
 
 

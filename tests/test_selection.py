@@ -1,4 +1,4 @@
-"""Specification tests for edge selection (SPEC §7): every rule against a brute-force enumeration.
+"""Specification tests for edge selection (docs/method.md §7): every rule against a brute-force enumeration.
 
 The expected masks are built here node by node, walking the parent arrays with Python loops; the
 depth-pruning windows are written out as literal depth sets derived from the DepthPruning
@@ -119,7 +119,7 @@ def test_zero_advantage_edges_are_skipped():
 
 
 def test_zero_advantage_trunk_before_first_split_is_skipped():
-    """Real advantages: depths where each prompt has one node carry A = 0 (SPEC §7.1)."""
+    """Real advantages: depths where each prompt has one node carry A = 0 (docs/method.md §7.1)."""
     from branchgrpo.tree.advantages import depth_advantages, edge_advantages
 
     tree = TreeSpec(steps=7, split_plan={3: 2, 5: 3})
@@ -225,7 +225,7 @@ def test_width_pruning_parent_top1(tree, prompts):
     post = sum(b.parent[d].numel() for d in range(tree.last_split_step + 2, b.steps + 1))
     assert sel.skipped.get("width_pruning", 0) == post - post // k
     if tree is BRANCH:
-        assert sel.trained_edges == 138 * prompts  # SPEC §10: half of the 160 post-split edges
+        assert sel.trained_edges == 138 * prompts  # docs/method.md §10: half of the 160 post-split edges
 
 
 def test_width_pruning_parent_top1_ties_keep_exactly_one_best_child():
@@ -301,7 +301,7 @@ def test_timestep_fraction(fraction, steps):
         assert len(trained_steps) == chosen_count
         trained_steps_per_group.append(frozenset(trained_steps))
     assert sel.trained_edges == prompts * 4 * chosen_count
-    # random per group (SPEC §7.5: a random fraction of steps); groups differ unless all steps chosen
+    # random per group (docs/method.md §7.5: a random fraction of steps); groups differ unless all steps chosen
     if 0 < chosen_count < steps - 1:
         assert len(set(trained_steps_per_group)) > 1
     # same generator seed → same draw
