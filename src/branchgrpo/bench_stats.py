@@ -1,0 +1,240 @@
+"""Learning-efficiency statistics for ``branchgrpo bench --seeds N``: pure functions of numbers.
+
+A run's **curve** is its held-out evaluations as ``(training seconds, reward)`` points, strictly
+increasing in seconds and starting at the untrained model (0 s). Between evaluations the curve is
+linear in seconds. Per run (one method, one seed), against the reference method's run of the same
+seed:
+
+- reward at equal wall-clock: the curve at the reference's final training seconds
+  (:func:`interpolate`; ``None`` when the run stopped earlier);
+- seconds to the reference's final reward: the first time the curve reaches it
+  (:func:`first_crossing`; ``None`` = not reached);
+- normalised area: the mean reward over the first ``horizon`` seconds (:func:`normalised_auc`),
+  ``horizon`` being the shortest run of the bench so every curve covers it.
+
+Over seeds, :func:`mean_interval` gives the mean and the two-sided Student-t interval
+``mean ± t(1 − α/2, n − 1) · s / √n`` (``s`` the sample standard deviation); the t quantile comes
+from the exact closed-form CDF for integer degrees of freedom (:func:`student_t_cdf`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def _check_curve(times: Sequence[float], values: Sequence[float]) -> None:
+    if len(times) != len(values) or not times:
+        raise ValueError(f"a curve needs as many times as values and at least one point, got {len(times)} and {len(values)}")
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"curve times must strictly increase, got {list(times)}")
+
+
+def interpolate(times: Sequence[float], values: Sequence[float], at: float) -> float | None:
+    """The piecewise-linear curve through ``(times[i], values[i])`` at ``at``; ``None`` outside
+    ``[times[0], times[-1]]`` (no extrapolation: a run that stopped earlier has no value there)."""
+    _check_curve(times, values)
+    tolerance = 1e-9 * max(1.0, abs(times[-1]))
+    if at < times[0] - tolerance or at > times[-1] + tolerance:
+        return None
+    for (t0, v0), (t1, v1) in zip(zip(times, values), zip(times[1:], values[1:])):
+        if at <= t1:
+            return v0 + (v1 - v0) * (max(at, t0) - t0) / (t1 - t0)
+    return values[-1]
+
+
+def first_crossing(times: Sequence[float], values: Sequence[float], target: float) -> float | None:
+    """The first time the piecewise-linear curve reaches ``target`` (``value >= target``);
+    ``None`` when it never does."""
+    _check_curve(times, values)
+    if values[0] >= target:
+        return times[0]
+    for (t0, v0), (t1, v1) in zip(zip(times, values), zip(times[1:], values[1:])):
+        if v1 >= target:  # v0 < target <= v1 on this segment
+            return t0 + (target - v0) / (v1 - v0) * (t1 - t0)
+    return None
+
+
+def normalised_auc(times: Sequence[float], values: Sequence[float], horizon: float) -> float | None:
+    """Area under the piecewise-linear curve from ``times[0]`` to ``horizon`` (trapezoids, the curve
+    cut at ``horizon``) divided by ``horizon - times[0]``: the curve's mean value over that span.
+    ``None`` when the curve does not reach ``horizon``."""
+    _check_curve(times, values)
+    if horizon <= times[0]:
+        raise ValueError(f"horizon must lie after the curve's start {times[0]}, got {horizon}")
+    end_value = interpolate(times, values, horizon)
+    if end_value is None:
+        return None
+    area = 0.0
+    for (t0, v0), (t1, v1) in zip(zip(times, values), zip(times[1:], values[1:])):
+        if t0 >= horizon:
+            break
+        if t1 > horizon:
+            t1, v1 = horizon, end_value
+        area += 0.5 * (v0 + v1) * (t1 - t0)
+    return area / (horizon - times[0])
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """P(T ≤ t) for Student's t with integer ``df`` ≥ 1, from the closed forms for
+    A(t | ν) = P(|T| ≤ t) (Abramowitz & Stegun 26.7.3–26.7.4), θ = atan(t / √ν):
+    odd ν: A = (2/π)(θ + sinθ cosθ (1 + (2/3)cos²θ + … + (2·4⋯(ν−3))/(1·3⋯(ν−2)) cos^(ν−3)θ)), A = 2θ/π for ν = 1;
+    even ν: A = sinθ (1 + (1/2)cos²θ + … + (1·3⋯(ν−3))/(2·4⋯(ν−2)) cos^(ν−2)θ)."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"df must be a positive integer, got {df}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:
+        series, term = 0.0, 1.0
+        for k in range(1, (df - 1) // 2 + 1):  # terms 1, (2/3)c², (2·4)/(3·5)c⁴, …: (ν−1)/2 of them
+            series += term
+            term *= cos2 * (2 * k) / (2 * k + 1)
+        a = 2.0 / math.pi * (theta + sin * math.cos(theta) * series)
+    else:
+        series, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):  # terms 1, (1/2)c², (1·3)/(2·4)c⁴, …: ν/2 of them
+            series += term
+            term *= cos2 * (2 * k - 1) / (2 * k)
+        a = sin * series
+    return 0.5 + math.copysign(0.5 * a, t)
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (bisection on
+    :func:`student_t_cdf` to double precision)."""
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must lie in (0, 1), got {probability}")
+    if probability < 0.5:
+        return -t_quantile(1.0 - probability, df)
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, df) < probability:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if mid in (low, high):
+            break
+        if student_t_cdf(mid, df) < probability:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of ``n`` values and its two-sided ``confidence`` interval; ``low``/``high`` are ``None``
+    for n = 1 (no spread to estimate). ``missing`` counts the runs that had no value (e.g. did not
+    reach the target); when any is missing, ``mean`` is ``None`` too: a mean over the runs that got
+    there would not be the method's mean."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+    missing: int = 0
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "missing": self.missing}
+
+
+def mean_interval(values: Sequence[float | None], confidence: float = 0.95) -> Interval:
+    """Mean and Student-t interval ``mean ± t((1 + confidence)/2, n − 1) · s/√n`` of ``values``;
+    ``None`` entries are runs without a value (see :class:`Interval`)."""
+    if not values:
+        raise ValueError("mean_interval needs at least one value")
+    present = [float(v) for v in values if v is not None]
+    missing = len(values) - len(present)
+    if missing:
+        return Interval(None, None, None, len(values), missing)
+    n = len(present)
+    mean = math.fsum(present) / n
+    if n == 1:
+        return Interval(mean, None, None, 1)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in present) / (n - 1))
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def format_interval(interval: Interval, digits: int = 3, missing: str = "not reached") -> str:
+    """``0.812 [0.790, 0.834]``; ``0.812 (interval n/a, 1 seed)``; ``not reached (2/3 seeds)``."""
+    if interval.missing:
+        return f"{missing} ({interval.missing}/{interval.n} seed{'s' if interval.n > 1 else ''})"
+    if interval.low is None:
+        return f"{interval.mean:.{digits}f} (interval n/a, 1 seed)"
+    return f"{interval.mean:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+
+
+def mean_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], grid: Sequence[float],
+              confidence: float = 0.95) -> tuple[list[float], list[float | None], list[float | None]]:
+    """Pointwise mean and Student-t interval over ``curves`` (each ``(times, values)``) at every
+    ``grid`` time; every curve must cover the grid."""
+    means, lows, highs = [], [], []
+    for at in grid:
+        points = [interpolate(times, values, at) for times, values in curves]
+        if any(p is None for p in points):
+            raise ValueError(f"grid time {at} lies outside a curve; keep the grid within the shortest run")
+        interval = mean_interval(points, confidence)
+        means.append(interval.mean)
+        lows.append(interval.low)
+        highs.append(interval.high)
+    return means, lows, highs
+
+
+@dataclass(frozen=True)
+class RunCurve:
+    """One run's evaluations: ``times`` (training seconds, from 0) and held-out ``rewards``, plus
+    the end diversity (last evaluation; ``None`` where not measured)."""
+
+    seed: int
+    times: list[float]
+    rewards: list[float]
+    end_diversity_feature: float | None = None
+    end_diversity_pixel: float | None = None
+
+
+EFFICIENCY_METRICS = ("reward_at_equal_time", "seconds_to_reference_final", "fraction_of_reference_time",
+                      "reward_auc", "end_diversity_feature", "end_diversity_pixel")
+
+
+def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confidence: float = 0.95) -> dict:
+    """Per method, per seed and over seeds, the learning-efficiency numbers of the module docstring.
+
+    ``curves[method][i]`` is the method's run with the ``i``-th seed (same seeds, same order for every
+    method). Returns ``{"horizon_s", "reference", "methods": {method: {"per_seed": [...],
+    metric: Interval.as_dict()}}}``; ``horizon_s`` is the shortest run's final seconds.
+    """
+    if reference not in curves:
+        raise ValueError(f"reference {reference!r} is not among the methods {list(curves)}")
+    seeds = [c.seed for c in curves[reference]]
+    for method, runs in curves.items():
+        if [c.seed for c in runs] != seeds:
+            raise ValueError(f"{method} has seeds {[c.seed for c in runs]}, the reference {seeds}")
+    horizon = min(c.times[-1] for runs in curves.values() for c in runs)
+    result = {"reference": reference, "horizon_s": horizon, "seeds": seeds, "methods": {}}
+    for method, runs in curves.items():
+        per_seed = []
+        for run, ref in zip(runs, curves[reference]):
+            ref_seconds, ref_final = ref.times[-1], ref.rewards[-1]
+            reach = first_crossing(run.times, run.rewards, ref_final)
+            per_seed.append({
+                "seed": run.seed,
+                "reference_seconds": ref_seconds,
+                "reference_final_reward": ref_final,
+                "final_seconds": run.times[-1],
+                "final_reward": run.rewards[-1],
+                "reward_at_equal_time": interpolate(run.times, run.rewards, ref_seconds),
+                "seconds_to_reference_final": reach,
+                "fraction_of_reference_time": None if reach is None else reach / ref_seconds,
+                "reward_auc": normalised_auc(run.times, run.rewards, horizon) if horizon > run.times[0] else None,
+                "end_diversity_feature": run.end_diversity_feature,
+                "end_diversity_pixel": run.end_diversity_pixel,
+            })
+        summary = {key: mean_interval([row[key] for row in per_seed], confidence).as_dict()
+                   for key in EFFICIENCY_METRICS}
+        result["methods"][method] = {"per_seed": per_seed, **summary}
+    return result
+
+
+__all__ = ["interpolate", "first_crossing", "normalised_auc", "student_t_cdf", "t_quantile", "Interval",
+           "mean_interval", "format_interval", "mean_band", "RunCurve", "learning_efficiency", "EFFICIENCY_METRICS"]
