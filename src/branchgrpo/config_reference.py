@@ -127,6 +127,8 @@ def reference_markdown() -> str:
     out += ["", "## Model families (`model.family`, `model.options.*`)", ""]
     for name, description in available_families().items():
         family = get_family(name)
+        if not type(family).__module__.startswith("branchgrpo."):
+            continue  # the reference documents the families that ship; `branchgrpo families` lists yours too
         out += [f"### `{name}` — {description}", "",
                 f"Modality: {family.modality}. LoRA: {'yes' if family.supports_lora else 'no'}. "
                 f"Prompt cache (`branchgrpo preprocess`): {'yes' if family.prompt_cache else 'no'}."]
