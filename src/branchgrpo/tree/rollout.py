@@ -216,6 +216,55 @@ def rollout(
     )
 
 
+def merge_trees(trees: Sequence[RolloutTree]) -> RolloutTree:
+    """One :class:`RolloutTree` of the prompt groups of ``trees``, in order (chunk ``j``'s groups
+    follow chunk ``j − 1``'s): per depth, nodes are concatenated, parents and groups offset.
+
+    A batched rollout keeps every group's nodes contiguous at every depth, so merging the rollouts
+    of consecutive prompt chunks (each with its groups' own generators) gives the batched rollout's
+    layout; its values too when the model's rows do not depend on their batch mates.
+    """
+    if not trees:
+        raise ValueError("merge_trees needs at least one tree")
+    first = trees[0]
+    for tree in trees[1:]:
+        if (tree.spec != first.spec or tree.iteration != first.iteration or tree.sde != first.sde
+                or not torch.equal(tree.sigmas, first.sigmas)):
+            raise ValueError("merge_trees: the trees come from different specs, iterations or schedules")
+        if (tree.node_x0 is None) != (first.node_x0 is None):
+            raise ValueError("merge_trees: some trees kept node_x0 and some did not")
+    depths = len(first.parent)
+    parents, groups = [], []
+    for d in range(depths):
+        node_offset, group_offset = 0, 0
+        parent_parts, group_parts = [], []
+        for tree in trees:
+            parent = tree.parent[d]
+            parent_parts.append(parent if d == 0 else parent + node_offset)
+            group_parts.append(tree.group[d] + group_offset)
+            node_offset += int(tree.parent[d - 1].numel()) if d > 0 else 0
+            group_offset += tree.num_groups
+        parents.append(torch.cat(parent_parts))
+        groups.append(torch.cat(group_parts))
+    node_x0 = None
+    if first.node_x0 is not None:
+        node_x0 = [torch.cat([tree.node_x0[d] for tree in trees]) for d in range(len(first.node_x0))]
+    return RolloutTree(
+        parent=parents,
+        group=groups,
+        num_groups=sum(tree.num_groups for tree in trees),
+        spec=first.spec,
+        iteration=first.iteration,
+        sigmas=first.sigmas,
+        sde=list(first.sde),
+        latents=[torch.cat([tree.latents[d] for tree in trees]) for d in range(depths)],
+        logp=[torch.cat([tree.logp[d] for tree in trees]) for d in range(depths)],
+        leaf_x0=torch.cat([tree.leaf_x0 for tree in trees]),
+        node_x0=node_x0,
+        rollout_calls=sum(tree.rollout_calls for tree in trees),
+    )
+
+
 def split_noise_correlation(split_noise_scale: float) -> float:
     """Sibling correlation ``1/(1 + s²)`` of the correlated split noise."""
     return 1.0 / (1.0 + split_noise_scale**2)
@@ -227,6 +276,7 @@ __all__ = [
     "build_topology",
     "evaluate_frontier",
     "rollout",
+    "merge_trees",
     "NoiseSource",
     "split_noise_correlation",
 ]
