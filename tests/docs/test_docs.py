@@ -45,3 +45,13 @@ def test_every_config_key_has_help():
     for name in available_families():
         rows += key_docs(get_family(name).options_class, "model.options.")
     assert [r.key for r in rows if not r.help] == []
+
+
+def test_every_test_file_the_docs_name_exists():
+    """docs cite the tests that prove what they say; a moved or renamed test must not leave them pointing nowhere."""
+    missing = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for name in re.findall(r"\btests/[\w/]+\.py\b", path.read_text()):
+            if not (ROOT / name).is_file():
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert missing == []

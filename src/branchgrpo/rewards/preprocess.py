@@ -17,7 +17,7 @@ Matching the upstream processors:
   ``Resize(antialias=True)`` run on float input. PIL-based processors (transformers' PIL backend,
   torchvision transforms on PIL images, the HPSv2/ImageReward repos) resize 8-bit images with
   PIL's fixed-point bicubic filter (same a = -0.5 kernel as torch's antialiased bicubic) and round
-  to 8 bits after each pass; the difference is a few 1/255 per pixel (see tests/test_rewards_preprocess.py).
+  to 8 bits after each pass; the difference is a few 1/255 per pixel (see tests/rewards/test_preprocess.py).
   A resize to the same size is skipped (identity, as in PIL and torchvision).
 """
 
