@@ -5,6 +5,12 @@ seeds; iterations are interleaved across methods (method A iteration k, method B
 so that machine drift affects all of them alike. Writes ``bench.csv``, ``bench.md``, ``bench.json``
 and PNG plots of held-out reward against iteration and against training wall-clock. Every evaluation
 also records the samples' diversity (:mod:`branchgrpo.diversity`); the table shows it at the end.
+
+With ``seeds`` > 1 every method trains once per seed, all runs interleaved (every method × seed
+advances one iteration in turn), and ``bench.md`` adds a learning-efficiency table: per method the
+mean and 95 % Student-t interval over seeds of the reward at equal wall-clock, the seconds to the
+reference's final reward, the area under reward-vs-seconds and the end diversity
+(:mod:`branchgrpo.bench_stats`). The cost table stays one run per method (the first seed).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from branchgrpo.bench_stats import RunCurve, efficiency_lines, learning_efficiency, mean_band
 from branchgrpo.train.config import load_train_config
 from branchgrpo.train.trainer import Trainer
 from branchgrpo.tree.presets import TABLE1_PRESETS
@@ -38,6 +45,7 @@ class MethodRecord:
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, train seconds, reward)
     diversity: list[dict[str, float | None]] = field(default_factory=list)  # per eval: diversity_pixel/_feature
     calls: dict[str, float] = field(default_factory=dict)  # absolute model calls summed over iterations
+    seed: int = 0  # run.seed of this run
 
     def unit_costs(self) -> tuple[float, float]:
         """Seconds per rollout call and per training forward(+backward) row, measured in this
@@ -78,6 +86,16 @@ class MethodRecord:
             if r >= reward:
                 return t
         return None
+
+    def curve(self) -> RunCurve:
+        """This run's evaluations as a reward-vs-training-seconds curve (for :mod:`branchgrpo.bench_stats`)."""
+        return RunCurve(self.seed, [e[1] for e in self.evals], [e[2] for e in self.evals],
+                        self.end_diversity("diversity_feature"), self.end_diversity("diversity_pixel"))
+
+    def saved(self) -> dict:
+        """Everything this run measured, for ``bench.json``."""
+        return {"seed": self.seed, "evals": self.evals, "diversity": self.diversity,
+                "iteration_times": self.iteration_times, "phase_times": self.phase_times, "calls": self.calls}
 
 
 def reference_method(methods: list[str]) -> str:
@@ -136,50 +154,78 @@ def run_bench(
     overrides: list[str] | None = None,
     make_trainer=None,
     equal_time: bool = False,
+    seeds: int = 1,
+    seconds: float = 0.0,
+    variants: dict[str, tuple[str, list[str]]] | None = None,
 ) -> dict:
     """Train every method for ``iterations`` interleaved iterations; write the result files.
 
-    Each method's config is ``config_file`` + its preset + ``overrides`` (the same for all). With
-    ``equal_time`` the methods then keep training, still interleaved, until each has spent the
-    reference's (``dancegrpo``'s) training seconds: rewards compare at equal wall-clock and
-    ``seconds_to_reference_final`` can be measured past the equal-iteration budget.
+    Each method's config is ``config_file`` + its preset + ``overrides`` (the same for all) +
+    ``run.seed``. ``seeds`` runs per method use ``run.seed`` = the configured seed + 0 … seeds − 1;
+    every method × seed run advances one iteration in turn. With ``equal_time`` the runs then keep
+    training, still interleaved, until each has spent the reference's (``dancegrpo``'s) training
+    seconds with the same seed; ``seconds`` > 0 likewise trains every run to at least that many
+    training seconds. ``variants`` maps a method label to ``(preset, extra overrides)`` (e.g. one
+    learning-rate cell of ``benchmarks/sweep.py``); other labels are preset names.
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainers: dict[str, Trainer] = {}
     base_overrides = [f"run.output_dir={out_dir}", "run.dump_tree_every=0", "run.progress=false",
                       "run.tensorboard=false", *(overrides or [])]
+    variants = variants or {}
+
+    def config_for(label: str, seed: int | None = None):
+        preset, extra = variants.get(label, (label, []))
+        return load_train_config(config_file, preset, [*base_overrides, *extra,
+                                                       *([] if seed is None else [f"run.seed={seed}"])])
+
+    first_seed = config_for(methods[0]).run.seed
+    seed_values = [first_seed + k for k in range(seeds)]
+    trainers: dict[tuple[str, int], Trainer] = {}
+    records: dict[tuple[str, int], MethodRecord] = {}
     base = None
-    for name in methods:
-        config = load_train_config(config_file, name, base_overrides)
-        base = base or config
-        trainers[name] = make_trainer(config) if make_trainer else Trainer(config)
-    records = {name: MethodRecord(name) for name in methods}
-    for name, trainer in trainers.items():
-        records[name].add_eval(trainer, f"{name}-start")
+    for seed in seed_values:  # seed-major: the interleaving order below
+        for name in methods:
+            config = config_for(name, seed)
+            base = base or config
+            trainers[(name, seed)] = make_trainer(config) if make_trainer else Trainer(config)
+            records[(name, seed)] = MethodRecord(name, seed=seed)
+
+    def tag(key: tuple[str, int], what: str) -> str:  # sample-grid file names; one seed keeps the old names
+        return f"{key[0]}-{what}" if seeds == 1 else f"{key[0]}-seed{key[1]}-{what}"
+
+    for key, trainer in trainers.items():
+        records[key].add_eval(trainer, tag(key, "start"))
     reference = reference_method(methods)
 
-    def step(name: str) -> None:
-        trainer, record = trainers[name], records[name]
-        _record_step(record, trainer.step())
+    def step(key: tuple[str, int]) -> None:
+        record = records[key]
+        _record_step(record, trainers[key].step())
         done = len(record.iteration_times)
         if done % eval_every == 0:
-            record.add_eval(trainer, f"{name}-{done}")
+            record.add_eval(trainers[key], tag(key, str(done)))
 
     for _ in range(iterations):
-        for name in methods:
-            step(name)
-    if equal_time:  # keep cheaper methods training (still interleaved) up to the reference's seconds
-        budget = records[reference].train_seconds
-        while behind := [n for n in methods if records[n].train_seconds < budget]:
-            for name in behind:
-                step(name)
-    for name in methods:  # a final evaluation where the last step was not an evaluation step
-        record, done = records[name], len(records[name].iteration_times)
+        for key in trainers:
+            step(key)
+
+    def budget(seed: int) -> float:
+        return max(records[(reference, seed)].train_seconds if equal_time else 0.0, seconds)
+
+    # cheaper runs go on training (still interleaved) up to the reference's seconds / the budget
+    while behind := [key for key in trainers if records[key].train_seconds < budget(key[1])]:
+        for key in behind:
+            step(key)
+    for key, record in records.items():  # a final evaluation where the last step was not an evaluation step
+        done = len(record.iteration_times)
         if record.evals[-1][0] != done:
-            record.add_eval(trainers[name], f"{name}-{done}")
+            record.add_eval(trainers[key], tag(key, str(done)))
     probe_costs = measure_unit_costs(next(iter(trainers.values())))
-    return write_results(records, methods, probe_costs, base, iterations, out_dir, equal_time)
+    by_method = {name: [records[(name, seed)] for seed in seed_values] for name in methods}
+    return write_results({name: runs[0] for name, runs in by_method.items()}, methods, probe_costs, base,
+                         iterations, out_dir, equal_time, seed_records=by_method, seconds=seconds)
 
 
 def _record_step(record: MethodRecord, metrics: dict) -> None:
@@ -195,13 +241,20 @@ def _record_step(record: MethodRecord, metrics: dict) -> None:
     record.calls["training_forwards"] = record.calls.get("training_forwards", 0.0) + metrics["nfe/training_forwards"] * groups
 
 
-def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False) -> dict:
+def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False,
+                  seed_records: dict[str, list[MethodRecord]] | None = None, seconds: float = 0.0) -> dict:
     """``ideal_ratio`` prices every method's model calls at the reference's own measured cost per
     call (its rollout seconds per rollout call, its training seconds per training forward), so
     ``measured_over_ideal`` isolates what the tree engine adds beyond its model calls compared with
     the flat one. ``ideal_ratio_probe`` uses isolated full-micro-batch probes instead (shown for
-    reference: warm-cache probes miss what real iterations pay, e.g. small early frontiers)."""
+    reference: warm-cache probes miss what real iterations pay, e.g. small early frontiers).
+
+    ``records`` holds one run per method (the cost table); ``seed_records`` every seed's run
+    (the learning-efficiency table; default: ``records`` as one seed)."""
     reference = reference_method(methods)
+    seed_records = seed_records or {name: [records[name]] for name in methods}
+    seed_values = [r.seed for r in seed_records[reference]]
+    efficiency = learning_efficiency({name: [r.curve() for r in seed_records[name]] for name in methods}, reference)
     roll_cost, train_cost = records[reference].unit_costs()
 
     def ideal(record: MethodRecord, costs: tuple[float, float]) -> float:
@@ -267,17 +320,26 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "probe_cost_train_row_s": probe_costs[1],
         "equal_time_budget_s": budget,
         "reference": reference,
+        "seeds": seed_values,
+        "seconds_budget": seconds,
     }
     per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls}
                      for k, r in records.items()}
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "evals": {k: r.evals for k, r in records.items()},
                                                     "diversity": {k: r.diversity for k, r in records.items()},
-                                                    "per_iteration": per_iteration}, indent=2))
+                                                    "per_iteration": per_iteration,
+                                                    "learning_efficiency": efficiency,
+                                                    "seeds": {k: [r.saved() for r in runs] for k, runs in seed_records.items()}},
+                                                   indent=2))
     lines = [
         f"# branchgrpo bench — {meta['model']} world, {iterations} interleaved iterations"
-        + (f", then each method up to `{reference}`'s training seconds" if equal_time else ""),
+        + (f" × {len(seed_values)} seeds" if len(seed_values) > 1 else "")
+        + (f", then each method up to `{reference}`'s training seconds" if equal_time else "")
+        + (f", then each run up to {seconds:g} training seconds" if seconds > 0 else ""),
         "",
         f"- date: {meta['date']}; machine: {meta['machine']}",
+        *([f"- the cost table: the runs with seed {seed_values[0]}; the learning-efficiency table below: "
+           f"seeds {', '.join(map(str, seed_values))}"] if len(seed_values) > 1 else []),
         f"- prompts per iteration: {meta['prompts_per_iteration']}; reference: `{reference}`",
         f"- unit costs measured in `{reference}`'s iterations: one rollout call (forward) {roll_cost * 1e3:.3f} ms, "
         f"one training row (forward + backward) {train_cost * 1e3:.3f} ms (ratio {train_cost / roll_cost:.2f}); "
@@ -298,9 +360,11 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     for row in rows:
         lines.append("| " + " | ".join("–" if v is None else str(v) for v in row.values()) + " |")
     lines += _target_lines({row["method"]: row for row in rows}, reference)
+    lines += ["", *efficiency_lines(efficiency)]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     _plots(records, out_dir)
-    return {"meta": meta, "rows": rows}
+    _seed_plot(seed_records, out_dir)
+    return {"meta": meta, "rows": rows, "learning_efficiency": efficiency}
 
 
 # Issue targets on the digits world: method → largest time_ratio to `dancegrpo`.
@@ -354,6 +418,37 @@ def _plots(records: dict[str, MethodRecord], out_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / name)
         plt.close(fig)
+
+
+def _seed_plot(seed_records: dict[str, list[MethodRecord]], out_dir: Path) -> None:
+    """``reward_vs_time_seeds.png``: per method the mean held-out reward over seeds against training
+    seconds (each seed's curve linear between evaluations, up to the method's shortest run) and the
+    pointwise 95 % Student-t band (none with one seed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, runs in seed_records.items():
+        curves = [(c.times, c.rewards) for c in (r.curve() for r in runs)]
+        end = min(times[-1] for times, _ in curves)
+        grid = [end * i / 100 for i in range(101)]
+        means, lows, highs = mean_band(curves, grid)
+        (line,) = ax.plot(grid, means, label=method)
+        if lows[0] is not None:
+            ax.fill_between(grid, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+    seeds = len(next(iter(seed_records.values())))
+    ax.set_title(f"mean over {seeds} seed{'s' if seeds > 1 else ''}" + (", 95 % t band" if seeds > 1 else ""), fontsize=9)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("held-out mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reward_vs_time_seeds.png")
+    plt.close(fig)
 
 
 __all__ = ["run_bench", "MethodRecord", "measure_unit_costs", "TABLE1_PRESETS"]

@@ -236,5 +236,53 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
     return result
 
 
+def _cell(value: float | None, digits: int, missing: str) -> str:
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+def efficiency_lines(result: dict) -> list[str]:
+    """``bench.md``'s "Learning efficiency" section (markdown lines) from :func:`learning_efficiency`'s
+    result: the over-seeds table, then every seed's numbers."""
+    ref, horizon, seeds = result["reference"], result["horizon_s"], result["seeds"]
+    plural = "s" if len(seeds) > 1 else ""
+    lines = [
+        "## Learning efficiency", "",
+        f"{len(seeds)} seed{plural} ({', '.join(map(str, seeds))}); every run's held-out evaluations form a curve in "
+        f"training seconds, linear between evaluations, compared with `{ref}`'s run of the same seed. Cells: mean "
+        "over seeds [95 % Student-t interval] (n/a with one seed).", "",
+        f"- **reward at equal wall-clock**: the curve at `{ref}`'s final training seconds; \"ended earlier\" where a "
+        "run stopped before them (run with `--equal-time` to give every run those seconds);",
+        f"- **seconds to `{ref}`'s final reward**: the first time the curve reaches `{ref}`'s final held-out reward "
+        f"(\"not reached\" where it never did within its run); **fraction**: those seconds over `{ref}`'s;",
+        f"- **reward AUC**: the area under reward vs seconds up to {horizon:.1f} s (the shortest run), divided by "
+        f"{horizon:.1f} s: the mean held-out reward over that span;",
+        "- **end diversity**: the last evaluation's mean pairwise distance among a prompt's samples, in random-conv "
+        "features (0–2) and in pixels (RMS).", "",
+        f"| method | reward at equal wall-clock | seconds to `{ref}`'s final reward | fraction of `{ref}`'s time | "
+        f"reward AUC (0–{horizon:.1f} s) | end diversity (features) | end diversity (pixels) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    missing = {"reward_at_equal_time": "ended earlier", "seconds_to_reference_final": "not reached",
+               "fraction_of_reference_time": "not reached", "reward_auc": "n/a",
+               "end_diversity_feature": "not measured", "end_diversity_pixel": "not measured"}
+    digits = {"seconds_to_reference_final": 1}
+    for method, numbers in result["methods"].items():
+        cells = [format_interval(Interval(**numbers[key]), digits.get(key, 3), missing[key]) for key in EFFICIENCY_METRICS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed:", "",
+              f"| method | seed | `{ref}` seconds | `{ref}` final reward | final seconds | reward at equal wall-clock | "
+              f"seconds to `{ref}`'s final reward | reward AUC | end diversity (features) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for method, numbers in result["methods"].items():
+        for row in numbers["per_seed"]:
+            lines.append(
+                f"| {method} | {row['seed']} | {row['reference_seconds']:.1f} | {row['reference_final_reward']:.3f} | "
+                f"{row['final_seconds']:.1f} | {_cell(row['reward_at_equal_time'], 3, 'ended earlier')} | "
+                f"{_cell(row['seconds_to_reference_final'], 1, 'not reached')} | {_cell(row['reward_auc'], 3, 'n/a')} | "
+                f"{_cell(row['end_diversity_feature'], 3, 'not measured')} |")
+    return lines
+
+
 __all__ = ["interpolate", "first_crossing", "normalised_auc", "student_t_cdf", "t_quantile", "Interval",
-           "mean_interval", "format_interval", "mean_band", "RunCurve", "learning_efficiency", "EFFICIENCY_METRICS"]
+           "mean_interval", "format_interval", "mean_band", "RunCurve", "learning_efficiency", "EFFICIENCY_METRICS",
+           "efficiency_lines"]

@@ -280,8 +280,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--methods: unknown preset(s) {', '.join(unknown)}; available: {', '.join(list_presets())}")
     if args.iterations < 1 or args.eval_every < 1:
         raise CliError("--iterations and --eval-every must be >= 1")
+    if args.seeds < 1:
+        raise CliError(f"--seeds: must be >= 1, got {args.seeds}")
+    if not args.seconds >= 0:
+        raise CliError(f"--seconds: must be >= 0, got {args.seconds}")
     result = run_bench(methods, args.iterations, args.eval_every, Path(args.out), args.config, args.overrides,
-                       equal_time=args.equal_time)
+                       equal_time=args.equal_time, seeds=args.seeds, seconds=args.seconds)
     print((Path(args.out) / "bench.md").read_text())
     return 0 if result["rows"] else 1
 
@@ -363,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--equal-time", action="store_true",
                    help="after --iterations, keep cheaper methods training up to dancegrpo's training seconds")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per method (run.seed, run.seed+1, ...), all interleaved; bench.md adds mean and 95%% "
+                        "interval over seeds of reward at equal wall-clock, seconds to dancegrpo's final reward, "
+                        "reward AUC and end diversity")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="after --iterations, keep every run training up to this many training seconds (0: off)")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every method")
     p.set_defaults(func=cmd_bench)

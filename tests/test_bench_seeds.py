@@ -1,0 +1,156 @@
+"""`branchgrpo bench --seeds N`: every method × seed interleaved, the learning-efficiency table and json."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from policies import tiny_flux, tiny_flux_conditioning
+
+from branchgrpo.bench import run_bench
+from branchgrpo.bench_stats import format_interval, mean_interval
+from branchgrpo.cli import main
+from branchgrpo.families import PolicyBundle
+from branchgrpo.train.trainer import Trainer
+
+PROMPTS = ["red", "green"]
+METHODS = ["dancegrpo", "branchgrpo-mix"]
+TINY = ["run.device=cpu", "data.prompts_per_iteration=1", "eval.samples_per_prompt=2", "tree.steps=6",
+        "split_plan=0:2,2:2", "tree.sde_window.size=2", "update.updates_per_iteration=1"]
+
+
+def tiny_generator() -> PolicyBundle:
+    policy, info = tiny_flux(seed=0)
+    table = tiny_flux_conditioning(len(PROMPTS))
+
+    def encode(prompts):
+        return {k: v[torch.tensor([PROMPTS.index(p) for p in prompts])] for k, v in table.items()}
+
+    return PolicyBundle(
+        family="tiny", policy=policy, trainable=policy.transformer, latent_shape=(info["tokens"], info["channels"]),
+        encode_prompts=encode, decode=lambda x: x.mean(dim=-1, keepdim=True).unsqueeze(1).sigmoid(),
+        train_prompts=PROMPTS, heldout_prompts=PROMPTS[:1],
+    )
+
+
+def brightness_reward(images, prompts):
+    return images.flatten(1).mean(dim=1)
+
+
+@pytest.fixture(scope="module")
+def seeded_bench(tmp_path_factory):
+    """One 2-seed bench shared by the tests below; records the order in which runs stepped."""
+    out = tmp_path_factory.mktemp("bench")
+    order = []
+
+    def make_trainer(config):
+        trainer = Trainer(config, model=tiny_generator(), reward=brightness_reward)
+        step = trainer.step
+        trainer.step = lambda: (order.append((config.method.name, config.run.seed)), step())[1]
+        return trainer
+
+    result = run_bench(METHODS, iterations=1, eval_every=1, out_dir=out, overrides=[*TINY, "run.seed=3"],
+                       make_trainer=make_trainer, equal_time=True, seeds=2)
+    return out, result, order
+
+
+def test_every_method_and_seed_steps_in_turn(seeded_bench):
+    _, _, order = seeded_bench
+    assert order[:4] == [("dancegrpo", 3), ("branchgrpo-mix", 3), ("dancegrpo", 4), ("branchgrpo-mix", 4)]
+    assert order.count(("dancegrpo", 3)) == order.count(("dancegrpo", 4)) == 1  # the reference sets the budget
+
+
+def test_json_keeps_every_seed_and_the_statistics_follow_from_the_curves(seeded_bench):
+    out, result, _ = seeded_bench
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["seeds"] == [3, 4]
+    runs = saved["seeds"]
+    assert [r["seed"] for r in runs["dancegrpo"]] == [3, 4] and [r["seed"] for r in runs["branchgrpo-mix"]] == [3, 4]
+    for name in METHODS:
+        for run in runs[name]:
+            assert len(run["iteration_times"]) == run["evals"][-1][0] >= 1  # the last iteration is evaluated
+            assert run["evals"][0][:2] == [0, 0.0] and len(run["diversity"]) == len(run["evals"])
+    # same weights and evaluation noise: every run starts at the same held-out reward; the seeds then differ
+    starts = {run["evals"][0][2] for name in METHODS for run in runs[name]}
+    assert len(starts) == 1
+    assert runs["dancegrpo"][0]["evals"][-1][2] != runs["dancegrpo"][1]["evals"][-1][2]
+    # the first seed's runs are still the cost table's (and the old top-level json fields)
+    assert saved["evals"]["dancegrpo"] == runs["dancegrpo"][0]["evals"]
+    efficiency = saved["learning_efficiency"]
+    horizon = min(r["evals"][-1][1] for name in METHODS for r in runs[name])
+    assert efficiency["horizon_s"] == pytest.approx(horizon)
+    for name in METHODS:
+        rows = efficiency["methods"][name]["per_seed"]
+        for row, run, ref in zip(rows, runs[name], runs["dancegrpo"]):
+            times, rewards = [e[1] for e in run["evals"]], [e[2] for e in run["evals"]]
+            ref_seconds, ref_final = ref["evals"][-1][1], ref["evals"][-1][2]
+            assert run["evals"][-1][1] >= ref_seconds - 1e-9  # --equal-time: every run has the reference's seconds
+            assert row["reward_at_equal_time"] == pytest.approx(float(np.interp(ref_seconds, times, rewards)))
+            grid = np.linspace(0.0, horizon, 20001)
+            assert row["reward_auc"] == pytest.approx(float(np.trapezoid(np.interp(grid, times, rewards), grid)) / horizon,
+                                                      abs=1e-6)
+            assert row["end_diversity_feature"] == run["diversity"][-1]["diversity_feature"]
+            reach = row["seconds_to_reference_final"]
+            if reach is None:
+                assert max(rewards) < ref_final
+            else:
+                assert np.interp(reach, times, rewards) >= ref_final - 1e-9
+                assert all(r < ref_final for t, r in zip(times, rewards) if t < reach - 1e-9)
+        summary = efficiency["methods"][name]["reward_at_equal_time"]
+        values = [row["reward_at_equal_time"] for row in rows]
+        assert summary["mean"] == pytest.approx(np.mean(values)) and summary["n"] == 2
+        half = 12.706 * np.std(values, ddof=1) / np.sqrt(2)  # t(0.975, 1) from the table
+        assert summary["high"] - summary["mean"] == pytest.approx(half, rel=1e-4)
+    dance = efficiency["methods"]["dancegrpo"]["per_seed"]
+    assert [row["reward_at_equal_time"] for row in dance] == pytest.approx([r["evals"][-1][2] for r in runs["dancegrpo"]])
+    assert result["learning_efficiency"]["methods"].keys() == set(METHODS)
+
+
+def test_markdown_has_the_learning_efficiency_table_and_keeps_the_cost_columns(seeded_bench):
+    out, result, _ = seeded_bench
+    text = (out / "bench.md").read_text()
+    assert "× 2 seeds" in text.splitlines()[0]
+    cost_header = next(line for line in text.splitlines() if line.startswith("| method | iterations |"))
+    assert cost_header.split(" | ")[1:6] == ["iterations", "train_seconds", "nfe_old_per_leaf", "nfe_train_per_leaf",
+                                             "trained_edges_per_leaf"]
+    assert [r["method"] for r in result["rows"]] == METHODS
+    section = text[text.index("## Learning efficiency"):]
+    header = next(line for line in section.splitlines() if line.startswith("| method | reward at equal"))
+    assert header.count("|") == 8
+    for name in METHODS:
+        numbers = result["learning_efficiency"]["methods"][name]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {name} | "))
+        values = [r["reward_at_equal_time"] for r in numbers["per_seed"]]
+        assert format_interval(mean_interval(values)) in row
+        per_seed_rows = [line for line in section.splitlines() if line.startswith(f"| {name} | 3 |")
+                         or line.startswith(f"| {name} | 4 |")]
+        assert len(per_seed_rows) == 2
+    assert (out / "reward_vs_time_seeds.png").stat().st_size > 0 or not _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_one_seed_says_the_interval_is_not_available_and_unreached_is_not_a_number(tmp_path):
+    result = run_bench(METHODS, iterations=1, eval_every=1, out_dir=tmp_path, overrides=TINY,
+                       make_trainer=lambda config: Trainer(config, model=tiny_generator(), reward=brightness_reward))
+    text = (tmp_path / "bench.md").read_text()
+    assert "(interval n/a, 1 seed)" in text
+    for name in METHODS:
+        row = result["learning_efficiency"]["methods"][name]["per_seed"][0]
+        if row["seconds_to_reference_final"] is None:
+            line = next(x for x in text[text.index("## Learning efficiency"):].splitlines() if x.startswith(f"| {name} |"))
+            assert "not reached (1/1 seed)" in line
+
+
+@pytest.mark.parametrize("args, message", [(["--seeds", "0"], "--seeds: must be >= 1"),
+                                           (["--seconds", "-1"], "--seconds: must be >= 0")])
+def test_cli_refuses_bad_seed_and_seconds_counts(capsys, args, message):
+    assert main(["bench", "--methods", "dancegrpo", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
