@@ -3,7 +3,8 @@
 Diversity (:mod:`branchgrpo.diversity`): per prompt, the mean pairwise distance among its samples,
 in pixels (RMS difference) and in a fixed random-conv-net feature space; averaged over prompts.
 
-:func:`save_image_grid` writes images ``[N, C, H, W]`` as one PNG grid; given videos
+:func:`save_image_grid` writes images ``[N, C, H, W]`` as one PNG grid, labelled when given the
+prompts (one line above each row) and rewards (one under each cell); given videos
 ``[N, F, C, H, W]`` (what ``WanAdapter.decode`` returns) it writes :func:`save_video_grid`'s PNG
 strip of evenly spaced frames (one row per video) and an animated GIF of the whole grid next to it
 (PIL only: no imageio or ffmpeg).
@@ -33,6 +34,7 @@ class EvalResult:
     rewards: Tensor  # [P·S] (a weighted list: the weighted sum of raw component scores)
     components: dict[str, Tensor] | None = None  # raw scores per component of a weighted list
     diversity: Diversity | None = None  # mean pairwise sample distances per prompt (None: 1 sample each)
+    grid: Path | None = None  # the labelled sample grid written for it, if any
 
     @property
     def mean_reward(self) -> float:
@@ -110,34 +112,111 @@ def evaluate(generator: PolicyBundle, reward: Reward, prompts: list[str], config
 VIDEO_FPS = 16.0  # Wan2.1's frame rate: what a GIF of its videos plays at unless told otherwise
 
 
+def _cells(images: Tensor, min_cell: int) -> Tensor:
+    """``images [N, C, H, W]`` in [0, 1] → uint8 ``[N, C, h, w]``, upscaled by an integer factor (nearest)
+    when smaller than ``min_cell`` pixels."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    h, w = images.shape[-2:]
+    scale = max(1, min_cell // max(h, w))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    return (images * 255).round().to(torch.uint8)
+
+
 def _grid_array(images: Tensor, columns: int, min_cell: int = 64, pad: int = 2):
     """``images [N, C, H, W]`` in [0, 1] → one uint8 grid array ``[rows·(h+pad)+pad, columns·(w+pad)+pad(, C)]``.
 
     Images smaller than ``min_cell`` pixels are upscaled by an integer factor (nearest); gaps are white.
     """
-    images = images.detach().float().clamp(0, 1).cpu()
-    n, c, h, w = images.shape
-    scale = max(1, min_cell // max(h, w))
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-        h, w = h * scale, w * scale
+    cells = _cells(images, min_cell)
+    n, c, h, w = cells.shape
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
-    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    grid = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, columns)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = cells[i]
+    array = grid.permute(1, 2, 0).numpy()
     return array[..., 0] if c == 1 else array
 
 
-def save_image_grid(images: Tensor, path: Path, columns: int, min_cell: int = 64, *, fps: float = VIDEO_FPS,
+def _font(cell_width: int):
+    """PIL's default font, sized to the cells (11–24 px) where FreeType is available."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=max(11, min(24, cell_width // 5)))
+    except (TypeError, ValueError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text``, shortened with "…" until it fits in ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def labelled_grid(images: Tensor, columns: int, prompts: list[str] | None = None, rewards: Tensor | None = None,
+                  min_cell: int = 64, pad: int = 2):
+    """A PIL grid of ``images [N, C, H, W]`` in [0, 1] with each row's prompt above it and each cell's
+    reward (3 decimals) under it.
+
+    ``prompts``/``rewards`` hold one entry per image (prompt-major, as :class:`EvalResult`); a row whose
+    images have several prompts lists them in order, joined by " | ". Cells are upscaled (nearest) to
+    at least ``min_cell`` pixels so that the text under them is legible. Grey images stay grey ("L").
+    """
+    from PIL import Image, ImageDraw
+
+    n = images.shape[0]
+    for name, labels in (("prompts", prompts), ("rewards", rewards)):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"labelled_grid: {len(labels)} {name} for {n} images; give one per image")
+    cells = _cells(images, min_cell)
+    _, c, h, w = cells.shape
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    font = _font(w)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 2)
+    line = ascent + descent + 2
+    head = line if prompts is not None else 0
+    foot = line if rewards is not None else 0
+    block = head + h + foot + pad
+    width = columns * (w + pad) + pad
+    mode = "L" if c == 1 else "RGB"
+    canvas = Image.new(mode, (width, rows * block + pad), 255 if mode == "L" else (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if mode == "L" else (0, 0, 0)
+    values = rewards.detach().float().cpu().tolist() if rewards is not None else None
+    for r in range(rows):
+        top = pad + r * block
+        members = range(r * columns, min(n, (r + 1) * columns))
+        if prompts is not None:
+            text = " | ".join(dict.fromkeys(prompts[i] for i in members))
+            draw.text((pad, top + 1), _fit(draw, text, font, width - 2 * pad), fill=ink, font=font)
+        for col, i in enumerate(members):
+            left = pad + col * (w + pad)
+            cell = cells[i].permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(cell[..., 0] if c == 1 else cell).convert(mode), (left, top + head))
+            if values is not None:
+                text = _fit(draw, f"{values[i]:.3f}", font, w)
+                x = left + (w - draw.textlength(text, font=font)) / 2
+                draw.text((x, top + head + h + 1), text, fill=ink, font=font)
+    return canvas
+
+
+def save_image_grid(images: Tensor, path: Path, columns: int, min_cell: int = 64, *,
+                    prompts: list[str] | None = None, rewards: Tensor | None = None, fps: float = VIDEO_FPS,
                     video_frames: int = 4, video_max_cell: int | None = 256) -> Path:
     """Write ``images [N, C, H, W]`` in [0, 1] as one PNG grid (small images upscaled, nearest).
 
-    Videos ``[N, F, C, H, W]`` go to :func:`save_video_grid` (a PNG of ``video_frames`` frames per
-    video and a GIF at ``fps`` beside it, frames shrunk to ``video_max_cell`` pixels on their long
-    side so that every evaluation's files stay small); the PNG's path is returned either way.
+    With ``prompts`` and/or ``rewards`` (one per image) the grid is :func:`labelled_grid`'s: each
+    row's prompt above it, each cell's reward under it. Videos ``[N, F, C, H, W]`` go to
+    :func:`save_video_grid` unlabelled (a PNG of ``video_frames`` frames per video and a GIF at
+    ``fps`` beside it, frames shrunk to ``video_max_cell`` pixels on their long side so that every
+    evaluation's files stay small); the PNG's path is returned either way.
     """
     from PIL import Image
 
@@ -148,9 +227,12 @@ def save_image_grid(images: Tensor, path: Path, columns: int, min_cell: int = 64
         raise ValueError(
             f"a sample grid needs images [N, C, H, W] or videos [N, F, C, H, W], got {tuple(images.shape)}"
         )
-    array = _grid_array(images, columns, min_cell)
+    if prompts is not None or rewards is not None:
+        picture = labelled_grid(images, columns, prompts, rewards, min_cell)
+    else:
+        picture = Image.fromarray(_grid_array(images, columns, min_cell))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    picture.save(path)
     return path
 
 
