@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
 import torch
 
+from branchgrpo.resources import FluxArchitecture, Tokens, Training, backward_flops, forward_flops
 from branchgrpo.rewards.base import RewardOutput
 from branchgrpo.train.logging import peak_memory_gb
 
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets, by a
+# fragment of torch.cuda.get_device_name(); the first match wins (PCIe/NVL before the SXM name).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0), ("B200", 2250.0), ("L40S", 362.0),
+)
+
 
 def iteration_metrics(scored: RewardOutput, tree, scores, edges, stats, times: dict[str, float], method,
-                      dist, *, lr: float, device: torch.device, reward_name: str | None = None) -> dict[str, Any]:
+                      dist, *, lr: float, device: torch.device, reward_name: str | None = None,
+                      policy: torch.nn.Module | None = None, conditioning: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
     """Rewards (gathered over processes), advantages, update statistics, NFE counts, phase times.
 
     Reward components are logged when the reward has parts of its own (a weighted list), as
-    ``reward/<component>_{mean,std,min,max}``.
+    ``reward/<component>_{mean,std,min,max}``. Given the ``policy`` and its ``conditioning``, and
+    when its architecture's FLOPs are known (:func:`phase_flops`), each process's
+    ``throughput/{rollout,train}_tflops`` and, on a GPU of known peak, ``..._mfu`` (averaged over
+    processes, like every local metric).
     """
     all_rewards = dist.gather(scored.total.float())
     metrics: dict[str, Any] = {
@@ -50,6 +63,9 @@ def iteration_metrics(scored: RewardOutput, tree, scores, edges, stats, times: d
         "time/iteration": sum(times.values()),
         "memory/peak_gb": peak_memory_gb(device),
     }
+    flops = phase_flops(policy, conditioning, tree, stats, method) if policy is not None else None
+    if flops is not None:
+        local.update(throughput_metrics(flops, times, device, getattr(policy, "compute_dtype", None)))
     if set(scored.components) != {reward_name}:
         for name, values in scored.components.items():
             everything = dist.gather(values.float())
@@ -57,3 +73,112 @@ def iteration_metrics(scored: RewardOutput, tree, scores, edges, stats, times: d
                             f"reward/{name}_min": float(everything.min()), f"reward/{name}_max": float(everything.max())})
     metrics.update(dist.mean(local))
     return metrics
+
+
+# -- throughput: FLOPs from the architecture, per phase -------------------------------------------
+def peak_tflops(device: torch.device | str) -> float | None:
+    """The dense bf16 peak of a CUDA ``device`` (:data:`PEAK_BF16_TFLOPS`); None for a CPU or an
+    unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_BF16_TFLOPS if fragment in name), None)
+
+
+@dataclass(frozen=True)
+class PartialTraining(Training):
+    """Training of some linears' full weights (``weights``: a few blocks), plus LoRA adapters if any."""
+
+    weights: frozenset[str] = frozenset()
+
+    def trains(self, name: str) -> bool:
+        return name in self.weights or self.lora(name)
+
+
+def module_training(transformer: torch.nn.Module, arch: FluxArchitecture) -> Training:
+    """What is trained in ``transformer``, read off ``requires_grad``: peft LoRA adapters
+    (``….lora_A.<adapter>.weight``), every linear (a full fine-tune) or some linears' weights."""
+    names = {x.name for x in arch.linears()}
+    lora, weights, rank = set(), set(), None
+    for name, param in transformer.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".lora_A." in name:
+            lora.add(name.split(".lora_A.")[0])
+            rank = int(param.shape[0])
+        elif (module := name.rsplit(".", 1)[0].replace(".base_layer", "")) in names:
+            weights.add(module)
+    if weights == names and not lora:
+        return Training()
+    if not weights:
+        return Training(rank, tuple(sorted(lora)))
+    return PartialTraining(rank, tuple(sorted(lora)), weights=frozenset(weights))
+
+
+@dataclass(frozen=True)
+class RowFlops:
+    """FLOPs of one transformer row (one sample's forward): ``forward`` (adapters included),
+    ``backward`` (the gradients that are computed), ``recompute`` (the blocks' forward again, under
+    gradient checkpointing; not model work) and ``reference`` (a forward with adapters disabled)."""
+
+    forward: int
+    backward: int
+    recompute: int
+    reference: int
+
+
+def row_flops(transformer: torch.nn.Module, image_tokens: int, text_tokens: int) -> RowFlops | None:
+    """:class:`RowFlops` of a diffusers ``FluxTransformer2DModel`` (FLUX.1, the digits world) from
+    its config (:mod:`branchgrpo.resources`); None for other architectures."""
+    if "FluxTransformer2DModel" not in {cls.__name__ for cls in type(transformer).__mro__}:
+        return None
+    arch = FluxArchitecture(dict(transformer.config))
+    checkpointing = bool(getattr(transformer, "gradient_checkpointing", False))
+    return flux_row_flops(arch, Tokens(image_tokens, text_tokens), module_training(transformer, arch), checkpointing)
+
+
+def flux_row_flops(arch: FluxArchitecture, tokens: Tokens, train: Training, checkpointing: bool) -> RowFlops:
+    """:class:`RowFlops` of one row of ``arch`` with ``tokens`` when ``train`` is trained."""
+    trace = arch.saved(tokens, train, checkpointing)
+    forward = forward_flops(trace, arch.dim, train.rank)
+    blocks = [u for u in trace.uses if u.linear.name.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    in_blocks = (sum(2 * u.rows * u.linear.in_features * u.linear.out_features
+                     + (2 * u.rows * train.rank * (u.linear.in_features + u.linear.out_features) if u.lora else 0)
+                     for u in blocks) + sum(4 * rows * rows * arch.dim for rows, _ in trace.attention))
+    return RowFlops(forward, backward_flops(trace, arch.dim, train.rank), in_blocks if checkpointing else 0,
+                    forward_flops(trace, arch.dim, 0))
+
+
+def phase_flops(policy: torch.nn.Module, conditioning: Mapping[str, Any] | None, tree, stats,
+                method) -> dict[str, int] | None:
+    """Model FLOPs of one process's iteration by phase: ``rollout`` (rollout rows × forward) and
+    ``train`` (training forwards × (forward + backward), + reference forwards with the KL term);
+    gradient checkpointing's recomputation is not counted. None when the policy's architecture
+    is not known (a transformer other than FLUX.1's, or no ``prompt_embeds``)."""
+    transformer = getattr(policy, "transformer", None)
+    if transformer is None or conditioning is None or "prompt_embeds" not in conditioning:
+        return None
+    row = row_flops(transformer, int(tree.latents[0].shape[1]), int(conditioning["prompt_embeds"].shape[1]))
+    if row is None:
+        return None
+    train = stats.training_forwards * (row.forward + row.backward)
+    if method.update.kl_coef > 0:
+        train += stats.training_forwards * row.reference
+    return {"rollout": tree.rollout_calls * row.forward, "train": train}
+
+
+def throughput_metrics(flops: Mapping[str, float], times: Mapping[str, float], device: torch.device,
+                       compute_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """``throughput/<phase>_tflops`` = FLOPs / seconds / 10¹² for each phase with a time, and
+    ``throughput/<phase>_mfu`` = that / the device's bf16 peak when the compute dtype is bf16 or
+    fp16 on a GPU of known peak (:func:`peak_tflops`)."""
+    peak = peak_tflops(device) if compute_dtype in (torch.bfloat16, torch.float16) else None
+    out = {}
+    for phase, value in flops.items():
+        seconds = times.get(phase, 0.0)
+        if seconds > 0:
+            out[f"throughput/{phase}_tflops"] = value / seconds / 1e12
+            if peak:
+                out[f"throughput/{phase}_mfu"] = value / seconds / 1e12 / peak
+    return out
