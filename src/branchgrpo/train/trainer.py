@@ -203,6 +203,7 @@ class Trainer:
         metrics = iteration_metrics(
             scored, tree, scores, edges, stats, times, method, self.dist,
             lr=self.optimizer.param_groups[0]["lr"], device=self.device, reward_name=self.reward.name,
+            policy=bundle.policy, conditioning=conditioning,
         )
         metrics["iteration"] = it
         metrics["processes"] = self.dist.world_size
