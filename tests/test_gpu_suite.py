@@ -1,0 +1,214 @@
+"""The GPU suite (benchmarks/gpu/run_suite.py) at ``--scale tiny`` on CPU, and the trainer's
+throughput metrics (``throughput/*``, src/branchgrpo/train/metrics.py).
+
+FLOP counts are checked against ``torch.utils.flop_counter.FlopCounterMode`` wrapped around the
+real phases (attention on the math backend, so its matmuls are seen): tolerance zero, the
+architecture count and the counter agree to the FLOP.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import run_suite  # noqa: E402
+
+from branchgrpo.train import metrics as M  # noqa: E402
+
+CASES = "branchgrpo-32-lora,branchgrpo-32-blocks"
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-suite")
+    result = run_suite.main(["--scale", "tiny", "--out", str(out), "--check-flops", "--cases", CASES])
+    return result, out
+
+
+def test_result_files_hold_every_field(suite):
+    result, out = suite
+    data = json.loads((out / "results.json").read_text())
+    assert data["scale"] == "tiny" and data["steps"] == 10 and data["skipped"] == []
+    assert data["machine"]["device"] == "cpu" and data["machine"]["torch"] == torch.__version__
+    assert data["command"].startswith("python benchmarks/gpu/run_suite.py --scale tiny")
+    assert data["packages"]["diffusers"] and data["date"] and data["peak_tflops"] is None
+    assert [c["case"] for c in data["cases"]] == CASES.split(",")
+    for case in data["cases"]:
+        assert set(case["seconds"]) >= {"rollout", "reward", "update"} and all(v > 0 for v in case["seconds"].values())
+        assert set(case["peak_memory_bytes"]) == {"rollout", "reward", "update"}  # None on CPU
+        assert case["mfu"] == {"rollout": None, "update": None}  # no known peak on a CPU
+        for phase in ("rollout", "update"):
+            assert case["tflops"][phase] == pytest.approx(case["flops"][phase] / case["seconds"][phase] / 1e12)
+        assert case["nfe"]["rollout_calls"] == case["nfe"]["plan_rollout_calls"] == 43  # the Dense tree, 10 steps
+        assert case["nfe"]["training_forwards"] == case["nfe"]["plan_training_forwards"]
+        # float32 on CPU: rollout and training forwards agree to rounding, far inside the clip range
+        assert 0.0 <= case["ratio_max_deviation_first_step"] < 1e-5 < case["clip_range"]
+        assert case["optimizer_steps"] == 1 and case["skipped_steps"] == 0 and math.isfinite(case["grad_norm"])
+    lora = data["cases"][0]
+    assert lora["plan_estimate"]["peak_phase"] in {"rollout", "update", "optimizer step"}
+    assert data["cases"][1]["plan_estimate"] is None  # plan does not model a partial fine-tune
+    md = (out / "results.md").read_text()
+    assert data["command"] in md and "| branchgrpo-32-blocks |" in md and "| branchgrpo-32-lora |" in md
+
+
+def test_architecture_flops_equal_the_flop_counter(suite):
+    """Rollout: rows × forward; update: forwards × (forward + backward) + checkpointing's
+    recomputation of every block — both equal FlopCounterMode's count over the real phase."""
+    result, _ = suite
+    for case in result["cases"]:
+        flops, counted = case["flops"], case["flops_counted"]
+        assert counted["rollout"] == flops["rollout"] == case["nfe"]["rollout_calls"] * case["flops_per_row"]["forward"]
+        assert counted["update"] == flops["update"] + flops["update_recompute"]
+        assert flops["update_recompute"] > 0  # gradient checkpointing is on
+
+
+def test_trained_parameters_are_the_named_blocks_or_peft_adapters(suite):
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from branchgrpo.models.lora import DEFAULT_TARGET_MODULES
+
+    result, _ = suite
+    scale = run_suite.SCALES["tiny"]()
+    model = FluxTransformer2DModel(**scale.config)
+    blocks = sum(p.numel() for b in scale.blocks for p in model.get_submodule(b).parameters())
+    inject_adapter_in_model(LoraConfig(r=scale.lora_rank, target_modules=list(DEFAULT_TARGET_MODULES)), model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert {c["training"]: c["trained_parameters"] for c in result["cases"]} == {"lora": lora, "blocks": blocks}
+
+
+def test_budget_prediction_counts_the_same_flops(suite):
+    """The skip rule's FLOPs (plan's counts × the architecture, before the case runs) equal
+    what the case then did (rollout + update + recomputation)."""
+    result, _ = suite
+    scale = run_suite.SCALES["tiny"]()
+    for case in result["cases"]:
+        spec = run_suite.Case(case["preset"], case["resolution"], case["training"])
+        f = case["flops"]
+        predicted = run_suite.predicted_seconds(spec, scale, 10, rate=1.0)
+        assert predicted == f["rollout"] + f["update"] + f["update_recompute"]
+
+
+def test_trainer_row_carries_the_suite_throughput(suite):
+    result, _ = suite
+    for case in result["cases"]:
+        row = case["trainer_metrics"]
+        assert row["throughput/rollout_tflops"] == pytest.approx(case["tflops"]["rollout"], rel=1e-12)
+        assert row["throughput/train_tflops"] == pytest.approx(case["tflops"]["update"], rel=1e-12)
+        assert "throughput/rollout_mfu" not in row  # CPU
+
+
+def test_budget_skips_the_cases_that_do_not_fit_and_says_so(tmp_path):
+    result = run_suite.main(["--scale", "tiny", "--out", str(tmp_path), "--budget-s", "0.001",
+                             "--cases", "dancegrpo-32-lora,branchgrpo-64-lora"])
+    assert [c["case"] for c in result["cases"]] == ["dancegrpo-32-lora"]  # the first always runs on a CPU
+    assert result["cases"][0]["nfe"]["rollout_calls"] == 1 + 16 * 9  # one shared root call, then 16 rows a step
+    [skipped] = result["skipped"]
+    assert skipped["case"] == "branchgrpo-64-lora" and skipped["reason"].startswith("budget:")
+    assert "- branchgrpo-64-lora: budget:" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cases", "nope"], "--cases: unknown nope; allowed: branchgrpo-64-lora,"),
+    (["--steps", "5"], "--steps: must be >= 10"),
+    (["--budget-s", "0"], "--budget-s: must be > 0"),
+])
+def test_bad_arguments_end_in_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_suite.main(["--scale", "tiny", "--out", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_full_scale_without_a_gpu_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_suite.main(["--out", str(tmp_path)])
+    assert "--scale full needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_package_missing_here_is_imported_from_its_wheel(tmp_path):
+    name = "gpu_suite_wheel_probe"
+    wheel = tmp_path / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(f"{name}/__init__.py", "VALUE = 7\n")
+    saved = list(sys.path)
+    try:
+        module, source = run_suite.import_with_wheels(name, tmp_path)
+        assert module.VALUE == 7 and source == wheel.name and str(wheel) in module.__file__
+    finally:
+        sys.path[:] = saved
+        sys.modules.pop(name, None)
+    with pytest.raises(SystemExit, match="prepare_wheels.sh"):
+        run_suite.import_with_wheels(name, tmp_path / "empty")
+    importlib.invalidate_caches()
+
+
+def test_prepare_wheels_pins_the_ci_version():
+    script = (ROOT / "benchmarks" / "gpu" / "prepare_wheels.sh").read_text()
+    assert "requirements/ci.txt" in script and "diffusers==" in script
+    assert any(line.startswith("diffusers==") for line in (ROOT / "requirements" / "ci.txt").read_text().splitlines())
+    assert "benchmarks/gpu/wheels/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+# -- the trainer's throughput metrics --------------------------------------------------------------
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert M.peak_tflops(torch.device("cuda", 0)) == peak
+    assert M.peak_tflops("cpu") is None
+
+
+def test_throughput_is_flops_over_seconds_and_mfu_needs_bf16_on_a_known_gpu(monkeypatch):
+    flops, times = {"rollout": 3e12, "train": 8e12}, {"rollout": 1.5, "train": 4.0, "reward": 1.0}
+    assert M.throughput_metrics(flops, times, torch.device("cpu")) == {
+        "throughput/rollout_tflops": 2.0, "throughput/train_tflops": 2.0}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert M.throughput_metrics(flops, times, cuda, torch.bfloat16)["throughput/train_mfu"] == pytest.approx(2 / 989)
+    assert "throughput/train_mfu" not in M.throughput_metrics(flops, times, cuda, None)  # float32 compute
+    assert M.throughput_metrics(flops, {"rollout": 0.0}, cuda, torch.bfloat16) == {}
+
+
+def test_trainer_logs_throughput_equal_to_the_flop_counter(tmp_path):
+    """One Trainer.step on a tiny FLUX (no checkpointing): rollout + train TFLOP/s × their times
+    equal FlopCounterMode's count over the whole step (rewards and decoding do no matmuls)."""
+    from policies import tiny_flux, tiny_flux_conditioning
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from branchgrpo.families import PolicyBundle
+    from branchgrpo.train.config import load_train_config
+    from branchgrpo.train.trainer import Trainer
+
+    policy, info = tiny_flux(seed=0)
+    table = tiny_flux_conditioning(2)
+    bundle = PolicyBundle(
+        family="tiny", policy=policy, trainable=policy.transformer, latent_shape=(info["tokens"], info["channels"]),
+        encode_prompts=lambda prompts: {k: v[: len(prompts)] for k, v in table.items()},
+        decode=lambda x: x.mean(dim=-1, keepdim=True).unsqueeze(1).sigmoid(), train_prompts=["a", "b"],
+        heldout_prompts=["a"],
+    )
+    config = load_train_config(None, "branchgrpo", [
+        f"run.output_dir={tmp_path}", "run.iterations=1", "run.progress=false", "run.tensorboard=false",
+        "data.prompts_per_iteration=2", "tree.steps=10", "run.device=cpu", "method.engine.rollout_micro_batch=64",
+        "method.engine.train_micro_batch=32",
+    ])
+    trainer = Trainer(config, model=bundle, reward=lambda images, prompts: images.flatten(1).mean(dim=1))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        row = trainer.step()
+    logged = sum(row[f"throughput/{p}_tflops"] * row[f"time/{p}"] * 1e12 for p in ("rollout", "train"))
+    assert logged == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert "throughput/rollout_mfu" not in row
