@@ -143,10 +143,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from branchgrpo.train.trainer import Trainer
+    from branchgrpo.train.trainer import StartupInterrupted, Trainer
 
     config = _train_config(args)
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except StartupInterrupted as stop:  # SIGTERM/SIGUSR1 while loading: nothing was written
+        print(stop)
+        return 0
     try:
         summary = trainer.run()
     finally:
@@ -424,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - a failure at run time: one line here, the details for a bug report
         from branchgrpo.rewards.base import RewardError
+        from branchgrpo.train.weights import NonFiniteWeightsError
 
-        if isinstance(err, RewardError):
+        if isinstance(err, (RewardError, NonFiniteWeightsError)):
             print(f"branchgrpo: error: {err}", file=sys.stderr)
             return 1
         raise

@@ -4,7 +4,12 @@ A checkpoint is a folder ``checkpoints/iter_XXXXXX`` holding the trainable weigh
 safetensors, the optimizer state (``torch.save`` of tensors only; read back with
 ``weights_only=True``), the RNG states and ``trainer_state.json``. It is written under a
 temporary name, completed with a ``COMPLETE`` marker, then renamed into place, so a folder with
-that name and marker is always whole; ``resume=auto`` only ever picks such a folder.
+that name and marker was whole when written. The marker is also the manifest: it records every
+file's size and SHA-256, and a resume checks them (:func:`verify_checkpoint`): ``resume=auto``
+takes the newest checkpoint that passes and sets damaged newer ones aside with a warning, so a
+checkpoint damaged after it was written (a disk fault, a partial copy) never stops a resume.
+Nothing non-finite is ever written: :func:`save_checkpoint` refuses weights, EMA or optimizer
+state holding NaN/Inf.
 
 Tensors are always stored whole (unsharded), whatever wrote them: with FSDP every rank joins the
 all-gather of each tensor (:func:`full_model_state`, :func:`full_optimizer_state`) and rank 0
@@ -17,9 +22,12 @@ attribute paths, which those helpers need; the result is the same full, rank-0, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,10 +37,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from branchgrpo.config import ConfigError
 from branchgrpo.train.distributed import full_tensor, place_like
+from branchgrpo.train.weights import NonFiniteWeightsError, nonfinite_tensors
 
 MARKER = "COMPLETE"
 PREFIX = "iter_"
+DAMAGED_PREFIX = "damaged-"  # a checkpoint that failed its checks, set aside (kept for inspection)
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json")
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint whose files do not match its manifest (or cannot be read back)."""
+
+    def __init__(self, message: str):
+        super().__init__("run.resume", message)
 
 
 @dataclass
@@ -103,6 +123,7 @@ def save_checkpoint(
     ``model_state``/``optimizer_state``/``ema``: whole tensors (:func:`full_model_state`,
     :func:`full_optimizer_state`, :func:`full_state`).
     """
+    _refuse_nonfinite(state.iteration, model_state, optimizer_state, ema)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, state.iteration)
@@ -122,49 +143,187 @@ def save_checkpoint(
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2) + "\n")
-    for path in tmp.iterdir():  # make the bytes durable before the marker says they are
+    files = {}
+    for path in sorted(tmp.iterdir()):  # make the bytes durable before the marker says they are
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    (tmp / MARKER).write_text(json.dumps({"iteration": state.iteration}) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
+        files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"iteration": state.iteration, "files": files}
+    with open(tmp / MARKER, "w") as handle:
+        handle.write(json.dumps(manifest, indent=1) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():  # out of the way first (one rename), so no half-deleted folder keeps the name
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+    _fsync_dir(root)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def _refuse_nonfinite(iteration: int, model_state: Mapping[str, Tensor], optimizer_state: Mapping[str, Any],
+                      ema: Mapping[str, Tensor] | None) -> None:
+    """A checkpoint never holds NaN/Inf: it would be resumed from and poison every later iteration."""
+    flat_optimizer = {f"{index}.{key}": value for index, entry in optimizer_state.get("state", {}).items()
+                      for key, value in entry.items() if torch.is_tensor(value)}
+    for what, tensors in (("weights", model_state), ("EMA weights", ema or {}), ("optimizer state", flat_optimizer)):
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise NonFiniteWeightsError(
+                f"refusing to write checkpoint {PREFIX}{iteration:06d}: {len(bad)} of {len(tensors)} {what} tensors "
+                f"hold NaN/Inf (first: {bad[0]}); the newest checkpoint before it is unchanged")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
+    """Hex SHA-256 of a file, read in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """What is wrong with a checkpoint folder (empty when it is whole).
+
+    Checks the manifest in its marker: every required file listed and present with the recorded size
+    and SHA-256. A marker without a file list (written before manifests existed) is taken on trust
+    for the checksums; its files must still be there.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MARKER).read_text())
+    except FileNotFoundError:
+        return [f"no {MARKER} marker"]
+    except (OSError, ValueError) as err:
+        return [f"its {MARKER} marker cannot be read ({err})"]
+    if not isinstance(manifest, dict):
+        return [f"its {MARKER} marker is not a manifest"]
+    files = manifest.get("files")
+    if files is None:  # an older checkpoint: no checksums recorded
+        return [f"{name} is missing" for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not isinstance(files, dict):
+        return [f"its {MARKER} marker lists no files"]
+    problems = [f"{name} is not in the manifest" for name in REQUIRED_FILES if name not in files]
+    for name, expected in files.items():
+        file = path / name
+        if not isinstance(expected, dict) or "/" in name or name.startswith("."):
+            problems.append(f"bad manifest entry {name!r}")
+        elif not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != expected.get("size"):
+            problems.append(f"{name} has {file.stat().st_size} bytes, the manifest says {expected.get('size')}")
+        elif file_sha256(file) != expected.get("sha256"):
+            problems.append(f"{name} does not match its SHA-256")
+    return problems
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (temporary and unmarked folders are ignored)."""
+    """Complete (marked) checkpoint folders, oldest first; temporary, unmarked, set-aside and
+    other folders are ignored. Their files are not checked here (see :func:`find_resume`)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and p.is_dir() and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
 
 
-def find_resume(root: Path, resume: str | None) -> Path | None:
-    """``None`` → no resume; ``auto`` → newest complete checkpoint (or none yet); else a path."""
+def find_resume(root: Path, resume: str | None, set_aside: bool = False) -> Path | None:
+    """The checkpoint a run continues from, checked (:func:`verify_checkpoint`).
+
+    ``None`` → no resume; ``"auto"`` → the newest complete checkpoint in ``root`` that passes its
+    checks (or ``None`` when there is none yet); each newer damaged one is reported on stderr and,
+    with ``set_aside``, renamed ``damaged-iter_XXXXXX`` so it is neither resumed nor pruned. When
+    checkpoints exist but none passes, raises :class:`DamagedCheckpoint`. Any other value is a
+    checkpoint folder, which must pass.
+    """
     if resume is None:
         return None
-    if resume == "auto":
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no {MARKER} marker)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise ConfigError("run.resume", f"{path} is not a complete checkpoint folder (no {MARKER} marker)")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {'; '.join(problems)}; resume from another "
+                                    "(run.resume=auto takes the newest good one)")
+        return path
+    damaged = []
+    for path in reversed(complete_checkpoints(root)):
+        problems = verify_checkpoint(path)
+        if problems:
+            damaged.append(path)
+            _warn(f"checkpoint {path} is damaged ({'; '.join(problems)}); trying the one before it")
+            continue
+        for bad in damaged if set_aside else []:  # only once a good one is found: a failed start changes nothing
+            aside = bad.with_name(DAMAGED_PREFIX + bad.name)
+            if aside.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+        if damaged:
+            names = ", ".join(p.name for p in damaged)
+            _warn(f"resuming from {path.name}, the newest checkpoint that passes its checks"
+                  + (f" ({names} set aside as {DAMAGED_PREFIX}*)" if set_aside else ""))
+        return path
+    if damaged:
+        raise DamagedCheckpoint(f"no checkpoint in {root} passes its checks ({len(damaged)} damaged); "
+                                "start over with run.overwrite=true (without run.resume) or restore the files")
+    return None
+
+
+def _warn(text: str) -> None:
+    print(f"branchgrpo: warning: {text}", file=sys.stderr)
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0, verify: bool = True
 ) -> tuple[TrainerState, dict[str, Tensor] | None]:
     """Restore weights, optimizer and RNG states; returns the trainer state and the (whole) EMA tensors.
 
     Works for plain and FSDP-sharded modules alike: tensors are read one at a time and each rank
-    keeps its shard, so the file's writer may have run on any number of processes.
+    keeps its shard, so the file's writer may have run on any number of processes. ``verify``:
+    check the files against the manifest first (skip it for a path :func:`find_resume` just checked).
+    A checkpoint that does not fit ``model``/``optimizer`` is one :class:`ConfigError` line.
     """
     path = Path(path)
+    if verify:
+        problems = verify_checkpoint(path)
+        if problems:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {'; '.join(problems)}")
+    try:
+        return _load(path, model, optimizer, rank)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError("run.resume", f"checkpoint {path} does not fit this model and optimizer ({first}); "
+                          "resume with the settings the run was started with") from None
+
+
+def _load(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> tuple[TrainerState, dict[str, Tensor] | None]:
     current = model.state_dict()
     placed = {}
     with safe_open(str(path / "model.safetensors"), framework="pt", device="cpu") as handle:

@@ -119,6 +119,7 @@ class RunConfig:
     checkpoint_every: int = 10  # iterations between checkpoints (0 = only at the end / on SIGTERM)
     keep_checkpoints: int = 3  # complete checkpoints kept (older ones deleted)
     resume: str | None = None  # "auto" = newest complete checkpoint in output_dir, or a checkpoint folder
+    overwrite: bool = False  # replace (delete) a run already in output_dir instead of refusing to start; not with resume
     ema_decay: float = 0.0  # EMA of the trained weights (paper: 0.995); 0 = off
     wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works without network)
     wandb_project: str = "branchgrpo"  # Weights & Biases project (run.wandb=true)
@@ -141,6 +142,9 @@ class RunConfig:
             raise ConfigError("run.checkpoint_every", "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("run.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.overwrite and self.resume is not None:
+            raise ConfigError("run.overwrite", "cannot be combined with run.resume: resume continues the run in "
+                              "output_dir, overwrite replaces it; set one of them")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("run.device", f"allowed values: auto, cpu, cuda, cuda:N; got {self.device!r}")
 
