@@ -23,6 +23,7 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "clip": ("branchgrpo.rewards.clip_rewards:ClipScoreReward", "CLIP score: 100 * cosine (transformers CLIPModel)"),
     "aesthetic": ("branchgrpo.rewards.clip_rewards:AestheticReward", "LAION aesthetic predictor v2 on CLIP ViT-L/14"),
     "ocr": ("branchgrpo.rewards.ocr:OCRReward", "Flow-GRPO text rendering: 1 - edit distance/len of the quoted text"),
+    "geneval": ("branchgrpo.rewards.geneval:GenEvalReward", "GenEval composition (objects, counts, colours, positions): OWLv2 + CLIP"),
     "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
     "remote": ("branchgrpo.rewards.remote:RemoteReward", "a reward served over HTTP by python -m branchgrpo.rewards.server"),
     "vlm": ("branchgrpo.rewards.vlm:VLMJudgeReward", "a VLM judge on an OpenAI-compatible server (vLLM, SGLang): pointwise or pairwise"),
