@@ -16,6 +16,7 @@ from branchgrpo.config import ConfigError, ConfigErrors
 from branchgrpo.families import PolicyBundle, get_family
 from branchgrpo.rewards.base import Reward, RewardError, RewardOutput, as_reward
 from branchgrpo.train.config import TrainConfig
+from branchgrpo.train.reward_worker import overlap_problems
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +91,7 @@ def validate_job(config: TrainConfig, *, custom_policy: bool = False, custom_rew
     if not custom_reward:
         modality = family.modality if family is not None else None
         problems += reward_problems(config, modality)
+    problems += overlap_problems(config, custom_reward)
     if problems:
         raise ConfigErrors(problems)
 
@@ -263,15 +265,40 @@ def score_rewards(reward: Reward, outputs: Tensor, prompts: list[str], group_ids
     Returns CPU float32 totals and components; refuses NaN/Inf and values outside float32's range.
     """
     group_ids = group_ids.cpu()
+    return join_reward_chunks(reward, [score_reward_chunk(reward, outputs, prompts, group_ids, batch_size)],
+                              group_ids, absolute)
+
+
+def score_reward_chunk(reward: Reward, outputs: Tensor, prompts: list[str], group_ids: Tensor,
+                       batch_size: int) -> RewardOutput | dict[str, Tensor]:
+    """The part of :func:`score_rewards` that needs the images: raw CPU components ``{name: [B]}``
+    in batches of ``batch_size``, or, for a reward that judges whole groups, its :class:`RewardOutput`.
+    Chunks of whole prompt groups can be scored apart (and elsewhere) and joined by :func:`join_reward_chunks`."""
     if reward.needs_groups:
-        result = reward.score(outputs, prompts, group_ids)
+        return reward.score(outputs, prompts, group_ids.cpu())
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, outputs.shape[0], batch_size):
+        chunk = reward.components(outputs[start : start + batch_size], prompts[start : start + batch_size])
+        for name, value in chunk.items():
+            parts.setdefault(name, []).append(value.detach().cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def join_reward_chunks(reward: Reward, chunks: list[RewardOutput | dict[str, Tensor]], group_ids: Tensor,
+                       absolute: bool = False) -> RewardOutput:
+    """:func:`score_rewards`' result from the :func:`score_reward_chunk` of consecutive chunks of the
+    leaves (``group_ids``: all of them): components joined, then combined once."""
+    group_ids = group_ids.cpu()
+    if reward.needs_groups:
+        result = RewardOutput(
+            total=torch.cat([chunk.total.detach().cpu() for chunk in chunks]),
+            components={name: torch.cat([chunk.components[name].detach().cpu() for chunk in chunks])
+                        for name in chunks[0].components},
+            normalized={name: torch.cat([chunk.normalized[name].detach().cpu() for chunk in chunks])
+                        for name in chunks[0].normalized},
+        )
     else:
-        parts: dict[str, list[Tensor]] = {}
-        for start in range(0, outputs.shape[0], batch_size):
-            chunk = reward.components(outputs[start : start + batch_size], prompts[start : start + batch_size])
-            for name, value in chunk.items():
-                parts.setdefault(name, []).append(value.detach().cpu())
-        components = {name: torch.cat(values) for name, values in parts.items()}
+        components = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
         result = (RewardOutput(total=reward.raw_total(components), components=components) if absolute
                   else reward.combine(components, group_ids))
     total = _checked(reward, "total", result.total)

@@ -60,10 +60,19 @@ class RewardConfig:
     normalize: Literal["none", "group", "batch"] = "none"  # z-score each component per prompt group before the weighted sum
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     batch_size: int = 64  # images per reward call
+    overlap: bool = False  # score each chunk of prompt groups while the next chunk rolls out (docs/rewards.md)
+    overlap_chunk: int = 1  # prompt groups per rolled-out chunk when reward.overlap is on
+    worker: Literal["thread", "process"] = "thread"  # overlapped scoring: a thread, or a process that builds its reward
+    worker_device: str | None = None  # reward.worker=process: device the worker's reward runs on (None = run.device)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("reward.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.overlap_chunk < 1:
+            raise ConfigError("reward.overlap_chunk", f"must be >= 1, got {self.overlap_chunk}")
+        device = self.worker_device
+        if device is not None and not (device in ("auto", "cpu") or device.startswith("cuda")):
+            raise ConfigError("reward.worker_device", f"allowed values: auto, cpu, cuda, cuda:N; got {device!r}")
 
 
 @dataclass
