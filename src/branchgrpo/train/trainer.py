@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
 from functools import cached_property
 from pathlib import Path
@@ -27,13 +28,15 @@ from branchgrpo.train.metrics import iteration_metrics
 from branchgrpo.train.checkpoint import (
     TrainerState, find_resume, full_model_state, full_optimizer_state, full_state, load_checkpoint, save_checkpoint,
 )
-from branchgrpo.config import to_dict
+from branchgrpo.atomic import atomic_write_text
+from branchgrpo.config import ConfigError, to_dict
 from branchgrpo.train.config import TrainConfig, dump_config
 from branchgrpo.train.distributed import DistributedContext, place_like
 from branchgrpo.train.evaluation import evaluate, save_image_grid
 from branchgrpo.train.logging import MetricsLogger, truncate_metrics
 from branchgrpo.train.reward_worker import RewardWorker, start_reward_worker
-from branchgrpo.train.weights import atomic_save_safetensors, save_weights
+from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
+from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
 from branchgrpo.tree.dump import save_tree
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
 from branchgrpo.tree.scoring import score_tree
@@ -96,7 +99,15 @@ class Trainer:
         """Parts are built from ``config`` unless given: ``model`` (a :class:`PolicyBundle`) and
         ``reward`` (a :class:`~branchgrpo.rewards.Reward` or a callable ``(images, prompts) -> [B]``).
         Whatever is given is recorded in the run's ``config.yaml`` (``model.family``, ``reward.name``),
-        so ``eval``/``sample`` can rebuild it when it is registered (see docs/api.md)."""
+        so ``eval``/``sample`` can rebuild it when it is registered (see docs/api.md).
+
+        Nothing is written here: the job and its run folder are checked before any model loads
+        (:func:`validate_job`, :func:`check_run_folder`), and SIGTERM/SIGUSR1 during this start-up
+        raise :class:`StartupInterrupted` at once."""
+        with _interrupt_on_stop_signals():
+            self._build(config, model, reward)
+
+    def _build(self, config: TrainConfig, model: PolicyBundle | None, reward: Reward | None) -> None:
         from branchgrpo.train.config import resolve_config, record_custom_parts
 
         if model is None:
@@ -120,6 +131,8 @@ class Trainer:
                 f"{total} prompts cannot be shared evenly by {world} processes; set "
                 f"data.prompts_per_iteration={world * max(1, round(total / world))} or data.prompts_per_process=1",
             )
+        # a busy or protected run folder fails now, before minutes of model loading
+        self._on_main(lambda: check_run_folder(config.run.output_dir, config.run.resume, config.run.overwrite))
         self.model: PolicyBundle = model or build_policy(config, self.device)
         self.reward: Reward = reward if reward is not None else build_reward(config, self.model, self.device)
         self.compute_dtype = compute_dtype(config, self.device)
@@ -299,8 +312,8 @@ class Trainer:
         self.dist.barrier()
         return path
 
-    def restore(self, path: Path) -> TrainerState:
-        state, ema = load_checkpoint(path, self.model.trainable, self.optimizer, rank=self.dist.rank)
+    def restore(self, path: Path, verify: bool = True) -> TrainerState:
+        state, ema = load_checkpoint(path, self.model.trainable, self.optimizer, rank=self.dist.rank, verify=verify)
         self.iteration = state.iteration
         self.sampler.position = state.prompt_position
         if self.ema is not None:
@@ -312,33 +325,100 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signal.Signals(signum).name
 
+    def _on_main(self, action):
+        """``action()`` on rank 0 only; every rank returns its result or raises its ConfigError."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = action()
+            except ConfigError as err:
+                error = err
+        if self.dist.active:
+            result, message = self.dist.gather_objects((result, None if error is None else str(error)))[0]
+            if error is None and message is not None:
+                error = ConfigError("", message)
+        if error is not None:
+            raise error
+        return result
+
+    def check_finite(self, iteration: int) -> None:
+        """Stop (every rank) when the update of ``iteration`` left NaN/Inf in the trained weights, before
+        they reach a checkpoint, an evaluation or the next rollout (whose rewards would look broken)."""
+        bad = nonfinite_tensors(self.model.trainable.state_dict())
+        if not self.dist.any(bool(bad)):
+            return
+        update = self.config.method.update
+        raise NonFiniteWeightsError(
+            f"the update of iteration {iteration} made the weights non-finite "
+            f"({'e.g. ' + bad[0] if bad else 'on another rank'}); method.update.learning_rate={update.learning_rate:g} "
+            "too high? Lower it or set method.update.max_grad_norm; no checkpoint holds these weights (run.resume=auto "
+            "continues from the newest one, written before this update)")
+
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
         """Train to ``run.iterations``: resumable, checkpointed, stoppable by SIGTERM/SIGUSR1.
 
+        Rank 0 owns the run folder for the whole run (:class:`RunFolder`: a lock; a second training
+        on it fails at once). Nothing is written before the start has succeeded (the folder claimed,
+        the checkpoint to resume from checked and loaded); then the folder is made ready: stale
+        temporary files removed, an old run replaced (``run.overwrite``) or one that never reached a
+        checkpoint started over, metric rows after the resumed checkpoint dropped.
+
         On SIGTERM or SIGUSR1 (Slurm's pre-emption warning) the current iteration finishes, a
         checkpoint is written and the run returns normally (exit 0 from the CLI). With several
         processes, rank 0 writes every file and a signal on any rank stops all of them together.
+        An update that makes the weights non-finite stops the run (:class:`NonFiniteWeightsError`)
+        before anything holds them.
         """
-        cfg, main = self.config, self.dist.is_main
         started = time.perf_counter()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = find_resume(self.output_dir / "checkpoints", cfg.run.resume)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
+        try:
+            folder = self._on_main(lambda: RunFolder.claim(self.output_dir))
+            try:
+                return self._run(folder, started)
+            finally:
+                if folder is not None:
+                    folder.release()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _start(self, folder: RunFolder | None) -> tuple[Path | None, float | None, float | None]:
+        """Load the checkpoint to resume from (checked; reads only), then make the folder ready (rank 0).
+        Returns the checkpoint and the evaluations it recorded."""
+        cfg = self.config
+        kind = self._on_main(lambda: plan_start(self.output_dir, cfg.run.resume, cfg.run.overwrite))
+        resume_from = None
+        if kind is Start.RESUME:
+            found = self._on_main(lambda: find_resume(self.output_dir / "checkpoints", cfg.run.resume, set_aside=True))
+            resume_from = None if found is None else Path(found)
         eval_start = eval_end = None
         if resume_from is not None:
-            state = self.restore(resume_from)
+            state = self.restore(resume_from, verify=not self.dist.is_main)
             eval_start, eval_end = state.eval_reward_start, state.eval_reward_last
-            if main:
+        if folder is not None:  # the first writes
+            folder.clean_stale()
+            if kind in (Start.REPLACE, Start.START_OVER):
+                cleared = folder.clear_outputs()
+                if kind is Start.START_OVER and cleared:
+                    _warn(f"{self.output_dir} holds a run that stopped before its first checkpoint: starting it over "
+                          f"(its {', '.join(cleared)} replaced)")
+            elif resume_from is not None:
                 truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
-        if main:
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            # recorded without overwrite, so running the recorded config again never deletes this run
+            atomic_write_text(self.output_dir / "config.yaml",
+                              dump_config(replace(cfg, run=replace(cfg.run, overwrite=False))))
+        return resume_from, eval_start, eval_end
+
+    def _run(self, folder: RunFolder | None, started: float) -> RunSummary:
+        cfg, main = self.config, self.dist.is_main
+        resume_from, eval_start, eval_end = self._start(folder)
         logger = (
             MetricsLogger(self.output_dir, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
                           total=cfg.run.iterations, initial=self.iteration,
                           wandb_project=cfg.run.wandb_project if cfg.run.wandb else None, config=to_dict(cfg))
             if main else None
         )
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
         try:
             if resume_from is None:
                 eval_start = eval_end = self.evaluate(f"iter_{self.iteration:06d}")
@@ -348,6 +428,7 @@ class Trainer:
                 metrics = self.step()
                 if logger:
                     logger.log(metrics)
+                self.check_finite(metrics["iteration"])
                 done = self.iteration
                 if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.run.iterations:
                     eval_end = self.evaluate(f"iter_{done:06d}")
@@ -361,8 +442,6 @@ class Trainer:
                     logger.message(f"{self._stop_signal}: checkpoint written at iteration {self.iteration}; "
                                    "resume with run.resume=auto")
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if logger:
                 logger.close()
         if self._stop_signal is None:  # every rank joins the gathers, rank 0 writes
@@ -381,7 +460,7 @@ class Trainer:
             stopped_by_signal=self._stop_signal,
         )
         if main:
-            (self.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
         self.dist.barrier()
         return summary
 
@@ -396,10 +475,42 @@ class Trainer:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class StartupInterrupted(Exception):
+    """SIGTERM/SIGUSR1 arrived while a training was starting (checking, loading models): it stops
+    before writing anything, so starting it again is always safe."""
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(f"stopped by {signal_name} during start-up, before anything was written; start it again "
+                         "(run.resume=auto continues from the newest checkpoint)")
+
+
 def _can_handle_signals() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def _interrupt_on_stop_signals():
+    """SIGTERM/SIGUSR1 raise :class:`StartupInterrupted` inside the block (model loading may take
+    minutes and has nothing to finish); the previous handlers come back after it."""
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise StartupInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS if _can_handle_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(f"branchgrpo: warning: {text}", file=sys.stderr)
 
 
 def _shard_root(bundle: PolicyBundle) -> torch.nn.Module:
