@@ -71,6 +71,26 @@ def test_lora_with_kl_on_two_fsdp_processes_equals_one_process(tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def make_lora_checkpointed(out, *overrides):
+    """As :func:`make_lora`, with activation checkpointing on the real FLUX block types."""
+    trainer = make_lora(out, *overrides)
+    transformer = trainer.model.policy.transformer
+    transformer.enable_gradient_checkpointing()
+    assert transformer.is_gradient_checkpointing
+    assert {"FluxTransformerBlock", "FluxSingleTransformerBlock"} <= {type(m).__name__ for m in transformer.modules()}
+    return trainer
+
+
+def test_fsdp_with_checkpointing_and_lora_equals_the_unsharded_update(tmp_path):
+    """FluxTransformerBlock / FluxSingleTransformerBlock return views, on which an in-place op would skip
+    FSDP's pre-backward all-gather (torch warns). Sharded + recomputed activations + LoRA must still
+    give the plain single-process update: same rows and weights after 3 iterations."""
+    make_lora(tmp_path / "one").run()
+    run_two_processes(tmp_path / "two", overrides=["run.parallel=fsdp"], factory=make_lora_checkpointed)
+    assert_same_rows(tmp_path / "one", tmp_path / "two", range(3))
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
 def test_ranks_with_different_micro_batch_counts_stay_in_step(tmp_path):
     """Rank 0 trains one parent per micro-batch, rank 1 all at once: rank 1 pads with zero-gradient
     passes (else the collectives would deadlock) and the update is still the one-process update."""
