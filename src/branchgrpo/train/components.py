@@ -192,6 +192,8 @@ def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
     family = get_family(config.model.family)
     bundle = family.build(config, device, weights_dtype(config, device))
     model = config.model
+    if model.lora is None:  # loaders hand every module over frozen; a full fine-tune trains the whole transformer
+        bundle.trainable.requires_grad_(True)
     if model.lora is not None:
         from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora
 
