@@ -16,6 +16,7 @@ the prompts, so advantages need no communication. Gradients meet in one of two w
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -32,8 +33,17 @@ BLOCK_LIST_NAMES = ("transformer_blocks", "single_transformer_blocks", "blocks",
 
 
 def launched_distributed() -> bool:
-    """True when started by torchrun (or anything setting WORLD_SIZE > 1)."""
+    """True when started by torchrun (or anything setting WORLD_SIZE > 1: ``accelerate launch
+    --multi_gpu`` runs torchrun's launcher, which sets RANK/WORLD_SIZE/LOCAL_RANK)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def accelerate_started_one_of_many() -> bool:
+    """True when ``accelerate launch --num_processes N`` (N > 1) started only this process: without
+    ``--multi_gpu`` and with fewer than 2 GPUs visible it runs its simple launcher, which sets
+    MASTER_ADDR (for N > 1) and ACCELERATE_* but no WORLD_SIZE."""
+    env = os.environ
+    return "WORLD_SIZE" not in env and "MASTER_ADDR" in env and any(k.startswith("ACCELERATE_") for k in env)
 
 
 class DistributedContext(GradientSync):
@@ -65,6 +75,10 @@ class DistributedContext(GradientSync):
         """
         backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.type == "cuda" else "gloo"
         if not launched_distributed():
+            if accelerate_started_one_of_many():
+                print("branchgrpo: warning: accelerate launch started 1 process (without --multi_gpu, accelerate runs "
+                      "one process when fewer than 2 GPUs are visible); for N processes use accelerate launch "
+                      "--multi_gpu --num_processes N (gloo on CPU) or torchrun --nproc-per-node N", file=sys.stderr)
             context = cls()
             if parallel == "fsdp" and not dist.is_initialized():
                 dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
