@@ -116,7 +116,7 @@ class EvalConfig:
 class RunConfig:
     """Where results go, how long, how often things are written."""
 
-    output_dir: str = "runs/digits-branchgrpo"  # the run folder: config.yaml, metrics.jsonl, samples/, trees/, checkpoints/, weights/
+    output_dir: str = "runs/{family}-{preset}"  # the run folder (config.yaml, metrics.jsonl, samples/, trees/, checkpoints/, weights/); {family} and {preset} are filled in
     iterations: int = 50  # training iterations (GRPO rollout + update rounds)
     seed: int = 0  # seed of every random stream of the run (prompts, rollout and split noise, edge order)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -245,6 +245,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
     family = get_family(config.model.family)
     config.model.options = to_dict(family.options(config))
+    fill_output_dir(config)
     if config.model.lora is not None and not family.supports_lora:
         raise ConfigError("model.lora", f"the {family.name} family does not support LoRA")
     return config
@@ -259,6 +260,17 @@ def record_custom_parts(config: TrainConfig, policy: Any = None, reward: Any = N
     if reward is not None:
         config.reward.name = str(getattr(reward, "name", None) or getattr(reward, "__name__", "custom"))
     config.imports = sorted(set(config.imports) | plugin_modules(config))
+    fill_output_dir(config)
+
+
+def fill_output_dir(config: TrainConfig) -> None:
+    """``run.output_dir`` with ``{family}`` and ``{preset}`` filled in (the default is runs/{family}-{preset},
+    so runs of different presets do not meet in one folder)."""
+    try:
+        config.run.output_dir = config.run.output_dir.format(family=config.model.family, preset=config.preset)
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError("run.output_dir", f"{config.run.output_dir!r}: only {{family}} and {{preset}} can be "
+                          "filled in (double other braces)") from None
 
 
 def plugin_modules(config: TrainConfig) -> set[str]:
