@@ -137,7 +137,7 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
         if isinstance(tp, type) and isinstance(value, tp):
             return value
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value, field)
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
