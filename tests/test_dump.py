@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,67 @@ def test_load_rejects_foreign_safetensors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not a branchgrpo tree dump"):
         load_tree(path)
+
+
+# -- prompts and x̂0 thumbnails (what the trainer stores) -------------------------------------------
+def picture(latents: torch.Tensor) -> torch.Tensor:
+    """A stand-in decoder: latents [N, 8] → grey images [N, 1, 2, 4] in [0, 1]."""
+    return torch.sigmoid(latents.reshape(-1, 1, 2, 4).float())
+
+
+def test_node_thumbnails_are_each_nodes_predicted_clean_image(tmp_path):
+    from branchgrpo.models.protocol import select_conditioning
+    from branchgrpo.tree.dump import THUMBNAIL_KEY, node_thumbnails
+
+    config = method_config("branchgrpo", ["tree.steps=5", "tree.split_plan={0: 2, 2: 3}"])
+    model, conditioning = TinyMLPPolicy(dim=DIM, seed=0), tiny_conditioning(2)
+    with torch.no_grad():
+        tree = rollout(model, conditioning, config.tree, 2, (DIM,), generator=torch.Generator().manual_seed(3),
+                       keep_node_x0=True)
+        plain = rollout(model, conditioning, config.tree, 2, (DIM,), generator=torch.Generator().manual_seed(3))
+    for kept, without in zip(tree.latents + tree.logp, plain.latents + plain.logp):
+        assert torch.equal(kept, without)  # keeping x̂0 for a dump does not change the tree that trains
+    thumbs = node_thumbnails(tree, picture)
+
+    # x̂0 = x − σ·v at every node (rectified flow), from the policy called here; a leaf shows its parent's
+    expected = []
+    for d, x in enumerate(tree.latents[:-1]):
+        sigma = torch.full((x.shape[0],), float(tree.sigmas[d]))
+        with torch.no_grad():
+            v = model(x, sigma, select_conditioning(conditioning, tree.group[d]))
+        expected.append(x.double() - float(tree.sigmas[d]) * v.double())
+    expected.append(expected[-1][tree.parent[-1]])
+    pixels = (picture(torch.cat(expected)) * 255).round()
+    assert thumbs.dtype == torch.uint8 and thumbs.shape == (sum(p.numel() for p in tree.parent), 1, 2, 4)
+    assert (thumbs.double() - pixels).abs().max() <= 1  # float32 vs float64 rounding at a .5 boundary
+
+    scores = score_tree(tree, torch.randn(tree.parent[-1].numel(), generator=torch.Generator().manual_seed(4)), config)
+    prompts = ["a red fox", "zwei Äpfel „quoted“"]
+    path = save_tree(tmp_path / "t.safetensors", tree, scores, config, prompts=prompts,
+                     extra_tensors={THUMBNAIL_KEY: thumbs, "absent": None})
+    columns, meta = load_tree(path)
+    assert meta["prompts"] == prompts and torch.equal(columns[THUMBNAIL_KEY], thumbs) and "absent" not in columns
+    with pytest.raises(ValueError, match="3 prompts for 2 prompt groups"):
+        save_tree(tmp_path / "u.safetensors", tree, scores, config, prompts=prompts + ["x"])
+    with pytest.raises(ValueError, match="keep_node_x0=True"):
+        node_thumbnails(plain, picture)
+
+
+def test_thumbnails_shrink_like_pil_and_take_a_videos_middle_frame():
+    from PIL import Image
+
+    from branchgrpo.tree.dump import thumbnails
+
+    images = torch.rand(2, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    small = thumbnails(images, size=32)
+    assert small.dtype == torch.uint8 and small.shape == (2, 3, 19, 32)  # long side 32, aspect kept (48·0.4)
+    for image, thumb in zip(images, small):
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        resized = Image.fromarray(pixels).resize((32, 19), Image.Resampling.BILINEAR)
+        reference = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+        assert (thumb.int() - reference.int()).abs().max() <= 2  # PIL resamples the rounded uint8 image
+    video = torch.zeros(1, 5, 1, 4, 4)
+    video[:, 2] = 1.0
+    assert torch.equal(thumbnails(video), torch.full((1, 1, 4, 4), 255, dtype=torch.uint8))  # frame 2 of 0..4
+    assert torch.equal(thumbnails(torch.full((1, 1, 4, 4), 0.5)), torch.full((1, 1, 4, 4), 128, dtype=torch.uint8))
+    assert thumbnails(torch.rand(3, 7)) is None and thumbnails(torch.rand(2, 2, 4, 4)) is None

@@ -36,9 +36,9 @@ THUMB_DUMP = "iter_000001.safetensors"
 # ----------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A real 3-iteration BranchGRPO-Mix run of the tiny trainer: a trunk edge before the first
-    split (zero advantage), ODE steps outside the SDE window (never trained), one dump with x̂0
-    thumbnails."""
+    """A real 3-iteration BranchGRPO-Mix run of the tiny trainer: a trunk edge before the first split
+    (zero advantage), ODE steps outside the SDE window (never trained), dumps with the trainer's
+    prompts and x̂0 thumbnails (one dump's replaced by synthetic colour ones)."""
     from test_trainer import brightness_reward, make_trainer, tiny_generator  # noqa: F401 - conftest puts tests/ on the path
 
     out = tmp_path_factory.mktemp("run")
@@ -168,9 +168,33 @@ def test_report_content(run_dir, tmp_path):
     assert (edge & (cols["advantage"] == 0)).any() and (edge & ~cols["is_sde"].astype(bool)).any()
     assert (edge & cols["trained"].astype(bool)).any() and (edge & ~cols["trained"].astype(bool)).any()
     thumbs = {t["file"]: t["thumbs"] for t in data["trees"]}
-    assert thumbs["iter_000000.safetensors"] is None and thumbs[THUMB_DUMP]["w"] == 8 and thumbs[THUMB_DUMP]["h"] == 6
+    # the trainer's thumbnails: the tiny generator's [1, 16, 1] images; THUMB_DUMP's were replaced
+    assert (thumbs["iter_000000.safetensors"]["w"], thumbs["iter_000000.safetensors"]["h"]) == (1, 16)
+    assert thumbs[THUMB_DUMP]["w"] == 8 and thumbs[THUMB_DUMP]["h"] == 6
+    for tree in data["trees"]:  # each group's prompt, from the dump's metadata
+        _, meta = load_tree(run_dir / "trees" / tree["file"])
+        assert [g["prompt"] for g in tree["groups"]] == [meta["prompts"][g["id"]] for g in tree["groups"]]
     assert data["highlights"] and data["warnings"] == []
     keep_artifact(out)
+
+
+def test_trainer_dumps_carry_prompts_and_the_leaves_pictures(run_dir):
+    """The leaf thumbnails are the pictures the reward scored: the tiny run's reward is mean brightness,
+    so each leaf's thumbnail mean (uint8, rounding ≤ 0.5/255) gives back its leaf_reward."""
+    from test_trainer import PROMPTS
+
+    for path in sorted((run_dir / "trees").glob("iter_*.safetensors")):
+        if path.name == THUMB_DUMP:
+            continue
+        columns, meta = load_tree(path)
+        assert len(meta["prompts"]) == meta["num_groups"] == 2 and set(meta["prompts"]) <= set(PROMPTS)
+        thumbs = columns["x0_thumbnails"]
+        assert thumbs.dtype == torch.uint8 and tuple(thumbs.shape) == (len(columns["parent"]), 1, 16, 1)
+        leaves = columns["depth"] == int(columns["depth"].max())
+        brightness = thumbs[leaves].flatten(1).double().mean(1) / 255
+        np.testing.assert_allclose(brightness.numpy(), columns["leaf_reward"][leaves].double().numpy(),
+                                   atol=0.5 / 255 + 1e-6)
+        assert path.stat().st_size < 40_000
 
 
 def test_default_output_limits_and_partial_runs(run_dir, tmp_path):
@@ -547,9 +571,13 @@ def test_report_in_headless_chromium(run_dir, browser, tmp_path):
     assert browser.evaluate("[...document.querySelectorAll('#samples img')].every(i => i.naturalWidth > 0)")
     assert count(browser, "#samples figure") == len(data["samples"])
 
-    # the tree: default = last dump, first group; one circle per node of that group
+    # the tree: default = last dump, first group (its prompt above it); one circle per node of that group
     last = decode_tree_blob(data["trees"][-1])
     in_group = last["tree_id"] == data["trees"][-1]["groups"][0]["id"]
+    prompt = data["trees"][-1]["groups"][0]["prompt"]
+    shown = browser.evaluate("document.getElementById('tree-prompt').textContent")
+    assert prompt and shown == f"prompt: \u201c{prompt}\u201d"
+    assert prompt in browser.evaluate("document.getElementById('tree-group').selectedOptions[0].textContent")
     assert count(browser, "#tree-svg circle.n") == int(in_group.sum())
     assert count(browser, "#tree-svg path.e-sz, #tree-svg path.e-oz") >= 1  # zero advantage (the trunk)
     assert count(browser, "#tree-svg path.e-ou") == 1  # ODE edges (never trained: dashed)

@@ -260,13 +260,17 @@ def read_tree(path: Path, warnings: _Warnings) -> dict | None:
     has_child = np.zeros(nodes, dtype=bool)
     has_child[parent[parent >= 0]] = True
     leaf = ~has_child
+    prompts = meta.get("prompts")  # one per prompt group (dumps written by the trainer)
+    if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+        prompts = []
     groups = []
     for gid in np.unique(arrays["tree_id"]).tolist():
         in_group = arrays["tree_id"] == gid
         leaf_rewards = arrays["leaf_reward"][in_group & leaf]
         finite = leaf_rewards[np.isfinite(leaf_rewards)]
         groups.append({
-            "id": int(gid), "nodes": int(in_group.sum()), "leaves": int((in_group & leaf).sum()),
+            "id": int(gid), "prompt": prompts[gid] if 0 <= gid < len(prompts) else None,
+            "nodes": int(in_group.sum()), "leaves": int((in_group & leaf).sum()),
             "reward_mean": _clean(float(finite.mean())) if finite.size else None,
             "reward_max": _clean(float(finite.max())) if finite.size else None,
         })

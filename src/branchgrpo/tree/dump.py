@@ -1,6 +1,8 @@
 """Write / read a scored rollout tree as one ``.safetensors`` file, one row per node.
 
-Rows are ordered by depth, then by index within the depth. See ``docs/tree-dump.md``.
+Rows are ordered by depth, then by index within the depth. The trainer also stores each prompt
+group's prompt (metadata ``prompts``) and a small uint8 x̂0 thumbnail per node (``x0_thumbnails``,
+:func:`node_thumbnails`). See ``docs/tree-dump.md``.
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
 from safetensors.torch import load_file
 
 from branchgrpo.atomic import atomic_save_safetensors
@@ -20,6 +24,8 @@ from branchgrpo.tree.scoring import TreeScores
 from branchgrpo.tree.spec import MethodConfig
 
 DUMP_FORMAT = "branchgrpo-tree/1"
+THUMBNAIL_KEY = "x0_thumbnails"
+THUMBNAIL_SIZE = 32  # long side of a stored thumbnail, in pixels (smaller images are kept as they are)
 COLUMNS = (
     "parent", "depth", "step", "tree_id", "logp", "is_sde",
     "leaf_reward", "fused_reward", "advantage", "trained",
@@ -51,26 +57,76 @@ def tree_rows(tree: RolloutTree, scores: TreeScores) -> dict[str, torch.Tensor]:
     return {name: torch.cat(parts).contiguous() for name, parts in columns.items()}
 
 
+def dump_due(iteration: int, every: int) -> bool:
+    """Whether the trainer writes a tree dump at ``iteration`` (``run.dump_tree_every``; 0 = never)."""
+    return every > 0 and iteration % every == 0
+
+
+def thumbnails(images: Tensor, size: int = THUMBNAIL_SIZE) -> Tensor | None:
+    """Decoded images ``[N, C, H, W]`` in [0, 1] (videos ``[N, F, C, H, W]``: their middle frame) as uint8
+    ``[N, C, h, w]`` with the long side at most ``size`` (antialiased bilinear; smaller images keep
+    their size). None for outputs that are not images (other ranks, or C not in 1, 3, 4)."""
+    if images.ndim == 5:
+        images = images[:, images.shape[1] // 2]
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4) or images.shape[0] == 0:
+        return None
+    images = images.detach().float()
+    h, w = images.shape[-2:]
+    if max(h, w) > size:
+        scale = size / max(h, w)
+        target = (max(1, round(h * scale)), max(1, round(w * scale)))
+        images = torch.nn.functional.interpolate(images, size=target, mode="bilinear", antialias=True,
+                                                 align_corners=False)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def node_thumbnails(
+    tree: RolloutTree, decode: Callable[[Tensor], Tensor], leaf_images: Tensor | None = None,
+    size: int = THUMBNAIL_SIZE,
+) -> Tensor | None:
+    """The x̂0 thumbnail of every node, in dump row order: uint8 ``[N_nodes, C, h, w]``.
+
+    Inner nodes (depth d < T) show ``tree.node_x0[d]`` — the clean image predicted at the node, kept
+    by ``rollout(..., keep_node_x0=True)`` — decoded one depth at a time; leaves show ``leaf_images``
+    (the trainer's already decoded ``tree.leaf_x0``) or ``decode(tree.leaf_x0)``. None when the
+    decoded outputs are not images.
+    """
+    if tree.node_x0 is None:
+        raise ValueError("node_thumbnails needs the inner nodes' x̂0: roll out with keep_node_x0=True")
+    parts = [thumbnails(decode(x0), size) for x0 in tree.node_x0]
+    parts.append(thumbnails(decode(tree.leaf_x0) if leaf_images is None else leaf_images, size))
+    if any(part is None for part in parts) or len({part.shape[1:] for part in parts}) != 1:
+        return None
+    return torch.cat(parts)
+
+
 def save_tree(
     path: str | os.PathLike,
     tree: RolloutTree,
     scores: TreeScores,
     config: MethodConfig,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, torch.Tensor | None] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Path:
     """Write the scored tree atomically (temporary file, then rename).
 
     Metadata (JSON strings): ``format``, ``spec`` (the resolved TreeSpec), ``method`` (the whole
-    MethodConfig), ``beta``, ``reduction``, ``iteration``, ``num_groups``. ``extra_tensors`` (e.g.
-    x̂0 thumbnails) are stored beside the columns under their own names.
+    MethodConfig), ``beta``, ``reduction``, ``iteration``, ``num_groups``, ``root_entropy_ratio`` and,
+    given ``prompts`` (one per prompt group, indexed by ``tree_id``), ``prompts``. ``extra_tensors``
+    (e.g. :func:`node_thumbnails` as ``x0_thumbnails``) are stored beside the columns under their own
+    names; None values are left out.
     """
     path = Path(path)
+    if prompts is not None and len(prompts) != tree.num_groups:
+        raise ValueError(f"save_tree: {len(prompts)} prompts for {tree.num_groups} prompt groups; give one per group")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = tree_rows(tree, scores)
     for name, value in (extra_tensors or {}).items():
         if name in tensors:
             raise ValueError(f"extra tensor name {name!r} clashes with a dump column")
-        tensors[name] = value.detach().cpu().contiguous()
+        if value is not None:
+            tensors[name] = value.detach().cpu().contiguous()
     metadata = {
         "format": DUMP_FORMAT,
         "spec": json.dumps(to_dict(config.tree), default=str),
@@ -81,6 +137,8 @@ def save_tree(
         "num_groups": str(tree.num_groups),
         "root_entropy_ratio": json.dumps(scores.fused.root_entropy_ratio()),
     }
+    if prompts is not None:
+        metadata["prompts"] = json.dumps(list(prompts), ensure_ascii=False)
     return atomic_save_safetensors(tensors, path, metadata)
 
 

@@ -591,15 +591,17 @@ section('trees', b => {
     thumbLabel,
     el('label', {}, [document.createTextNode('leaf spacing'), spacing]),
   ]));
+  const promptLine = el('p', {class: 'tree-prompt', id: 'tree-prompt'});
   const info = el('p', {class: 'tree-info', id: 'tree-info'});
   const legend = el('div', {class: 'tree-legend', id: 'tree-legend'});
   const wrap = el('div', {class: 'tree-wrap', id: 'tree-wrap'});
-  b.append(info, legend, wrap);
+  b.append(promptLine, info, legend, wrap);
 
   function fillGroups() {
     const t = trees[TV.dump];
     groupSel.innerHTML = '';
-    t.groups.forEach(g => groupSel.append(el('option', {value: g.id, text: 'group ' + g.id + ' \u00b7 ' + g.leaves + ' leaves' + (isNum(g.reward_mean) ? ' \u00b7 mean reward ' + fmt(g.reward_mean, 4) : '')})));
+    const short = p => p.length > 48 ? p.slice(0, 47) + '\u2026' : p;
+    t.groups.forEach(g => groupSel.append(el('option', {value: g.id, text: 'group ' + g.id + (g.prompt ? ': ' + short(g.prompt) : '') + ' \u00b7 ' + g.leaves + ' leaves' + (isNum(g.reward_mean) ? ' \u00b7 mean reward ' + fmt(g.reward_mean, 4) : '')})));
     if (!t.groups.some(g => g.id === TV.group)) TV.group = t.groups.length ? t.groups[0].id : null;
     groupSel.value = TV.group;
     thumbLabel.style.display = t.thumbs ? '' : 'none';
@@ -622,6 +624,9 @@ section('trees', b => {
         TV.spacing = Math.min(TV.thumbs && t.thumbs ? 40 : 26, Math.max(TV.thumbs && t.thumbs ? 12 : 3, auto));
         spacing.value = TV.spacing;
       }
+      const g = t.groups.find(x => x.id === TV.group);
+      promptLine.textContent = g && g.prompt ? 'prompt: \u201c' + g.prompt + '\u201d' : '';
+      promptLine.hidden = !(g && g.prompt);
       drawTree(t, m, wrap, info, legend);
       document.body.dataset.treeReady = '1';
     }).catch(e => {
