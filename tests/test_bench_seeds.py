@@ -87,8 +87,8 @@ def test_json_keeps_every_seed_and_the_statistics_follow_from_the_curves(seeded_
             assert run["evals"][-1][1] >= ref_seconds - 1e-9  # --equal-time: every run has the reference's seconds
             assert row["reward_at_equal_time"] == pytest.approx(float(np.interp(ref_seconds, times, rewards)))
             grid = np.linspace(0.0, horizon, 20001)
-            assert row["reward_auc"] == pytest.approx(float(np.trapezoid(np.interp(grid, times, rewards), grid)) / horizon,
-                                                      abs=1e-6)
+            area = float(np.trapezoid(np.interp(grid, times, rewards), grid))
+            assert row["reward_auc"] == pytest.approx(area / horizon, abs=1e-6)
             assert row["end_diversity_feature"] == run["diversity"][-1]["diversity_feature"]
             reach = row["seconds_to_reference_final"]
             if reach is None:
@@ -102,7 +102,8 @@ def test_json_keeps_every_seed_and_the_statistics_follow_from_the_curves(seeded_
         half = 12.706 * np.std(values, ddof=1) / np.sqrt(2)  # t(0.975, 1) from the table
         assert summary["high"] - summary["mean"] == pytest.approx(half, rel=1e-4)
     dance = efficiency["methods"]["dancegrpo"]["per_seed"]
-    assert [row["reward_at_equal_time"] for row in dance] == pytest.approx([r["evals"][-1][2] for r in runs["dancegrpo"]])
+    finals = [r["evals"][-1][2] for r in runs["dancegrpo"]]
+    assert [row["reward_at_equal_time"] for row in dance] == pytest.approx(finals)
     assert result["learning_efficiency"]["methods"].keys() == set(METHODS)
 
 
@@ -144,7 +145,8 @@ def test_one_seed_says_the_interval_is_not_available_and_unreached_is_not_a_numb
     for name in METHODS:
         row = result["learning_efficiency"]["methods"][name]["per_seed"][0]
         if row["seconds_to_reference_final"] is None:
-            line = next(x for x in text[text.index("## Learning efficiency"):].splitlines() if x.startswith(f"| {name} |"))
+            section = text[text.index("## Learning efficiency"):].splitlines()
+            line = next(x for x in section if x.startswith(f"| {name} |"))
             assert "not reached (1/1 seed)" in line
 
 
@@ -154,3 +156,70 @@ def test_cli_refuses_bad_seed_and_seconds_counts(capsys, args, message):
     assert main(["bench", "--methods", "dancegrpo", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
+
+
+def _sweep_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_scores_cells_at_the_common_horizon_and_picks_the_best():
+    sweep = _sweep_module()
+    runs = {  # label → runs with evals [iteration, seconds, reward]
+        "a": [{"seed": 0, "evals": [[0, 0.0, 0.2], [2, 10.0, 0.6]], "iteration_times": [5.0, 5.0],
+               "diversity": [{}, {}]}],
+        "b": [{"seed": 0, "evals": [[0, 0.0, 0.2], [1, 4.0, 0.3], [3, 12.0, 0.9]], "iteration_times": [4.0, 4.0, 4.0],
+               "diversity": [{}, {}, {"diversity_feature": 0.4}]}],
+    }
+    horizon, scores = sweep.score_cells(runs)
+    assert horizon == 10.0
+    assert scores["a"]["reward_at_horizon"]["mean"] == pytest.approx(0.6)
+    assert scores["b"]["reward_at_horizon"]["mean"] == pytest.approx(0.3 + 0.6 * 6 / 8)  # 4 s → 12 s: 0.3 → 0.9
+    assert scores["b"]["reward_auc"]["mean"] == pytest.approx((0.5 * 0.5 * 4 + 0.5 * (0.3 + 0.75) * 6) / 10)
+    assert scores["b"]["end_diversity_feature"]["mean"] == 0.4 and scores["a"]["end_diversity_feature"]["missing"] == 1
+    cells = [{"name": k, **v} for k, v in scores.items()]
+    assert sweep.best_cell(cells)["name"] == "b"  # 0.75 at 10 s beats 0.6
+
+
+def test_sweep_trains_every_cell_with_its_settings_and_writes_best(tmp_path):
+    sweep = _sweep_module()
+    seen = []
+
+    def make_trainer(config):
+        update = config.method.update
+        seen.append((config.method.name, update.learning_rate, update.updates_per_iteration))
+        return Trainer(config, model=tiny_generator(), reward=brightness_reward)
+
+    results = sweep.run_sweep(["branchgrpo-mix"], [5e-4, 1e-3], [1, 2], seeds=1, seconds=0.0, iterations=1,
+                              eval_every=1, out_dir=tmp_path, overrides=TINY[:-1], make_trainer=make_trainer)
+    assert seen == [("branchgrpo-mix", 5e-4, 1), ("branchgrpo-mix", 5e-4, 2), ("branchgrpo-mix", 1e-3, 1),
+                    ("branchgrpo-mix", 1e-3, 2)]
+    cells = results["methods"]["branchgrpo-mix"]["cells"]
+    saved = json.loads((tmp_path / "branchgrpo-mix" / "bench.json").read_text())["seeds"]
+    horizon = results["methods"]["branchgrpo-mix"]["horizon_s"]
+    for cell in cells:
+        run = saved[f"branchgrpo-mix_lr{cell['learning_rate']:g}_u{cell['updates_per_iteration']}"][0]
+        times, rewards = [e[1] for e in run["evals"]], [e[2] for e in run["evals"]]
+        assert cell["reward_at_horizon"]["mean"] == pytest.approx(float(np.interp(horizon, times, rewards)))
+    best = max(cells, key=lambda c: c["reward_at_horizon"]["mean"])
+    assert json.loads((tmp_path / "best.json").read_text()) == {"branchgrpo-mix": best["overrides"]}
+    assert best["overrides"] == [f"update.learning_rate={best['learning_rate']:g}",
+                                 f"update.updates_per_iteration={best['updates_per_iteration']}"]
+    rows = [line for line in (tmp_path / "sweep.md").read_text().splitlines() if line.startswith("| 0.")]
+    assert len(rows) == 4 and [row.endswith("| **best** |") for row in rows].count(True) == 1
+    assert rows[cells.index(best)].endswith("| **best** |")
+
+
+def test_cli_tuned_file_must_map_methods_to_overrides(tmp_path, capsys):
+    bad = tmp_path / "best.json"
+    bad.write_text(json.dumps({"dancegrpo": "update.learning_rate=1e-3"}))
+    assert main(["bench", "--methods", "dancegrpo", "--tuned", str(bad)]) == 2
+    assert "--tuned:" in capsys.readouterr().err
+    assert main(["bench", "--methods", "dancegrpo", "--tuned", str(tmp_path / "missing.json")]) == 2
+    assert "--tuned: cannot read" in capsys.readouterr().err

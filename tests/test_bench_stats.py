@@ -125,7 +125,8 @@ def test_mean_interval_against_the_textbook_formula_and_scipy():
     interval = mean_interval(values)
     half = 3.182 * sd / 2  # t(0.975, 3) from the table, √4 = 2
     assert interval.mean == pytest.approx(mean)
-    assert interval.low == pytest.approx(mean - half, abs=1e-3 * sd) and interval.high == pytest.approx(mean + half, abs=1e-3 * sd)
+    assert interval.low == pytest.approx(mean - half, abs=1e-3 * sd)
+    assert interval.high == pytest.approx(mean + half, abs=1e-3 * sd)
     try:
         from scipy import stats
     except ImportError:

@@ -225,7 +225,8 @@ def run_bench(
     probe_costs = measure_unit_costs(next(iter(trainers.values())))
     by_method = {name: [records[(name, seed)] for seed in seed_values] for name in methods}
     return write_results({name: runs[0] for name, runs in by_method.items()}, methods, probe_costs, base,
-                         iterations, out_dir, equal_time, seed_records=by_method, seconds=seconds)
+                         iterations, out_dir, equal_time, seed_records=by_method, seconds=seconds,
+                         variants={k: v for k, v in variants.items() if k in methods})
 
 
 def _record_step(record: MethodRecord, metrics: dict) -> None:
@@ -242,7 +243,8 @@ def _record_step(record: MethodRecord, metrics: dict) -> None:
 
 
 def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False,
-                  seed_records: dict[str, list[MethodRecord]] | None = None, seconds: float = 0.0) -> dict:
+                  seed_records: dict[str, list[MethodRecord]] | None = None, seconds: float = 0.0,
+                  variants: dict[str, tuple[str, list[str]]] | None = None) -> dict:
     """``ideal_ratio`` prices every method's model calls at the reference's own measured cost per
     call (its rollout seconds per rollout call, its training seconds per training forward), so
     ``measured_over_ideal`` isolates what the tree engine adds beyond its model calls compared with
@@ -322,6 +324,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "reference": reference,
         "seeds": seed_values,
         "seconds_budget": seconds,
+        "method_overrides": {k: {"preset": v[0], "overrides": list(v[1])} for k, v in (variants or {}).items()},
     }
     per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls}
                      for k, r in records.items()}
@@ -341,6 +344,9 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         *([f"- the cost table: the runs with seed {seed_values[0]}; the learning-efficiency table below: "
            f"seeds {', '.join(map(str, seed_values))}"] if len(seed_values) > 1 else []),
         f"- prompts per iteration: {meta['prompts_per_iteration']}; reference: `{reference}`",
+        *[f"- `{label}`: preset `{v['preset']}` with "
+          + (", ".join(f"`{o}`" for o in v["overrides"]) or "no extra overrides")
+          for label, v in meta["method_overrides"].items()],
         f"- unit costs measured in `{reference}`'s iterations: one rollout call (forward) {roll_cost * 1e3:.3f} ms, "
         f"one training row (forward + backward) {train_cost * 1e3:.3f} ms (ratio {train_cost / roll_cost:.2f}); "
         f"isolated full-micro-batch probes: {probe_costs[0] * 1e3:.3f} ms and {probe_costs[1] * 1e3:.3f} ms "
@@ -441,7 +447,8 @@ def _seed_plot(seed_records: dict[str, list[MethodRecord]], out_dir: Path) -> No
         if lows[0] is not None:
             ax.fill_between(grid, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
     seeds = len(next(iter(seed_records.values())))
-    ax.set_title(f"mean over {seeds} seed{'s' if seeds > 1 else ''}" + (", 95 % t band" if seeds > 1 else ""), fontsize=9)
+    title = f"mean over {seeds} seeds, 95 % t band" if seeds > 1 else "one seed"
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("held-out mean reward")
     ax.grid(alpha=0.3)

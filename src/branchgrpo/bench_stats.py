@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 def _check_curve(times: Sequence[float], values: Sequence[float]) -> None:
     if len(times) != len(values) or not times:
-        raise ValueError(f"a curve needs as many times as values and at least one point, got {len(times)} and {len(values)}")
+        raise ValueError(f"a curve needs as many times as values and at least one point, "
+                         f"got {len(times)} and {len(values)}")
     if any(b <= a for a, b in zip(times, times[1:])):
         raise ValueError(f"curve times must strictly increase, got {list(times)}")
 
@@ -79,7 +80,8 @@ def normalised_auc(times: Sequence[float], values: Sequence[float], horizon: flo
 def student_t_cdf(t: float, df: int) -> float:
     """P(T ≤ t) for Student's t with integer ``df`` ≥ 1, from the closed forms for
     A(t | ν) = P(|T| ≤ t) (Abramowitz & Stegun 26.7.3–26.7.4), θ = atan(t / √ν):
-    odd ν: A = (2/π)(θ + sinθ cosθ (1 + (2/3)cos²θ + … + (2·4⋯(ν−3))/(1·3⋯(ν−2)) cos^(ν−3)θ)), A = 2θ/π for ν = 1;
+    odd ν: A = (2/π)(θ + sinθ cosθ (1 + (2/3)cos²θ + … + (2·4⋯(ν−3))/(1·3⋯(ν−2)) cos^(ν−3)θ)),
+    A = 2θ/π for ν = 1;
     even ν: A = sinθ (1 + (1/2)cos²θ + … + (1·3⋯(ν−3))/(2·4⋯(ν−2)) cos^(ν−2)θ)."""
     if df < 1 or int(df) != df:
         raise ValueError(f"df must be a positive integer, got {df}")
@@ -267,10 +269,12 @@ def efficiency_lines(result: dict) -> list[str]:
                "end_diversity_feature": "not measured", "end_diversity_pixel": "not measured"}
     digits = {"seconds_to_reference_final": 1}
     for method, numbers in result["methods"].items():
-        cells = [format_interval(Interval(**numbers[key]), digits.get(key, 3), missing[key]) for key in EFFICIENCY_METRICS]
+        cells = [format_interval(Interval(**numbers[key]), digits.get(key, 3), missing[key])
+                 for key in EFFICIENCY_METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed:", "",
-              f"| method | seed | `{ref}` seconds | `{ref}` final reward | final seconds | reward at equal wall-clock | "
+              f"| method | seed | `{ref}` seconds | `{ref}` final reward | final seconds | "
+              "reward at equal wall-clock | "
               f"seconds to `{ref}`'s final reward | reward AUC | end diversity (features) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for method, numbers in result["methods"].items():
@@ -278,7 +282,8 @@ def efficiency_lines(result: dict) -> list[str]:
             lines.append(
                 f"| {method} | {row['seed']} | {row['reference_seconds']:.1f} | {row['reference_final_reward']:.3f} | "
                 f"{row['final_seconds']:.1f} | {_cell(row['reward_at_equal_time'], 3, 'ended earlier')} | "
-                f"{_cell(row['seconds_to_reference_final'], 1, 'not reached')} | {_cell(row['reward_auc'], 3, 'n/a')} | "
+                f"{_cell(row['seconds_to_reference_final'], 1, 'not reached')} | "
+                f"{_cell(row['reward_auc'], 3, 'n/a')} | "
                 f"{_cell(row['end_diversity_feature'], 3, 'not measured')} |")
     return lines
 
