@@ -288,8 +288,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--seeds: must be >= 1, got {args.seeds}")
     if not args.seconds >= 0:
         raise CliError(f"--seconds: must be >= 0, got {args.seconds}")
+    variants = None
+    if args.tuned:  # per-method optimiser settings chosen by benchmarks/sweep.py
+        try:
+            tuned = json.loads(Path(args.tuned).read_text())
+        except (OSError, ValueError) as err:
+            raise CliError(f"--tuned: cannot read {args.tuned} as JSON ({err})") from None
+        if not isinstance(tuned, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
+                                                  for v in tuned.values()):
+            raise CliError(f"--tuned: {args.tuned} must map a method to a list of key=value overrides "
+                           "(the best.json benchmarks/sweep.py writes)")
+        variants = {m: (m, tuned.get(m, [])) for m in methods}
     result = run_bench(methods, args.iterations, args.eval_every, Path(args.out), args.config, args.overrides,
-                       equal_time=args.equal_time, seeds=args.seeds, seconds=args.seconds)
+                       equal_time=args.equal_time, seeds=args.seeds, seconds=args.seconds, variants=variants)
     print((Path(args.out) / "bench.md").read_text())
     return 0 if result["rows"] else 1
 
@@ -377,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reward AUC and end diversity")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="after --iterations, keep every run training up to this many training seconds (0: off)")
+    p.add_argument("--tuned", metavar="BEST_JSON",
+                   help="per-method overrides (e.g. learning rate, updates per iteration) from benchmarks/sweep.py's "
+                        "best.json, applied after the shared ones")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every method")
     p.set_defaults(func=cmd_bench)
