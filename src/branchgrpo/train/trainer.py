@@ -37,7 +37,7 @@ from branchgrpo.train.logging import MetricsLogger, truncate_metrics
 from branchgrpo.train.reward_worker import RewardWorker, start_reward_worker
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
-from branchgrpo.tree.dump import save_tree
+from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
 from branchgrpo.tree.scoring import score_tree
 from branchgrpo.update import gather_training_edges, policy_update
@@ -203,11 +203,13 @@ class Trainer:
         times["train"] = time.perf_counter() - start
 
         if self.dist.is_main and cfg.run.dump_tree_every and it % cfg.run.dump_tree_every == 0:
-            save_tree(self.output_dir / "trees" / f"iter_{it:06d}.safetensors", tree, scores, method)
+            save_tree(self.output_dir / "trees" / f"iter_{it:06d}.safetensors", tree, scores, method, prompts=prompts,
+                      extra_tensors={THUMBNAIL_KEY: node_thumbnails(tree, bundle.decode)})
 
         metrics = iteration_metrics(
             scored, tree, scores, edges, stats, times, method, self.dist,
             lr=self.optimizer.param_groups[0]["lr"], device=self.device, reward_name=self.reward.name,
+            policy=bundle.policy, conditioning=conditioning,
         )
         metrics["iteration"] = it
         metrics["processes"] = self.dist.world_size
@@ -222,6 +224,7 @@ class Trainer:
             self.model.policy, conditioning, method.tree, len(groups), self.model.latent_shape,
             generator=[iteration_generator(seed, it, RandomStream.ROLLOUT, g) for g in groups], iteration=it,
             micro_batch=method.engine.rollout_micro_batch, device=self.device,
+            keep_node_x0=self.dist.is_main and dump_due(it, self.config.run.dump_tree_every),  # for thumbnails
         )
 
     def _rollout_then_score(self, prompts: list[str], conditioning, groups: range,
@@ -288,7 +291,9 @@ class Trainer:
         result = evaluate(self.model, self.reward, prompts, cfg, device=self.device)
         self.last_eval = result  # the eval log row's diversity columns come from it
         if cfg.run.sample_grid_every and write:
-            save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png", columns=cfg.eval.samples_per_prompt)
+            result.grid = save_image_grid(result.images, self.output_dir / "samples" / f"{tag}.png",
+                                          columns=cfg.eval.samples_per_prompt, prompts=result.prompts,
+                                          rewards=result.rewards)
         return result.mean_reward
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -423,7 +428,7 @@ class Trainer:
             if resume_from is None:
                 eval_start = eval_end = self.evaluate(f"iter_{self.iteration:06d}")
                 if logger:
-                    logger.log_eval(self.iteration, eval_start, self.last_eval.diversity_metrics())
+                    logger.log_eval(self.iteration, eval_start, self.last_eval.diversity_metrics(), self.last_eval.grid)
             while self.iteration < cfg.run.iterations and not self._should_stop():
                 metrics = self.step()
                 if logger:
@@ -433,7 +438,7 @@ class Trainer:
                 if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.run.iterations:
                     eval_end = self.evaluate(f"iter_{done:06d}")
                     if logger:
-                        logger.log_eval(done, eval_end, self.last_eval.diversity_metrics())
+                        logger.log_eval(done, eval_end, self.last_eval.diversity_metrics(), self.last_eval.grid)
                 if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
                     self.save_checkpoint(eval_start, eval_end)
             if self._stop_signal is not None:
