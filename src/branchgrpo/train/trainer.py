@@ -379,6 +379,8 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
         try:
             folder = self._on_main(lambda: RunFolder.claim(self.output_dir))
+            if not self.dist.is_main:  # the other ranks got a copy of rank 0's claim: it is not theirs to use
+                folder = None
             try:
                 return self._run(folder, started)
             finally:
