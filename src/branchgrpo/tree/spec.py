@@ -15,6 +15,7 @@ SplitNoise = Literal["correlated", "independent", "legacy_independent"]
 
 
 MAX_LEAVES_PER_PROMPT = 4096  # 16 leaves is the paper's tree; 256 (K = 4 at 4 steps) its largest
+MAX_STEPS = 1000  # the paper samples with 16-20 steps; per-step arrays must stay small
 
 
 @dataclass
@@ -73,8 +74,9 @@ class TreeSpec:
     transition: Literal["flowsde", "flowgrpo"] = "flowsde"  # SDE: docs/method.md §3 (constant η) or Flow-GRPO's σ-dependent noise (η = a)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError("tree.steps", f"must be >= 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError("tree.steps", f"must be in 1..{MAX_STEPS:,} (each step is a model call per sample), "
+                              f"got {self.steps:,}")
         if self.shift <= 0:
             raise ConfigError("tree.shift", f"must be > 0, got {self.shift}")
         if self.eta < 0:
