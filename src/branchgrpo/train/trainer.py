@@ -330,8 +330,9 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signal.Signals(signum).name
 
-    def _on_main(self, action):
-        """``action()`` on rank 0 only; every rank returns its result or raises its ConfigError."""
+    def _on_main(self, action, share: bool = True):
+        """``action()`` on rank 0 only; every rank raises its ConfigError, or returns its result
+        (``share=False``: the other ranks get None, e.g. for a lock only rank 0 may hold)."""
         result, error = None, None
         if self.dist.is_main:
             try:
@@ -339,9 +340,11 @@ class Trainer:
             except ConfigError as err:
                 error = err
         if self.dist.active:
-            result, message = self.dist.gather_objects((result, None if error is None else str(error)))[0]
-            if error is None and message is not None:
-                error = ConfigError("", message)
+            message = None if error is None else str(error)
+            shared, message = self.dist.gather_objects((result if share else None, message))[0]
+            if not self.dist.is_main:
+                result = shared
+                error = None if message is None else ConfigError("", message)
         if error is not None:
             raise error
         return result
@@ -378,9 +381,7 @@ class Trainer:
         started = time.perf_counter()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
         try:
-            folder = self._on_main(lambda: RunFolder.claim(self.output_dir))
-            if not self.dist.is_main:  # the other ranks got a copy of rank 0's claim: it is not theirs to use
-                folder = None
+            folder = self._on_main(lambda: RunFolder.claim(self.output_dir), share=False)  # None on other ranks
             try:
                 return self._run(folder, started)
             finally:
