@@ -151,6 +151,16 @@ def test_a_lock_file_unlinked_by_its_owner_is_never_shared(tmp_path):
         second.release()
 
 
+def test_a_folder_that_cannot_be_written_is_one_error_line_and_nothing_is_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder\n")
+    with pytest.raises(ConfigError, match=r"run.output_dir: cannot write to .*file/run"):
+        check_run_folder(blocker / "run", None, False)
+    with pytest.raises(ConfigError, match=r"run.output_dir: cannot write to .*file/run"):
+        RunFolder.claim(blocker / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 # -- existing runs -----------------------------------------------------------------------------------
 def test_training_into_an_existing_run_is_refused_and_changes_nothing(run):
     before = snapshot(run)

@@ -138,6 +138,9 @@ def check_run_folder(output_dir: str | Path, resume: str | None, overwrite: bool
     owner = lock_owner(folder)
     if owner is not None:
         raise busy_error(folder, owner)
+    nearest = next((p for p in [folder, *folder.absolute().parents] if p.exists()), None)
+    if nearest is not None and (not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK)):
+        raise ConfigError("run.output_dir", f"cannot write to {folder}: {nearest} is not a writable folder")
     if resume is not None and resume != "auto":
         from branchgrpo.train.checkpoint import MARKER
 
@@ -164,8 +167,13 @@ class RunFolder:
             if folder.exists():
                 break
             created = folder
-        path.mkdir(parents=True, exist_ok=True)
         lock = path / LOCK_NAME
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as err:
+            cls(path, None, created).release()
+            raise ConfigError("run.output_dir", f"cannot write to {path}: {err.strerror}") from None
         for _ in range(100):  # the path may be unlinked by the previous owner between open and lock
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
