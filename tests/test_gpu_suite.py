@@ -30,7 +30,8 @@ CASES = "branchgrpo-32-lora,branchgrpo-32-blocks"
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-suite")
-    result = run_suite.main(["--scale", "tiny", "--out", str(out), "--check-flops", "--cases", CASES])
+    result = run_suite.main(["--scale", "tiny", "--out", str(out), "--check-flops", "--cases", CASES,
+                             "--options", "no-compile"])
     return result, out
 
 
@@ -58,6 +59,35 @@ def test_result_files_hold_every_field(suite):
     assert data["cases"][1]["plan_estimate"] is None  # plan does not model a partial fine-tune
     md = (out / "results.md").read_text()
     assert data["command"] in md and "| branchgrpo-32-blocks |" in md and "| branchgrpo-32-lora |" in md
+
+
+def test_speed_options_time_each_attention_backend_and_micro_batch(suite):
+    result, out = suite
+    data = json.loads((out / "results.json").read_text())
+    assert data["finished"] and data["speed_options"] == result["speed_options"]
+    options = data["speed_options"]
+    default = options["attention"]["default"]
+    assert set(options["attention"]) == set(run_suite.ATTENTION_BACKENDS)
+    assert default["rows"] == 4 and default["seconds"] > 0
+    assert default["tflops"] == pytest.approx(4 * options["flops_per_row"] / default["seconds"] / 1e12)
+    assert [int(k) for k in options["micro_batch"]] == [1, 2] and options["compile"] is None
+    # the row FLOPs the rates use are what torch's FLOP counter sees in one forward at that size
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from branchgrpo.models.flux import FluxVelocity
+
+    scale = run_suite.SCALES["tiny"]()
+    latent = options["resolution"] // 8
+    policy = FluxVelocity(run_suite.build_transformer(scale.config, "cpu", torch.float32, 0), latent, latent)
+    tokens = options["tokens"]["image"]
+    cond = {"prompt_embeds": torch.randn(1, scale.text_tokens, scale.config["joint_attention_dim"]),
+            "pooled_prompt_embeds": torch.randn(1, scale.config["pooled_projection_dim"])}
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        policy(torch.randn(1, tokens, scale.config["in_channels"]), torch.full((1,), 0.5), cond)
+    assert options["flops_per_row"] == counter.get_total_flops()
+    md = (out / "results.md").read_text()
+    assert "| attention backend (4 rows) |" in md and "torch.compile of the blocks: not measured" in md
 
 
 def test_architecture_flops_equal_the_flop_counter(suite):

@@ -408,6 +408,114 @@ def predicted_seconds(case: Case, scale: Scale, steps: int, rate: float | None) 
 
 
 # --------------------------------------------------------------------------------------------
+# Speed options: attention backend, rollout micro-batch, torch.compile of the blocks
+# --------------------------------------------------------------------------------------------
+
+ATTENTION_BACKENDS = ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def _timed(fn: Callable[[], Any], clock: "Clock", repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    clock.sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        clock.sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_blocks: bool) -> dict[str, Any]:
+    """Forward-only (rollout) throughput of the frozen transformer at ``size`` under each SDPA
+    backend, for rollout micro-batches 1..32, and with every block ``torch.compile``d: the
+    numbers the engine's defaults are chosen from. Each measurement is skipped once
+    ``time.perf_counter()`` passes ``deadline``; a backend the device lacks is recorded as such."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from branchgrpo.models.flux import FluxVelocity
+    from branchgrpo.resources import FluxArchitecture, Tokens, Training
+    from branchgrpo.train.metrics import flux_row_flops
+
+    device = torch.device(scale.device)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clock = Clock(device)
+    transformer = build_transformer(scale.config, device, getattr(torch, scale.weights_dtype), seed)
+    transformer.requires_grad_(False)
+    latent = size // 8
+    policy = FluxVelocity(transformer, latent, latent, guidance_scale=3.5).to(device).eval()
+    policy.compute_dtype = None if compute == torch.float32 else compute
+    tokens, channels = (latent // 2) ** 2, int(scale.config["in_channels"])
+    arch = FluxArchitecture(scale.config)
+    row = flux_row_flops(arch, Tokens(tokens, scale.text_tokens), Training(0, ()), False).forward
+    g = torch.Generator(device=device).manual_seed(seed + 2)
+    peak = _peak_tflops(device, compute)
+    repeats = 3 if device.type == "cuda" else 1
+
+    def forward(rows: int) -> Callable[[], Any]:
+        cond = {"prompt_embeds": torch.randn(rows, scale.text_tokens, scale.config["joint_attention_dim"],
+                                             generator=g, device=device),
+                "pooled_prompt_embeds": torch.randn(rows, scale.config["pooled_projection_dim"], generator=g,
+                                                    device=device)}
+        x = torch.randn(rows, tokens, channels, generator=g, device=device)
+        sigma = torch.full((rows,), 0.5, device=device)
+
+        def call():
+            with torch.no_grad():
+                return policy(x, sigma, cond)
+        return call
+
+    def entry(rows: int, seconds: float) -> dict[str, Any]:
+        tflops = rows * row / seconds / 1e12
+        return {"rows": rows, "seconds": seconds, "tflops": tflops, "mfu": tflops / peak if peak else None}
+
+    out: dict[str, Any] = {"resolution": size, "tokens": {"image": tokens, "text": scale.text_tokens},
+                           "flops_per_row": row, "attention": {}, "micro_batch": {}, "compile": None}
+    rows = 4
+    for backend in ATTENTION_BACKENDS:
+        if time.perf_counter() > deadline:
+            out["attention"][backend] = {"skipped": "deadline"}
+            continue
+        try:
+            if backend == "default":
+                out["attention"][backend] = entry(rows, _timed(forward(rows), clock, repeats))
+            else:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    out["attention"][backend] = entry(rows, _timed(forward(rows), clock, repeats))
+        except Exception as err:  # noqa: BLE001  (a backend this device or dtype lacks)
+            out["attention"][backend] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    for rows in (1, 2, 4, 8, 16, 32) if device.type == "cuda" else (1, 2):
+        if time.perf_counter() > deadline:
+            out["micro_batch"][str(rows)] = {"skipped": "deadline"}
+            continue
+        try:
+            out["micro_batch"][str(rows)] = entry(rows, _timed(forward(rows), clock, repeats))
+        except torch.OutOfMemoryError:
+            out["micro_batch"][str(rows)] = {"error": "out of memory"}
+            break
+    if compile_blocks and time.perf_counter() < deadline:
+        rows = 4
+        try:
+            eager = _timed(forward(rows), clock, repeats)
+            start = time.perf_counter()
+            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                block.compile()
+            call = forward(rows)
+            call()
+            clock.sync()
+            compile_s = time.perf_counter() - start
+            compiled = _timed(call, clock, repeats)
+            out["compile"] = {"rows": rows, "eager": entry(rows, eager), "compiled": entry(rows, compiled),
+                              "compile_seconds": compile_s, "speedup": eager / compiled}
+        except Exception as err:  # noqa: BLE001
+            out["compile"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    del policy, transformer
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
@@ -450,9 +558,9 @@ def git_commit() -> str | None:
         result = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("SUITE_COMMIT") or None
     if result.returncode != 0:
-        return None
+        return os.environ.get("SUITE_COMMIT") or None  # a copy without .git: the caller names it
     return result.stdout.strip() or None
 
 
@@ -462,7 +570,13 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return format(value * scale, spec)
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         f"# GPU suite ({result['scale']}): FLUX.1 transformer, one training iteration per case", "",
@@ -473,7 +587,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"({result['diffusers_from']}), peft {result['packages']['peft']}; commit {result['commit'] or '—'}",
         f"- command: `{result['command']}`",
         f"- peak used for MFU: {_fmt(result['peak_tflops'], '.0f')} TFLOP/s (dense bf16)",
-        f"- budget: {result['budget_s']:.0f} s for the cases; suite wall time {result['wall_s']:.0f} s", "",
+        f"- budget: {result['budget_s']:.0f} s for the cases; suite wall time {result['wall_s']:.0f} s"
+        + ("" if result["finished"] else " (unfinished: written after the last case)"), "",
         "| case | train | rollout s | reward s | update s | peak GiB (plan) | rollout TFLOP/s (MFU) | "
         "update TFLOP/s (MFU) | NFE rollout / train | max abs(ρ−1) first step |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -493,8 +608,37 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{c['ratio_max_deviation_first_step']:.2e} |")
     if result["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s['case']}: {s['reason']}" for s in result["skipped"]]
+    lines += speed_option_lines(result.get("speed_options"))
     lines += ["", "What the columns are:"] + [f"- {note}" for note in result["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def speed_option_lines(options: dict[str, Any] | None) -> list[str]:
+    """The speed options' tables (forward only, frozen weights, no gradients)."""
+    if not options:
+        return []
+    if "error" in options:
+        return ["", f"Speed options failed: {options['error']}"]
+
+    def cell(e: dict[str, Any]) -> str:
+        if "rows" not in e:
+            return e.get("error") or e.get("skipped") or "—"
+        return f"{e['seconds']:.3f} s, {e['tflops']:.1f} TFLOP/s ({_fmt(e['mfu'], '.1%')})"
+
+    lines = ["", f"Speed options at {options['resolution']}² (forward without gradients, the rollout's call):", "",
+             "| attention backend (4 rows) | time, TFLOP/s (MFU) |", "|---|---|"]
+    lines += [f"| {k} | {cell(v)} |" for k, v in options["attention"].items()]
+    lines += ["", "| rollout micro-batch | time, TFLOP/s (MFU) |", "|---|---|"]
+    lines += [f"| {k} | {cell(v)} |" for k, v in options["micro_batch"].items()]
+    c = options.get("compile")
+    if c and "error" in c:
+        lines += ["", f"torch.compile of the blocks: failed: {c['error']}"]
+    elif c:
+        lines += ["", f"torch.compile of every block ({c['rows']} rows): eager {cell(c['eager'])}, compiled "
+                      f"{cell(c['compiled'])}, speed-up {c['speedup']:.3f}×, compile time {c['compile_seconds']:.0f} s"]
+    else:
+        lines += ["", "torch.compile of the blocks: not measured"]
+    return lines
 
 
 NOTES = [
@@ -523,6 +667,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all, in order)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's 20; tiny 10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="seconds for the whole suite; the speed options are measured only in what is left "
+                             "(default: 540 full, 120 tiny)")
+    parser.add_argument("--options", choices=("none", "no-compile", "all"), default="all",
+                        help="speed options measured after the cases: attention backends and rollout micro-batches, "
+                             "and (all) torch.compile of the blocks")
     parser.add_argument("--check-flops", action="store_true",
                         help="also count each phase's FLOPs with torch's FlopCounterMode (math attention; slow on GPU)")
     args = parser.parse_args(argv)
@@ -534,6 +684,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     scale = SCALES[args.scale]()
     budget = scale.budget_s if args.budget_s is None else args.budget_s
+    deadline_s = (540.0 if scale.name == "full" else 120.0) if args.deadline_s is None else args.deadline_s
     steps = args.steps or scale.steps
     if budget <= 0:
         parser.error(f"--budget-s: must be > 0, got {budget}")
@@ -564,8 +715,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"model": scale.config, "text_tokens": scale.text_tokens, "lora_rank": scale.lora_rank,
                    "blocks": list(scale.blocks), "weights_dtype": scale.weights_dtype,
                    "job": str(CONFIG.relative_to(ROOT))},
-        "cases": [], "skipped": [], "notes": NOTES,
+        "cases": [], "skipped": [], "speed_options": None, "notes": NOTES, "wall_s": None, "finished": False,
     }
+
+    def save() -> None:  # after every case: a run cut short by a timeout still leaves its results
+        result["wall_s"] = time.perf_counter() - started
+        atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
+        atomic_write(out / "results.md", markdown(result))
+
+    save()
     cases_started = time.perf_counter()
     done_flops = done_seconds = overhead = 0.0  # overhead: the last case's build, warm-up and reward seconds
     for case in cases:
@@ -590,6 +748,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if scale.device == "cuda":
             torch.cuda.empty_cache()
         result["cases"].append(record)
+        save()
         if "error" in record:
             print(f"[suite] {case.name} failed: {record['error']}", flush=True)
             continue
@@ -601,9 +760,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[suite] {case.name}: rollout {s['rollout']:.1f} s ({_fmt(t['rollout'], '.1f')} TFLOP/s), "
               f"update {s['update']:.1f} s ({_fmt(t['update'], '.1f')} TFLOP/s), peak {peak_bytes / 2 ** 30:.2f} GiB, "
               f"max|ρ−1| {record['ratio_max_deviation_first_step']:.2e}", flush=True)
-    result["wall_s"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, out / "results.md")
+    if args.options != "none":
+        size = scale.sizes[0]
+        print(f"[suite] speed options at {size}² ...", flush=True)
+        try:
+            result["speed_options"] = speed_options(scale, size, args.seed, started + deadline_s,
+                                                    compile_blocks=args.options == "all")
+        except Exception as err:  # noqa: BLE001
+            result["speed_options"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                                       "traceback": traceback.format_exc(limit=8)}
+        print(f"[suite] speed options: {json.dumps(result['speed_options'])[:2000]}", flush=True)
+    result["finished"] = True
+    save()
     print(f"[suite] wrote {out / 'results.json'} and {out / 'results.md'} ({result['wall_s']:.0f} s)", flush=True)
     return result
 
