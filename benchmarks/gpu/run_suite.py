@@ -524,7 +524,9 @@ def machine_info(device: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(),
                             "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                            "torch": torch.__version__, "cuda": torch.version.cuda}
+                            "torch": torch.__version__, "cuda": torch.version.cuda,
+                            "env": {k: os.environ[k] for k in ("DISABLE_ADDMM_CUDA_LT", "CUDA_LAUNCH_BLOCKING",
+                                                               "PYTORCH_CUDA_ALLOC_CONF") if k in os.environ}}
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update({"device": torch.cuda.get_device_name(0), "device_count": torch.cuda.device_count(),
@@ -744,14 +746,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             first_line = str(err).splitlines()[0][:300] if str(err) else ""
             record = {"case": case.name, "error": f"{type(err).__name__}: {first_line}",
                       "traceback": traceback.format_exc(limit=8)}
-        gc.collect()
-        if scale.device == "cuda":
-            torch.cuda.empty_cache()
         result["cases"].append(record)
         save()
         if "error" in record:
-            print(f"[suite] {case.name} failed: {record['error']}", flush=True)
+            print(f"[suite] {case.name} failed: {record['error']}\n{record['traceback']}", flush=True)
+            if "AcceleratorError" in record["error"] or "CUDA error" in record["error"]:
+                result["skipped"] += [{"case": c.name, "reason": "a CUDA error ended the process's CUDA context"}
+                                      for c in cases[cases.index(case) + 1:]]
+                args.options = "none"
+                break  # every later CUDA call would fail the same way
             continue
+        gc.collect()
+        if scale.device == "cuda":
+            torch.cuda.empty_cache()
         s, f = record["seconds"], record["flops"]
         done_flops += f["rollout"] + f["update"] + f["update_recompute"]
         done_seconds += s["rollout"] + s["update"]
