@@ -32,9 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of this script)")
     parser.add_argument("--size", type=int, default=720, help="image size in pixels (default 720)")
+    parser.add_argument("--sdpa", choices=run_suite.SDPA_CHOICES, default="auto",
+                        help="attention kernel (run_suite.select_sdpa); default: torch's own order")
     args = parser.parse_args(argv)
     run_suite.import_with_wheels("diffusers")
     import torch
+
+    run_suite.select_sdpa(args.sdpa)
 
     from branchgrpo.families import PolicyBundle
     from branchgrpo.models.flux import FluxVelocity

@@ -53,6 +53,26 @@ CONFIG = ROOT / "configs" / "flux-dev-hps.yaml"
 INIT_STD = 0.02  # random linear weights ~ N(0, 0.02²), biases 0, norm weights 1
 
 
+SDPA_CHOICES = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def select_sdpa(name: str) -> None:
+    """Which ``scaled_dot_product_attention`` kernel torch may pick: ``auto`` leaves torch's order
+    (cuDNN first on Hopper in torch 2.11); any other name enables that backend alone, with the math
+    kernel kept as the fallback for inputs it does not take. On one H100 with torch 2.11+cu130,
+    cuDNN attention's backward failed at FLUX's shapes (``mha_graph.execute(...).is_good()``;
+    without CUDA_LAUNCH_BLOCKING it surfaced later as an illegal memory access), hence ``flash``."""
+    import torch
+
+    if name == "auto":
+        return
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(name == "flash")
+    cuda.enable_mem_efficient_sdp(name == "efficient")
+    cuda.enable_cudnn_sdp(name == "cudnn")
+    cuda.enable_math_sdp(True)
+
+
 def import_with_wheels(name: str, folder: Path = WHEELS) -> tuple[Any, str]:
     """``import name``; if that fails, put every ``*.whl`` of ``folder`` on ``sys.path`` (a
     pure-Python wheel is a zip that zipimport reads) and import again. Returns the module and
@@ -588,6 +608,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- torch {m['torch']} (CUDA {m['cuda']}), diffusers {result['packages']['diffusers']} "
         f"({result['diffusers_from']}), peft {result['packages']['peft']}; commit {result['commit'] or '—'}",
         f"- command: `{result['command']}`",
+        f"- attention kernel (--sdpa): {result.get('sdpa', 'auto')}",
         f"- peak used for MFU: {_fmt(result['peak_tflops'], '.0f')} TFLOP/s (dense bf16)",
         f"- budget: {result['budget_s']:.0f} s for the cases; suite wall time {result['wall_s']:.0f} s"
         + ("" if result["finished"] else " (unfinished: written after the last case)"), "",
@@ -675,6 +696,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--options", choices=("none", "no-compile", "all"), default="all",
                         help="speed options measured after the cases: attention backends and rollout micro-batches, "
                              "and (all) torch.compile of the blocks")
+    parser.add_argument("--sdpa", choices=SDPA_CHOICES, default="flash",
+                        help="attention kernel (default flash: cuDNN's backward failed on H100 with torch 2.11)")
     parser.add_argument("--check-flops", action="store_true",
                         help="also count each phase's FLOPs with torch's FlopCounterMode (math attention; slow on GPU)")
     args = parser.parse_args(argv)
@@ -685,6 +708,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     scale = SCALES[args.scale]()
+    select_sdpa(args.sdpa)
     budget = scale.budget_s if args.budget_s is None else args.budget_s
     deadline_s = (540.0 if scale.name == "full" else 120.0) if args.deadline_s is None else args.deadline_s
     steps = args.steps or scale.steps
@@ -713,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python", *([sys.argv[0]] if argv is None else ["benchmarks/gpu/run_suite.py"]),
                              *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(scale.device), "packages": package_versions(), "diffusers_from": diffusers_from,
-        "commit": git_commit(), "peak_tflops": peak, "budget_s": budget, "steps": steps,
+        "commit": git_commit(), "sdpa": args.sdpa, "peak_tflops": peak, "budget_s": budget, "steps": steps,
         "config": {"model": scale.config, "text_tokens": scale.text_tokens, "lora_rank": scale.lora_rank,
                    "blocks": list(scale.blocks), "weights_dtype": scale.weights_dtype,
                    "job": str(CONFIG.relative_to(ROOT))},
