@@ -226,10 +226,11 @@ def _micro_batch_terms(
     (docs/method.md §8); the KL is zero without a reference model."""
     update = config.update
     lp_new, rows, mean, std = edge_log_probs(model, edges, parents, conditioning, config, starts, counts)
-    rows_dev = rows.to(lp_new.device)
-    loss_e, ratio, _ = clipped_surrogate(
-        lp_new, edges.lp_old[rows_dev], edges.advantage[rows_dev].to(lp_new.device), update.clip_range
-    )
+    # each tensor indexed on its own device: lp_old lives with the tree (the GPU), the advantages
+    # with the scores (the CPU); a CUDA index into a CPU tensor is an error
+    lp_old = edges.lp_old[rows.to(edges.lp_old.device)].to(lp_new.device)
+    advantage = edges.advantage[rows.to(edges.advantage.device)].to(lp_new.device)
+    loss_e, ratio, _ = clipped_surrogate(lp_new, lp_old, advantage, update.clip_range)
     if reference_model is None:
         return loss_e, ratio, torch.zeros_like(loss_e)
     with torch.no_grad():
