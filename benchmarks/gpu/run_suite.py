@@ -575,14 +575,18 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, if it is a git checkout (the GPU machine's copy may not be)."""
+    """``SUITE_COMMIT`` when set (a copy of the working tree may carry a stale ``.git``: on the
+    device tool's machine it named the session's first commit, not the tree's), else the
+    checkout's HEAD, else None."""
+    if os.environ.get("SUITE_COMMIT"):
+        return os.environ["SUITE_COMMIT"]
     try:
         result = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("SUITE_COMMIT") or None
+        return None
     if result.returncode != 0:
-        return os.environ.get("SUITE_COMMIT") or None  # a copy without .git: the caller names it
+        return None
     return result.stdout.strip() or None
 
 
