@@ -53,24 +53,15 @@ CONFIG = ROOT / "configs" / "flux-dev-hps.yaml"
 INIT_STD = 0.02  # random linear weights ~ N(0, 0.02²), biases 0, norm weights 1
 
 
-SDPA_CHOICES = ("auto", "flash", "efficient", "cudnn", "math")
+SDPA_CHOICES = ("auto", "flash", "efficient", "cudnn", "math")  # branchgrpo.models.speed.ATTENTION_KERNELS
 
 
 def select_sdpa(name: str) -> None:
-    """Which ``scaled_dot_product_attention`` kernel torch may pick: ``auto`` leaves torch's order
-    (cuDNN first on Hopper in torch 2.11); any other name enables that backend alone, with the math
-    kernel kept as the fallback for inputs it does not take. On one H100 with torch 2.11+cu130,
-    cuDNN attention's backward failed at FLUX's shapes (``mha_graph.execute(...).is_good()``;
-    without CUDA_LAUNCH_BLOCKING it surfaced later as an illegal memory access), hence ``flash``."""
-    import torch
+    """``model.attention``'s setting (:func:`branchgrpo.models.speed.select_attention`)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from branchgrpo.models.speed import select_attention
 
-    if name == "auto":
-        return
-    cuda = torch.backends.cuda
-    cuda.enable_flash_sdp(name == "flash")
-    cuda.enable_mem_efficient_sdp(name == "efficient")
-    cuda.enable_cudnn_sdp(name == "cudnn")
-    cuda.enable_math_sdp(True)
+    select_attention(name)
 
 
 def import_with_wheels(name: str, folder: Path = WHEELS) -> tuple[Any, str]:
@@ -276,7 +267,8 @@ def method_for(case: Case, scale: Scale, steps: int):
     return load_train_config(CONFIG, case.preset, job_overrides(scale, steps)).method
 
 
-def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool) -> dict[str, Any]:
+def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
+             compile_mode: str = "off") -> dict[str, Any]:
     """One training iteration of ``case``, wired as ``Trainer.step`` (one prompt, one process)."""
     import torch
 
@@ -297,11 +289,15 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool)
     method = method_for(case, scale, steps)
     clock = Clock(device)
     record: dict[str, Any] = {"case": case.name, "preset": case.preset, "resolution": case.size,
-                              "training": case.training}
+                              "training": case.training, "compile": compile_mode}
 
     with clock.phase("build"):
         transformer = build_transformer(scale.config, device, weights_dtype, seed)
         prepare_training(transformer, case, scale)
+        if compile_mode == "blocks":  # model.compile=blocks: compiled during the warm-up, not the phases
+            from branchgrpo.models.speed import compile_blocks
+
+            compile_blocks(transformer)
         latent = case.size // 8  # VAE factor 8; packed 2×2 → (size/16)² tokens
         policy = FluxVelocity(transformer, latent, latent, guidance_scale=3.5).to(device)
         tokens, channels = (latent // 2) ** 2, int(scale.config["in_channels"])
@@ -702,6 +698,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "and (all) torch.compile of the blocks")
     parser.add_argument("--sdpa", choices=SDPA_CHOICES, default="flash",
                         help="attention kernel (default flash: cuDNN's backward failed on H100 with torch 2.11)")
+    parser.add_argument("--compile", choices=("off", "blocks"), default="off",
+                        help="model.compile: blocks = torch.compile every repeated block (compiled in the warm-up)")
     parser.add_argument("--check-flops", action="store_true",
                         help="also count each phase's FLOPs with torch's FlopCounterMode (math attention; slow on GPU)")
     args = parser.parse_args(argv)
@@ -769,7 +767,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         print(f"[suite] {case.name} ...", flush=True)
         try:
-            record = run_case(case, scale, steps, args.seed, args.check_flops)
+            record = run_case(case, scale, steps, args.seed, args.check_flops, args.compile)
         except Exception as err:  # noqa: BLE001  (record it and go on with the next case)
             first_line = str(err).splitlines()[0][:300] if str(err) else ""
             record = {"case": case.name, "error": f"{type(err).__name__}: {first_line}",

@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_run_policy(args: argparse.Namespace, with_reward: bool = True):
     """The run's (or config's) policy with the chosen weights, and its reward; all checks first."""
-    from branchgrpo.train.components import build_policy, build_reward, resolve_device, validate_job
+    from branchgrpo.train.components import apply_speed_settings, build_policy, build_reward, resolve_device, validate_job
     from branchgrpo.train.weights import load_weights
 
     config = _train_config(args)
@@ -186,6 +186,7 @@ def _load_run_policy(args: argparse.Namespace, with_reward: bool = True):
     bundle = build_policy(config, device)
     if weights is not None:
         load_weights(bundle.trainable, weights)
+    apply_speed_settings(config.model, bundle)
     reward = build_reward(config, bundle, device) if with_reward else None
     return config, device, bundle, reward
 

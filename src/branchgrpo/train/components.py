@@ -15,7 +15,7 @@ from torch import Tensor
 from branchgrpo.config import ConfigError, ConfigErrors
 from branchgrpo.families import PolicyBundle, get_family
 from branchgrpo.rewards.base import Reward, RewardError, RewardOutput, as_reward
-from branchgrpo.train.config import TrainConfig
+from branchgrpo.train.config import ModelConfig, TrainConfig
 from branchgrpo.train.reward_worker import overlap_problems
 
 
@@ -214,6 +214,19 @@ def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
     if not bundle.train_prompts:
         raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
     return bundle
+
+
+def apply_speed_settings(model: ModelConfig, bundle: PolicyBundle) -> None:
+    """``model.attention`` (the CUDA attention kernel, process-wide) and ``model.compile`` (regional
+    compilation of the policy's repeated blocks): after LoRA and checkpointing, before FSDP."""
+    from branchgrpo.models import speed
+
+    speed.select_attention(model.attention)
+    if model.compile == "blocks":
+        try:
+            speed.compile_blocks(bundle.policy)
+        except ValueError as err:
+            raise ConfigError("model.compile", str(err)) from None
 
 
 def use_master_weights(bundle: PolicyBundle, dtype: torch.dtype) -> None:

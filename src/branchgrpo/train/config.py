@@ -43,6 +43,8 @@ class ModelConfig:
     prompt_cache_dir: str | None = None  # on-disk prompt-embedding cache (branchgrpo preprocess)
     decode_batch: int = 8  # latents per VAE decode call
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "flash"  # CUDA attention kernel (auto: torch's; its cuDNN backward failed on H100, torch 2.11)
+    compile: Literal["off", "blocks"] = "off"  # blocks: torch.compile each repeated transformer block (1.48x forward on H100)
 
     def __post_init__(self) -> None:
         if self.decode_batch < 1:

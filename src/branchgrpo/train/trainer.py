@@ -21,8 +21,8 @@ from branchgrpo.families import PolicyBundle
 from branchgrpo.models.protocol import select_conditioning
 from branchgrpo.rewards.base import Reward, RewardOutput, as_reward
 from branchgrpo.train.components import (
-    build_policy, build_reward, compute_dtype, join_reward_chunks, resolve_device, score_rewards, use_master_weights,
-    validate_job,
+    apply_speed_settings, build_policy, build_reward, compute_dtype, join_reward_chunks, resolve_device, score_rewards,
+    use_master_weights, validate_job,
 )
 from branchgrpo.train.metrics import iteration_metrics
 from branchgrpo.train.checkpoint import (
@@ -134,6 +134,7 @@ class Trainer:
         # a busy or protected run folder fails now, before minutes of model loading
         self._on_main(lambda: check_run_folder(config.run.output_dir, config.run.resume, config.run.overwrite))
         self.model: PolicyBundle = model or build_policy(config, self.device)
+        apply_speed_settings(config.model, self.model)
         self.reward: Reward = reward if reward is not None else build_reward(config, self.model, self.device)
         self.compute_dtype = compute_dtype(config, self.device)
         use_master_weights(self.model, self.compute_dtype)
