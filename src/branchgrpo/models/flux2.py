@@ -39,6 +39,7 @@ from torch import Tensor
 from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, autocast_context, module_device
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 from branchgrpo.models.protocol import Conditioning
 
 FLUX2_DEV_HUB_ID = "black-forest-labs/FLUX.2-dev"
@@ -439,15 +440,8 @@ class Flux2Adapter(DiffusersAdapter):
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-FLUX2_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
-}
-
-_FLUX2_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*",
-                            "tokenizer/*")
+FLUX2_LAYOUT = diffusers_layout(["transformer", "vae", "text_encoder"],
+                                {"tokenizer": ("tokenizer.json", "vocab.json")})
 
 FLUX2_LAYOUT_TEXT = """\
   <folder>/
@@ -478,12 +472,12 @@ class Flux2KleinFilesNotFoundError(Flux2FilesNotFoundError):
 
 FLUX2_FILES = ModelFiles(
     title="FLUX.2 [dev]", hub_id=FLUX2_DEV_HUB_ID, layout=FLUX2_LAYOUT, layout_text=FLUX2_LAYOUT_TEXT,
-    download_patterns=_FLUX2_DOWNLOAD_PATTERNS, placeholder="/path/to/FLUX.2-dev",
+    download_patterns=download_patterns(FLUX2_LAYOUT), placeholder="/path/to/FLUX.2-dev",
     error_class=Flux2FilesNotFoundError,
 )
 FLUX2_KLEIN_FILES = ModelFiles(
     title="FLUX.2 [klein]", hub_id=FLUX2_KLEIN_HUB_ID, layout=FLUX2_LAYOUT, layout_text=FLUX2_KLEIN_LAYOUT_TEXT,
-    download_patterns=_FLUX2_DOWNLOAD_PATTERNS, placeholder="/path/to/FLUX.2-klein-base-4B",
+    download_patterns=download_patterns(FLUX2_LAYOUT), placeholder="/path/to/FLUX.2-klein-base-4B",
     gated=False, error_class=Flux2KleinFilesNotFoundError,
 )
 
@@ -555,10 +549,6 @@ def load_flux2_adapter(
     variant = variant or found or guess
     encoder_cls = Mistral3ForConditionalGeneration if variant == "dev" else Qwen3ForCausalLM
 
-    def load_text_encoders() -> tuple[torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(encoder_cls, "text_encoder", dtype),)
-
     with folder.errors():
         tokenizer = folder.config(AutoProcessor if variant == "dev" else AutoTokenizer, "tokenizer")
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
@@ -566,14 +556,12 @@ def load_flux2_adapter(
             variant, folder.config(AutoConfig, "text_encoder"), tokenizer, max_sequence_length, dtype,
             adapter_kwargs.get("text_encoder_out_layers"),
         )
-        (text_encoder,) = folder.initial_text_encoders(load_text_encoders, 1)
-        transformer = folder.model(Flux2Transformer2DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKLFlux2, "vae", vae_dtype or dtype) if load_vae else None
-    return Flux2Adapter(
-        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        variant=variant, is_distilled=bool(index.get("is_distilled", False)),
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+    return build_adapter(
+        folder, Flux2Adapter, dtype=dtype, text_encoders={"text_encoder": encoder_cls},
+        models={"transformer": (Flux2Transformer2DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKLFlux2, vae_dtype or dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer,
+        variant=variant, is_distilled=bool(index.get("is_distilled", False)), **adapter_kwargs,
     )
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 
 HUNYUANVIDEO15_480P_T2V_HUB_ID = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
 VISION_TOKENS = 729  # HunyuanVideo15Pipeline.vision_num_semantic_tokens: the (all-zero) image embedding's length
@@ -341,17 +342,9 @@ def load_hunyuanvideo15_lora(transformer: torch.nn.Module, path: str | os.PathLi
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-HUNYUANVIDEO15_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "text_encoder_2": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
-    "tokenizer_2": (("tokenizer_config.json",),),
-}
-
-_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "guider/*", "transformer/*", "vae/*", "text_encoder/*",
-                      "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*")
+HUNYUANVIDEO15_LAYOUT = diffusers_layout(["transformer", "vae", "text_encoder", "text_encoder_2"],
+                                         {"tokenizer": ("tokenizer.json", "vocab.json"),
+                                          "tokenizer_2": ("tokenizer_config.json",)})
 
 HUNYUANVIDEO15_LAYOUT_TEXT = """\
   <folder>/
@@ -371,7 +364,7 @@ class HunyuanVideo15FilesNotFoundError(ModelFilesNotFoundError):
 
 HUNYUANVIDEO15_FILES = ModelFiles(
     title="HunyuanVideo 1.5", hub_id=HUNYUANVIDEO15_480P_T2V_HUB_ID, layout=HUNYUANVIDEO15_LAYOUT,
-    layout_text=HUNYUANVIDEO15_LAYOUT_TEXT, download_patterns=_DOWNLOAD_PATTERNS,
+    layout_text=HUNYUANVIDEO15_LAYOUT_TEXT, download_patterns=download_patterns(HUNYUANVIDEO15_LAYOUT, ("scheduler", "guider")),
     placeholder="/path/to/HunyuanVideo-1.5-Diffusers-480p_t2v", gated=False,
     error_class=HunyuanVideo15FilesNotFoundError,
 )
@@ -406,11 +399,6 @@ def load_hunyuanvideo15_adapter(
     folder = PretrainedFolder(path_or_hub_id, HUNYUANVIDEO15_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> tuple[torch.nn.Module, torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(Qwen2_5_VLTextModel, "text_encoder", dtype),
-                    folder.model(T5EncoderModel, "text_encoder_2", dtype))
-
     with folder.errors():
         tokenizer = folder.config(AutoTokenizer, "tokenizer")
         tokenizer_2 = folder.config(ByT5Tokenizer, "tokenizer_2")
@@ -418,14 +406,13 @@ def load_hunyuanvideo15_adapter(
         encoder_config = hunyuanvideo15_encoder_config(
             folder.config(AutoConfig, "text_encoder"), folder.config(T5Config, "text_encoder_2"), tokenizer,
             tokenizer_2, max_sequence_length, dtype, adapter_kwargs.get("glyph_max_length", GLYPH_MAX_LENGTH))
-        text_encoder, text_encoder_2 = folder.initial_text_encoders(load_text_encoders, 2)
-        transformer = folder.model(HunyuanVideo15Transformer3DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKLHunyuanVideo15, "vae", vae_dtype) if load_vae else None
-    return HunyuanVideo15Adapter(
-        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+    return build_adapter(
+        folder, HunyuanVideo15Adapter, dtype=dtype,
+        text_encoders={"text_encoder": Qwen2_5_VLTextModel, "text_encoder_2": T5EncoderModel},
+        models={"transformer": (HunyuanVideo15Transformer3DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKLHunyuanVideo15, vae_dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, **adapter_kwargs,
     )
 
 

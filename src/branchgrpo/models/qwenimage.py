@@ -42,6 +42,7 @@ from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, autocast_co
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.flux import pack_latents, unpack_latents
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 from branchgrpo.models.prompt_cache import PromptEmbeddingCache
 from branchgrpo.models.protocol import Conditioning
 
@@ -472,15 +473,8 @@ class QwenImageAdapter(DiffusersAdapter):
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-QWEN_IMAGE_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
-}
-
-_QWEN_IMAGE_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*",
-                                 "tokenizer/*")
+QWEN_IMAGE_LAYOUT = diffusers_layout(["transformer", "vae", "text_encoder"],
+                                     {"tokenizer": ("tokenizer.json", "vocab.json")})
 
 QWEN_IMAGE_LAYOUT_TEXT = """\
   <folder>/
@@ -501,7 +495,7 @@ class QwenImageFilesNotFoundError(ModelFilesNotFoundError):
 
 QWEN_IMAGE_FILES = ModelFiles(
     title="Qwen-Image", hub_id=QWEN_IMAGE_HUB_ID, layout=QWEN_IMAGE_LAYOUT, layout_text=QWEN_IMAGE_LAYOUT_TEXT,
-    download_patterns=_QWEN_IMAGE_DOWNLOAD_PATTERNS, placeholder="/path/to/Qwen-Image",
+    download_patterns=download_patterns(QWEN_IMAGE_LAYOUT), placeholder="/path/to/Qwen-Image",
     gated=False, error_class=QwenImageFilesNotFoundError,
 )
 
@@ -541,25 +535,16 @@ def load_qwenimage_adapter(
     folder = PretrainedFolder(path_or_hub_id, QWEN_IMAGE_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> tuple[torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(Qwen2_5_VLForConditionalGeneration, "text_encoder", dtype),)
-
     with folder.errors():
         tokenizer = folder.config(Qwen2Tokenizer, "tokenizer")
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
         encoder_config = qwenimage_encoder_config(folder.config(Qwen2_5_VLConfig, "text_encoder"), tokenizer,
                                                   max_sequence_length, dtype)
-        (text_encoder,) = folder.initial_text_encoders(load_text_encoders, 1)
-        transformer = folder.model(QwenImageTransformer2DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKLQwenImage, "vae", vae_dtype) if load_vae else None
-    return QwenImageAdapter(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+    return build_adapter(
+        folder, QwenImageAdapter, dtype=dtype, text_encoders={"text_encoder": Qwen2_5_VLForConditionalGeneration},
+        models={"transformer": (QwenImageTransformer2DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKLQwenImage, vae_dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer, **adapter_kwargs,
     )
 
 

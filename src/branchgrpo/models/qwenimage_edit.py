@@ -41,6 +41,7 @@ from torch import Tensor
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.flux import pack_latents
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, download_patterns
 from branchgrpo.models.protocol import Conditioning
 from branchgrpo.models.qwenimage import (
     QWEN_IMAGE_LAYOUT,
@@ -373,9 +374,6 @@ QWEN_IMAGE_EDIT_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
     "processor": (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "vocab.json")),
 }
 
-_QWEN_IMAGE_EDIT_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*",
-                                      "tokenizer/*", "processor/*")
-
 QWEN_IMAGE_EDIT_LAYOUT_TEXT = """\
   <folder>/
     model_index.json
@@ -395,7 +393,7 @@ class QwenImageEditFilesNotFoundError(ModelFilesNotFoundError):
 
 QWEN_IMAGE_EDIT_FILES = ModelFiles(
     title="Qwen-Image-Edit", hub_id=QWEN_IMAGE_EDIT_HUB_ID, layout=QWEN_IMAGE_EDIT_LAYOUT,
-    layout_text=QWEN_IMAGE_EDIT_LAYOUT_TEXT, download_patterns=_QWEN_IMAGE_EDIT_DOWNLOAD_PATTERNS,
+    layout_text=QWEN_IMAGE_EDIT_LAYOUT_TEXT, download_patterns=download_patterns(QWEN_IMAGE_EDIT_LAYOUT),
     placeholder="/path/to/Qwen-Image-Edit", gated=False, error_class=QwenImageEditFilesNotFoundError,
 )
 
@@ -427,22 +425,19 @@ def load_qwenimage_edit_adapter(
     folder = PretrainedFolder(path_or_hub_id, QWEN_IMAGE_EDIT_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> tuple[torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(Qwen2_5_VLForConditionalGeneration, "text_encoder", dtype),)
-
     with folder.errors():
         tokenizer = folder.config(Qwen2Tokenizer, "tokenizer")
         processor = folder.config(Qwen2VLProcessor, "processor")
         condition_area = int(adapter_kwargs.pop("condition_area", CONDITION_AREA))
         encoder_config = qwenimage_edit_encoder_config(folder.config(Qwen2_5_VLConfig, "text_encoder"), tokenizer,
                                                        processor.image_processor, condition_area, dtype)
-        (text_encoder,) = folder.initial_text_encoders(load_text_encoders, 1)
-        transformer = folder.model(QwenImageTransformer2DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKLQwenImage, "vae", vae_dtype) if load_vae else None
-    kwargs = folder.adapter_kwargs(load_text_encoders, encoder_config, adapter_kwargs.pop("max_sequence_length", 1024))
-    return QwenImageEditAdapter(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                processor=processor, condition_area=condition_area, **kwargs, **adapter_kwargs)
+    return build_adapter(
+        folder, QwenImageEditAdapter, dtype=dtype, text_encoders={"text_encoder": Qwen2_5_VLForConditionalGeneration},
+        models={"transformer": (QwenImageTransformer2DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKLQwenImage, vae_dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=adapter_kwargs.pop("max_sequence_length", 1024),
+        tokenizer=tokenizer, processor=processor, condition_area=condition_area, **adapter_kwargs,
+    )
 
 
 __all__ = [

@@ -20,11 +20,8 @@ from torch import Tensor
 from branchgrpo.models.base import TIMESTEP_SCALE  # noqa: F401  (public name, now shared)
 from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, spec_sigmas_for_pipeline
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
-from branchgrpo.models.loading import (
-    ModelFiles,
-    ModelFilesNotFoundError,
-    PretrainedFolder,
-)
+from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 
 SD35_MEDIUM_HUB_ID = "stabilityai/stable-diffusion-3.5-medium"
 NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -286,19 +283,11 @@ class SD3Adapter(DiffusersAdapter):
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-SD3_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "text_encoder_2": (("config.json",), ("*.safetensors",)),
-    "text_encoder_3": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
-    "tokenizer_2": (("tokenizer.json", "vocab.json"),),
-    "tokenizer_3": (("tokenizer.json", "spiece.model"),),
-}
-
-_SD3_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*",
-                          "text_encoder_2/*", "text_encoder_3/*", "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*")
+SD3_LAYOUT = diffusers_layout(
+    ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
+    {"tokenizer": ("tokenizer.json", "vocab.json"), "tokenizer_2": ("tokenizer.json", "vocab.json"),
+     "tokenizer_3": ("tokenizer.json", "spiece.model")},
+)
 
 SD3_LAYOUT_TEXT = """\
   <folder>/
@@ -328,7 +317,7 @@ class SD3FilesNotFoundError(ModelFilesNotFoundError):
 
 SD3_FILES = ModelFiles(
     title="Stable Diffusion 3", hub_id=SD35_MEDIUM_HUB_ID, layout=SD3_LAYOUT, layout_text=SD3_LAYOUT_TEXT,
-    download_patterns=_SD3_DOWNLOAD_PATTERNS, placeholder="/path/to/sd3.5-medium",
+    download_patterns=download_patterns(SD3_LAYOUT), placeholder="/path/to/sd3.5-medium",
     error_class=SD3FilesNotFoundError,
 )
 
@@ -373,14 +362,6 @@ def load_sd3_adapter(
     folder = PretrainedFolder(path_or_hub_id, SD3_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> TextEncoders:
-        with folder.errors():
-            return (
-                folder.model(CLIPTextModelWithProjection, "text_encoder", dtype),
-                folder.model(CLIPTextModelWithProjection, "text_encoder_2", dtype),
-                folder.model(T5EncoderModel, "text_encoder_3", dtype) if load_t5 else None,
-            )
-
     with folder.errors():
         tokenizer = folder.config(CLIPTokenizer, "tokenizer")
         tokenizer_2 = folder.config(CLIPTokenizer, "tokenizer_2")
@@ -392,20 +373,14 @@ def load_sd3_adapter(
         ]
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 256)
         encoder_config = sd3_encoder_config(*configs, tokenizer, tokenizer_2, tokenizer_3, max_sequence_length, dtype)
-        text_encoder, text_encoder_2, text_encoder_3 = folder.initial_text_encoders(load_text_encoders, 3)
-        transformer = folder.model(SD3Transformer2DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKL, "vae", vae_dtype or dtype) if load_vae else None
-    return SD3Adapter(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+    return build_adapter(
+        folder, SD3Adapter, dtype=dtype,
+        text_encoders={"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+                       "text_encoder_3": T5EncoderModel if load_t5 else None},
+        models={"transformer": (SD3Transformer2DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKL, vae_dtype or dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, **adapter_kwargs,
     )
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 
 WAN21_T2V_1_3B_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
@@ -256,15 +257,8 @@ class WanAdapter(DiffusersAdapter):
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-WAN_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "spiece.model"),),
-}
-
-_WAN_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*",
-                          "tokenizer/*")
+WAN_LAYOUT = diffusers_layout(["transformer", "vae", "text_encoder"],
+                              {"tokenizer": ("tokenizer.json", "spiece.model")})
 
 WAN_LAYOUT_TEXT = """\
   <folder>/
@@ -282,7 +276,7 @@ class WanFilesNotFoundError(ModelFilesNotFoundError):
 
 WAN_FILES = ModelFiles(
     title="Wan2.1", hub_id=WAN21_T2V_1_3B_HUB_ID, layout=WAN_LAYOUT, layout_text=WAN_LAYOUT_TEXT,
-    download_patterns=_WAN_DOWNLOAD_PATTERNS, placeholder="/path/to/Wan2.1-T2V-1.3B-Diffusers",
+    download_patterns=download_patterns(WAN_LAYOUT), placeholder="/path/to/Wan2.1-T2V-1.3B-Diffusers",
     gated=False, error_class=WanFilesNotFoundError,
 )
 
@@ -323,25 +317,16 @@ def load_wan_adapter(
     folder = PretrainedFolder(path_or_hub_id, WAN_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> tuple[torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(UMT5EncoderModel, "text_encoder", dtype),)
-
     with folder.errors():
         tokenizer = folder.config(AutoTokenizer, "tokenizer")
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
         encoder_config = wan_encoder_config(folder.config(UMT5Config, "text_encoder"), tokenizer,
                                             max_sequence_length, dtype)
-        (text_encoder,) = folder.initial_text_encoders(load_text_encoders, 1)
-        transformer = folder.model(WanTransformer3DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKLWan, "vae", vae_dtype) if load_vae else None
-    return WanAdapter(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+    return build_adapter(
+        folder, WanAdapter, dtype=dtype, text_encoders={"text_encoder": UMT5EncoderModel},
+        models={"transformer": (WanTransformer3DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKLWan, vae_dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer, **adapter_kwargs,
     )
 
 

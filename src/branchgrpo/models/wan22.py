@@ -47,6 +47,7 @@ from torch import Tensor
 
 from branchgrpo.models.base import TIMESTEP_SCALE
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 from branchgrpo.models.lora import WAN_TARGET_MODULES
 from branchgrpo.models.protocol import Conditioning
 from branchgrpo.models.wan import WanAdapter, WanVelocity, wan_encoder_config
@@ -388,16 +389,8 @@ def export_full_experts(experts: WanExperts, base: str | os.PathLike, out_dir: s
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-WAN22_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "transformer_2": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "spiece.model"),),
-}
-
-_WAN22_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "transformer_2/*", "vae/*",
-                            "text_encoder/*", "tokenizer/*")
+WAN22_LAYOUT = diffusers_layout(["transformer", "transformer_2", "vae", "text_encoder"],
+                                {"tokenizer": ("tokenizer.json", "spiece.model")})
 
 WAN22_LAYOUT_TEXT = """\
   <folder>/
@@ -416,7 +409,7 @@ class Wan22FilesNotFoundError(ModelFilesNotFoundError):
 
 WAN22_FILES = ModelFiles(
     title="Wan2.2", hub_id=WAN22_T2V_A14B_HUB_ID, layout=WAN22_LAYOUT, layout_text=WAN22_LAYOUT_TEXT,
-    download_patterns=_WAN22_DOWNLOAD_PATTERNS, placeholder="/path/to/Wan2.2-T2V-A14B-Diffusers",
+    download_patterns=download_patterns(WAN22_LAYOUT), placeholder="/path/to/Wan2.2-T2V-A14B-Diffusers",
     gated=False, error_class=Wan22FilesNotFoundError,
 )
 
@@ -491,29 +484,18 @@ def load_wan22_adapter(
     folder = PretrainedFolder(path_or_hub_id, WAN22_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> tuple[torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(UMT5EncoderModel, "text_encoder", dtype),)
-
     with folder.errors():
         tokenizer = folder.config(AutoTokenizer, "tokenizer")
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
         encoder_config = wan_encoder_config(folder.config(UMT5Config, "text_encoder"), tokenizer,
                                             max_sequence_length, dtype)
-        (text_encoder,) = folder.initial_text_encoders(load_text_encoders, 1)
-        loaded = {name: folder.model(WanTransformer3DModel, name, dtype) if load_transformer else None
-                  for name in experts}
-        vae = folder.model(AutoencoderKLWan, "vae", vae_dtype) if load_vae else None
-    return Wan22Adapter(
-        transformer=loaded["transformer"],
-        transformer_2=loaded.get("transformer_2"),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+    return build_adapter(
+        folder, Wan22Adapter, dtype=dtype, text_encoders={"text_encoder": UMT5EncoderModel},
+        models={**{name: (WanTransformer3DModel, dtype) if load_transformer else None for name in experts},
+                "vae": (AutoencoderKLWan, vae_dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer,
         boundary_ratio=boundary_ratio if two_experts else None,
-        expand_timesteps=bool(index.get("expand_timesteps", False)),
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+        expand_timesteps=bool(index.get("expand_timesteps", False)), **adapter_kwargs,
     )
 
 

@@ -46,6 +46,7 @@ from torch import Tensor
 from branchgrpo.models.base import DiffusersAdapter, autocast_context
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 from branchgrpo.models.protocol import Conditioning
 
 Z_IMAGE_TURBO_HUB_ID = "Tongyi-MAI/Z-Image-Turbo"
@@ -401,15 +402,8 @@ class ZImageAdapter(DiffusersAdapter):
 # Loading from a diffusers-layout folder or the hub.
 # --------------------------------------------------------------------------------------------
 
-ZIMAGE_LAYOUT: dict[str, tuple[tuple[str, ...], ...]] = {
-    "transformer": (("config.json",), ("*.safetensors",)),
-    "vae": (("config.json",), ("*.safetensors",)),
-    "text_encoder": (("config.json",), ("*.safetensors",)),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
-}
-
-_ZIMAGE_DOWNLOAD_PATTERNS = ("model_index.json", "scheduler/*", "transformer/*", "vae/*", "text_encoder/*",
-                             "tokenizer/*")
+ZIMAGE_LAYOUT = diffusers_layout(["transformer", "vae", "text_encoder"],
+                                 {"tokenizer": ("tokenizer.json", "vocab.json")})
 
 ZIMAGE_LAYOUT_TEXT = """\
   <folder>/
@@ -428,7 +422,7 @@ class ZImageFilesNotFoundError(ModelFilesNotFoundError):
 
 ZIMAGE_FILES = ModelFiles(
     title="Z-Image", hub_id=Z_IMAGE_TURBO_HUB_ID, layout=ZIMAGE_LAYOUT, layout_text=ZIMAGE_LAYOUT_TEXT,
-    download_patterns=_ZIMAGE_DOWNLOAD_PATTERNS, placeholder="/path/to/Z-Image-Turbo",
+    download_patterns=download_patterns(ZIMAGE_LAYOUT), placeholder="/path/to/Z-Image-Turbo",
     gated=False, error_class=ZImageFilesNotFoundError,
 )
 
@@ -468,25 +462,16 @@ def load_zimage_adapter(
     folder = PretrainedFolder(path_or_hub_id, ZIMAGE_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
 
-    def load_text_encoders() -> tuple[torch.nn.Module]:
-        with folder.errors():
-            return (folder.model(Qwen3Model, "text_encoder", dtype),)
-
     with folder.errors():
         tokenizer = folder.config(AutoTokenizer, "tokenizer")
         max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
         encoder_config = zimage_encoder_config(folder.config(Qwen3Config, "text_encoder"), tokenizer,
                                                max_sequence_length, dtype)
-        (text_encoder,) = folder.initial_text_encoders(load_text_encoders, 1)
-        transformer = folder.model(ZImageTransformer2DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKL, "vae", vae_dtype or dtype) if load_vae else None
-    return ZImageAdapter(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length),
-        **adapter_kwargs,
+    return build_adapter(
+        folder, ZImageAdapter, dtype=dtype, text_encoders={"text_encoder": Qwen3Model},
+        models={"transformer": (ZImageTransformer2DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKL, vae_dtype or dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer, **adapter_kwargs,
     )
 
 
