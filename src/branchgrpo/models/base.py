@@ -136,6 +136,23 @@ class GuidedVelocity(torch.nn.Module):
                 return param
         return next(self.transformer.parameters())
 
+    def _require_negatives(self, conditioning: Conditioning) -> None:
+        """Under CFG: a ``KeyError`` naming the ``negative_*`` keys that ``conditioning`` lacks."""
+        missing = [key for key in self.negative_keys if key not in conditioning]
+        if missing:
+            raise KeyError(
+                f"guidance_scale={self.guidance_scale} > 1 needs {missing} in the conditioning "
+                f"({self.adapter_name}.encode_prompts returns them)"
+            )
+
+    def _guide(self, uncond: Tensor, cond: Tensor) -> Tensor:
+        """The guided velocity from the two halves of the doubled call: ``v_u + g·(v_c − v_u)``."""
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def _extra_inputs(self, x: Tensor, inputs: Mapping[str, Tensor]) -> dict[str, Any]:
+        """More transformer arguments for the call on ``x`` (e.g. position ids); ``inputs``: the text ones."""
+        return {}
+
     def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
         param = self._base_param()
         device = latents.device
@@ -143,23 +160,18 @@ class GuidedVelocity(torch.nn.Module):
         x = latents
         timestep = sigmas.to(device=device, dtype=torch.float32) * self.timestep_scale
         if self.uses_cfg:
-            missing = [key for key in self.negative_keys if key not in conditioning]
-            if missing:
-                raise KeyError(
-                    f"guidance_scale={self.guidance_scale} > 1 needs {missing} in the conditioning "
-                    f"({self.adapter_name}.encode_prompts returns them)"
-                )
+            self._require_negatives(conditioning)
             embeds = {key: torch.cat([conditioning[f"negative_{key}"].to(device), value], dim=0)
                       for key, value in embeds.items()}
             x = torch.cat([latents, latents], dim=0)
             timestep = torch.cat([timestep, timestep], dim=0)
         inputs = {self.transformer_inputs[key]: value.to(param.dtype) for key, value in embeds.items()}
+        inputs.update(self._extra_inputs(x, inputs))
         with autocast_context(device, self.compute_dtype):
             out = self.transformer(hidden_states=x.to(param.dtype), timestep=timestep, **inputs, return_dict=False)[0]
         out = out.float()
         if self.uses_cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + self.guidance_scale * (cond - uncond)
+            out = self._guide(*out.chunk(2))
         return out
 
 
@@ -242,6 +254,12 @@ class DiffusersAdapter:
     def _compute_dtype(self, compute_dtype: torch.dtype | str | None) -> torch.dtype | None:
         """The velocity model's autocast dtype: the argument, else the adapter's, ``"auto"`` resolved."""
         return resolve_compute_dtype(self.compute_dtype if compute_dtype is None else compute_dtype, self.transformer)
+
+    def _velocity_options(self, guidance_scale: float | None, compute_dtype: torch.dtype | str | None
+                          ) -> dict[str, Any]:
+        """``guidance_scale`` and ``compute_dtype`` of a velocity model: the arguments, else the adapter's."""
+        return {"guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+                "compute_dtype": self._compute_dtype(compute_dtype)}
 
     # -- the prompt cache ---------------------------------------------------------------------
     def _encoders_loaded(self) -> bool:
@@ -369,12 +387,42 @@ class DiffusersAdapter:
             outputs.append(postprocess(decoded.float()))
         return torch.cat(outputs, dim=0)
 
+    def _decode_scaled(self, latents: Tensor, batch_size: int | None, processor_scale: int,
+                       unpack: Callable[[Tensor], Tensor] = lambda z: z) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` from a VAE that decodes ``unpack(z) / scaling_factor +
+        shift_factor`` (FLUX.1, SD3, Z-Image), denormalised by a ``VaeImageProcessor(processor_scale)``."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        config = self._require_vae().config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        processor = VaeImageProcessor(vae_scale_factor=processor_scale)
+        return self._decode_batches(
+            latents, batch_size,
+            vae_input=lambda z: unpack(z) / config.scaling_factor + shift,
+            postprocess=lambda image: processor.postprocess(image, output_type="pt"),
+        )
+
+    def _check_latent_size(self, latents: Tensor, height: int | None, width: int | None) -> None:
+        """A ``ValueError`` when ``height``/``width`` (pixels, if given) do not match the latents' last two axes."""
+        if height is not None or width is not None:
+            if tuple(latents.shape[-2:]) != tuple(self.latent_size(height, width)):
+                raise ValueError(f"latents {tuple(latents.shape)} do not match a {height}x{width} image")
+
+
+def latent_statistics(config: Any, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """A video VAE's per-channel ``latents_mean`` and ``latents_std`` (Wan, Qwen-Image), float32 ``[1, C, 1, 1, 1]``."""
+    shape = (1, config.z_dim, 1, 1, 1)
+    mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
+    std = torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)
+    return mean, std
+
 
 __all__ = [
     "DiffusersAdapter",
     "GuidedVelocity",
     "TIMESTEP_SCALE",
     "autocast_context",
+    "latent_statistics",
     "module_device",
     "resolve_compute_dtype",
     "spec_sigmas_for_pipeline",

@@ -242,13 +242,7 @@ class FluxAdapter(DiffusersAdapter):
         """
         transformer = self._require_transformer()
         latent_h, latent_w = self.latent_size(height, width)
-        return FluxVelocity(
-            transformer,
-            latent_h,
-            latent_w,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
-        )
+        return FluxVelocity(transformer, latent_h, latent_w, **self._velocity_options(guidance_scale, compute_dtype))
 
     # -- prompts ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -282,17 +276,10 @@ class FluxAdapter(DiffusersAdapter):
         As ``FluxPipeline``: unpack, ``z / scaling_factor + shift_factor``, ``vae.decode``,
         denormalise; ``batch_size`` (default ``decode_batch_size``) latents per VAE call.
         """
-        from diffusers.image_processor import VaeImageProcessor
-
-        config = self._require_vae().config
+        self._require_vae()
         latent_h, latent_w = self.latent_size(height, width)
-        shift = getattr(config, "shift_factor", None) or 0.0
-        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
-        return self._decode_batches(
-            packed_latents, batch_size,
-            vae_input=lambda packed: unpack_latents(packed, latent_h, latent_w) / config.scaling_factor + shift,
-            postprocess=lambda image: processor.postprocess(image, output_type="pt"),
-        )
+        return self._decode_scaled(packed_latents, batch_size, self.vae_scale_factor * 2,
+                                   unpack=lambda packed: unpack_latents(packed, latent_h, latent_w))
 
 
 def load_flux_adapter(

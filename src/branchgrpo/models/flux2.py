@@ -36,11 +36,10 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, autocast_context, module_device
+from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, module_device
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
 from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
-from branchgrpo.models.protocol import Conditioning
 
 FLUX2_DEV_HUB_ID = "black-forest-labs/FLUX.2-dev"
 FLUX2_KLEIN_HUB_ID = "black-forest-labs/FLUX.2-klein-base-4B"
@@ -150,32 +149,12 @@ class Flux2Velocity(GuidedVelocity):
     def uses_cfg(self) -> bool:
         return self.true_cfg and self.guidance_scale > 1.0  # Flux2KleinPipeline.do_classifier_free_guidance
 
-    def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
-        param = self._base_param()
-        device = latents.device
-        embeds = conditioning["prompt_embeds"].to(device)
-        x = latents
-        timestep = sigmas.to(device=device, dtype=torch.float32) * self.timestep_scale
-        if self.uses_cfg:
-            if "negative_prompt_embeds" not in conditioning:
-                raise KeyError(f"guidance_scale={self.guidance_scale} > 1 needs ['negative_prompt_embeds'] in the "
-                               "conditioning (Flux2Adapter.encode_prompts returns them)")
-            embeds = torch.cat([conditioning["negative_prompt_embeds"].to(device), embeds], dim=0)
-            x = torch.cat([latents, latents], dim=0)
-            timestep = torch.cat([timestep, timestep], dim=0)
-        guidance = (torch.full((x.shape[0],), self.guidance_scale, device=device, dtype=torch.float32)
+    def _extra_inputs(self, x: Tensor, inputs: Mapping[str, Tensor]) -> dict[str, Any]:
+        """The guidance embedding's input ([dev]) and the image and text position ids."""
+        guidance = (torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)
                     if self.embedded_guidance else None)
-        with autocast_context(device, self.compute_dtype):
-            out = self.transformer(
-                hidden_states=x.to(param.dtype), encoder_hidden_states=embeds.to(param.dtype),
-                timestep=timestep, guidance=guidance, img_ids=self.img_ids.to(device),
-                txt_ids=text_ids(embeds.shape[1], device), return_dict=False,
-            )[0]
-        out = out.float()
-        if self.uses_cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + self.guidance_scale * (cond - uncond)
-        return out
+        return {"guidance": guidance, "img_ids": self.img_ids.to(x.device),
+                "txt_ids": text_ids(inputs["encoder_hidden_states"].shape[1], x.device)}
 
 
 def flux2_lora_target_modules(transformer: torch.nn.Module) -> list[str]:
@@ -379,9 +358,7 @@ class Flux2Adapter(DiffusersAdapter):
         transformer = self._require_transformer()
         h, w = self.latent_size(height, width)
         return Flux2Velocity(
-            transformer, h, w,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
+            transformer, h, w, **self._velocity_options(guidance_scale, compute_dtype),
             true_cfg=self.uses_true_cfg and not bool(getattr(transformer.config, "guidance_embeds", False)),
         )
 

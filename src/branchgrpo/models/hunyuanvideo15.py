@@ -242,10 +242,7 @@ class HunyuanVideo15Adapter(DiffusersAdapter):
         """The transformer as ``vθ(x, σ, c)`` with CFG (docs/method.md §1–2); sizes are only checked."""
         transformer = self._require_transformer()
         self.latent_size(height, width, num_frames)
-        return HunyuanVideo15Velocity(
-            transformer, guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
-        )
+        return HunyuanVideo15Velocity(transformer, **self._velocity_options(guidance_scale, compute_dtype))
 
     # -- prompts ----------------------------------------------------------------------------
     @property

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, autocast_context
+from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, autocast_context, latent_statistics
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.flux import pack_latents, unpack_latents
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
@@ -175,10 +175,7 @@ class QwenImageVelocity(GuidedVelocity):
         x = latents
         timestep = sigmas.to(device=device, dtype=torch.float32) * self.timestep_scale
         if self.uses_cfg:
-            missing = [key for key in self.negative_keys if key not in conditioning]
-            if missing:
-                raise KeyError(f"guidance_scale={self.guidance_scale} > 1 needs {missing} in the conditioning "
-                               f"({self.adapter_name}.encode_prompts returns them)")
+            self._require_negatives(conditioning)
             negative = conditioning["negative_prompt_embeds"].to(device)
             negative_mask = conditioning["negative_prompt_embeds_mask"].to(device)
             length = max(embeds.shape[1], negative.shape[1])
@@ -196,10 +193,10 @@ class QwenImageVelocity(GuidedVelocity):
                 encoder_hidden_states_mask=attention_mask, img_shapes=img_shapes, return_dict=False,
             )[0]
         out = out[:, : latents.shape[1]].float()  # the generated image's tokens (an edit model appends others)
-        if self.uses_cfg:
-            uncond, cond = out.chunk(2)
-            out = true_cfg(cond, uncond, self.guidance_scale)
-        return out
+        return self._guide(*out.chunk(2)) if self.uses_cfg else out
+
+    def _guide(self, uncond: Tensor, cond: Tensor) -> Tensor:
+        return true_cfg(cond, uncond, self.guidance_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,11 +343,8 @@ class QwenImageAdapter(DiffusersAdapter):
         """
         transformer = self._require_transformer()
         latent_h, latent_w = self.latent_size(height, width)
-        return QwenImageVelocity(
-            transformer, latent_h, latent_w,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
-        )
+        return QwenImageVelocity(transformer, latent_h, latent_w,
+                                 **self._velocity_options(guidance_scale, compute_dtype))
 
     # -- prompts ----------------------------------------------------------------------------
     def _encoding_pipeline(self):
@@ -454,9 +448,8 @@ class QwenImageAdapter(DiffusersAdapter):
         if packed_latents.ndim != 3:
             raise ValueError(f"Qwen-Image latents are packed [B, N, C], got shape {tuple(packed_latents.shape)}")
         latent_h, latent_w = self.latent_size(height, width)
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape)
-        inverse_std = 1.0 / torch.tensor(config.latents_std, dtype=torch.float32).view(shape)
+        mean, std = latent_statistics(config)
+        inverse_std = 1.0 / std
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
 
         def vae_input(packed: Tensor) -> Tensor:

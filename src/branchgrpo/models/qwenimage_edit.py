@@ -38,6 +38,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from branchgrpo.models.base import latent_statistics
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.flux import pack_latents
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
@@ -270,10 +271,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
             pixels = processor.preprocess(resized, resized.height, resized.width).unsqueeze(2)  # [1, 3, 1, H, W]
             with torch.no_grad():
                 z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode().float()
-            config = vae.config
-            shape = (1, config.z_dim, 1, 1, 1)
-            mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=z.device).view(shape)
-            std = torch.tensor(config.latents_std, dtype=torch.float32, device=z.device).view(shape)
+            mean, std = latent_statistics(vae.config, z.device)
             z = ((z - mean) / std)[:, :, 0]  # the pipeline's _encode_vae_image, frame axis dropped
             self._source_latents[key] = (pack_latents(z)[0].cpu(), (z.shape[2] // 2, z.shape[3] // 2))
         return self._source_latents[key]
@@ -357,11 +355,8 @@ class QwenImageEditAdapter(QwenImageAdapter):
         """The transformer as ``vθ(x, σ, c)`` on packed latents of one output size, the source tokens appended."""
         transformer = self._require_transformer()
         latent_h, latent_w = self.latent_size(height, width)
-        return QwenImageEditVelocity(
-            transformer, latent_h, latent_w,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
-        )
+        return QwenImageEditVelocity(transformer, latent_h, latent_w,
+                                     **self._velocity_options(guidance_scale, compute_dtype))
 
 
 # --------------------------------------------------------------------------------------------

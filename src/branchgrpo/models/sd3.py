@@ -215,11 +215,7 @@ class SD3Adapter(DiffusersAdapter):
         """
         transformer = self._require_transformer()
         self.latent_size(height, width)
-        return SD3Velocity(
-            transformer,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
-        )
+        return SD3Velocity(transformer, **self._velocity_options(guidance_scale, compute_dtype))
 
     # -- prompts ----------------------------------------------------------------------------
     def _encoding_pipeline(self):
@@ -261,22 +257,11 @@ class SD3Adapter(DiffusersAdapter):
         denormalise; ``batch_size`` (default ``decode_batch_size``) latents per VAE call.
         ``height``/``width`` (pixels), when given, are checked against the latents.
         """
-        from diffusers.image_processor import VaeImageProcessor
-
-        config = self._require_vae().config
+        self._require_vae()
         if latents.ndim != 4:
             raise ValueError(f"SD3 latents are [B, C, H, W], got shape {tuple(latents.shape)}")
-        if height is not None or width is not None:
-            expected = self.latent_size(height, width)
-            if tuple(latents.shape[-2:]) != expected:
-                raise ValueError(f"latents {tuple(latents.shape)} do not match a {height}x{width} image")
-        shift = getattr(config, "shift_factor", None) or 0.0
-        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        return self._decode_batches(
-            latents, batch_size,
-            vae_input=lambda z: z / config.scaling_factor + shift,
-            postprocess=lambda image: processor.postprocess(image, output_type="pt"),
-        )
+        self._check_latent_size(latents, height, width)
+        return self._decode_scaled(latents, batch_size, self.vae_scale_factor)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity
+from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, latent_statistics
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
 from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
@@ -206,11 +206,7 @@ class WanAdapter(DiffusersAdapter):
         """
         transformer = self._require_transformer()
         self.latent_size(height, width, num_frames)
-        return WanVelocity(
-            transformer,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            compute_dtype=self._compute_dtype(compute_dtype),
-        )
+        return WanVelocity(transformer, **self._velocity_options(guidance_scale, compute_dtype))
 
     # -- prompts ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -242,9 +238,8 @@ class WanAdapter(DiffusersAdapter):
         config = self._require_vae().config
         if latents.ndim != 5:
             raise ValueError(f"Wan latents are [B, C, F', H, W], got shape {tuple(latents.shape)}")
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=latents.device).view(shape)
-        inverse_std = 1.0 / torch.tensor(config.latents_std, dtype=torch.float32, device=latents.device).view(shape)
+        mean, std = latent_statistics(config, latents.device)
+        inverse_std = 1.0 / std
         processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
         return self._decode_batches(
             latents, batch_size,
