@@ -143,9 +143,12 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from branchgrpo.train.trainer import StartupInterrupted, Trainer
+    from branchgrpo.train.components import validate_job
 
     config = _train_config(args)
+    validate_job(config)  # every missing file, before the trainer's imports (seconds) and any loading
+    from branchgrpo.train.trainer import StartupInterrupted, Trainer
+
     try:
         trainer = Trainer(config)
     except StartupInterrupted as stop:  # SIGTERM/SIGUSR1 while loading: nothing was written
@@ -173,7 +176,7 @@ def _load_run_policy(args: argparse.Namespace, with_reward: bool = True):
     from branchgrpo.train.weights import load_weights
 
     config = _train_config(args)
-    validate_job(config, custom_reward=not with_reward)
+    validate_job(config, custom_reward=not with_reward, job=args.command)  # every missing file, before loading
     weights = args.weights
     if weights is None and args.run is not None:
         name = "ema.safetensors" if getattr(args, "ema", False) else "model.safetensors"
@@ -249,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from branchgrpo.families import get_family
-    from branchgrpo.train.components import read_prompt_file, resolve_device, weights_dtype
+    from branchgrpo.train.components import read_prompt_file, resolve_device, validate_job, weights_dtype
 
     config = _train_config(args)
     family = get_family(config.model.family)
@@ -258,6 +261,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                           "cache; preprocess is for families with text encoders (e.g. flux, sd3, wan)")
     if config.model.prompt_cache_dir is None:
         raise CliError("set model.prompt_cache_dir=FOLDER: where the prompt embeddings are stored")
+    validate_job(config, custom_reward=True, job="preprocess")  # the text encoders' files and the prompt files
     prompts = []
     for path, field in ((config.data.train_prompts, "data.train_prompts"), (config.data.heldout_prompts, "data.heldout_prompts")):
         if path is not None:
@@ -276,13 +280,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from branchgrpo.bench import TABLE1_PRESETS, run_bench
-    from branchgrpo.tree.presets import list_presets
+    from branchgrpo.tree.presets import TABLE1_PRESETS, list_presets
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(TABLE1_PRESETS)
     unknown = [m for m in methods if m not in list_presets()]
     if unknown:
         raise CliError(f"--methods: unknown preset(s) {', '.join(unknown)}; available: {', '.join(list_presets())}")
+    if args.config is not None:  # the job's files, before the bench's imports and its output folder
+        from branchgrpo.train.components import validate_job
+        from branchgrpo.train.config import load_train_config
+
+        validate_job(load_train_config(args.config, methods[0], [f"run.output_dir={args.out}", *args.overrides]))
+    from branchgrpo.bench import run_bench
     if args.iterations < 1 or args.eval_every < 1:
         raise CliError("--iterations and --eval-every must be >= 1")
     if args.seeds < 1:

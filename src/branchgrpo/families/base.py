@@ -10,6 +10,7 @@ interface, so adding a family is one module plus :func:`branchgrpo.register_fami
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping
@@ -78,6 +79,13 @@ class ModelFamily:
     builtin_prompts: ClassVar[bool] = False  # True: train without data.train_prompts (the digits world)
     description: ClassVar[str] = ""
     path_example: ClassVar[str | None] = None  # set: model.path is required (e.g. a hub id users know)
+    # What ``model.path`` must hold, checked before anything loads (:meth:`file_problems`):
+    hub_repo: ClassVar[str | None] = None  # the hub repository `hf download` fetches the folder from
+    gated: ClassVar[bool] = False  # the repository needs a licence click and `hf auth login`
+    text_parts: ClassVar[tuple[str, ...]] = ()  # subfolders the tokenizers/text encoders load from (every job)
+    model_parts: ClassVar[tuple[str, ...]] = ()  # subfolders of the generator (transformer, vae): not for preprocess
+    required_files: ClassVar[tuple[str, ...]] = ()  # files at the folder's top the loader reads (model_index.json)
+    download: ClassVar[tuple[str, ...]] = ()  # what the fetch command includes: files and subfolders
 
     # -- configuration ------------------------------------------------------------------------
     def options(self, config: "TrainConfig") -> Any:
@@ -85,21 +93,97 @@ class ModelFamily:
         return resolve_options(self, config.model.options)
 
     def check(self, config: "TrainConfig") -> list[ConfigError]:
-        """Problems found without loading anything (missing files, sizes); empty when fine.
-        The default: ``model.path`` is set when the family has a :attr:`path_example`, and the options fit."""
+        """Problems of the settings found without loading anything (sizes, options); empty when fine.
+        The default: ``model.path`` is set when the family has a :attr:`path_example`, and the options fit.
+        Missing files are :meth:`file_problems`' business."""
         problems = []
-        path = config.model.path
-        if self.path_example is not None and path is None:
+        if self.path_example is not None and config.model.path is None:
             problems.append(ConfigError("model.path", f"the {self.name} family needs a local diffusers folder or a "
                                         f"hub id (e.g. {self.path_example})"))
-        elif self.path_example is not None and looks_local(path) and not Path(path).exists():
-            problems.append(ConfigError("model.path", f"{path} does not exist: no {self.name} weights there (a "
-                                        f"diffusers folder; a hub id looks like {self.path_example})"))
         try:
             self.options(config)
         except ConfigError as err:
             problems.append(err)
         return problems
+
+    # -- files ----------------------------------------------------------------------------------
+    def repo_for(self, config: "TrainConfig") -> str | None:
+        """The hub repository the fetch command names (default :attr:`hub_repo`; a family with
+        variants picks by its options)."""
+        return self.hub_repo
+
+    def folder_parts(self, config: "TrainConfig", job: str = "train") -> tuple[str, ...]:
+        """What ``model.path`` must hold for ``job``: :attr:`required_files`, :attr:`text_parts` and,
+        except for ``preprocess`` (text encoders only), :attr:`model_parts`."""
+        return self.required_files + self.text_parts + (() if job == "preprocess" else self.model_parts)
+
+    def fetch_command(self, config: "TrainConfig", target: str | None, repo: str | None = None,
+                      parts: tuple[str, ...] | None = None) -> str | None:
+        """The ``hf download`` line that fetches ``parts`` (default :attr:`download`) of ``repo`` (default
+        :meth:`repo_for`) into ``target`` (None: into the hub cache); None without a repository."""
+        repo = repo or self.repo_for(config)
+        if repo is None:
+            return None
+        return hf_download_command(repo, target, self.download if parts is None else parts)
+
+    def file_problems(self, config: "TrainConfig", job: str = "train") -> list[ConfigError]:
+        """Every file ``job`` needs from ``model.path`` that is not there, one problem each, with the command
+        that fetches it; reads directories only (no hub call). See docs/reliability.md, "Nothing downloaded yet".
+
+        A local path (:func:`looks_local`) must exist and hold :meth:`folder_parts`: a missing folder is one
+        line with the whole fetch command, a missing or empty part one line each. A hub id is looked up in
+        the local hub cache only when ``HF_HUB_OFFLINE`` is set (:func:`hub_offline`); otherwise the loader
+        downloads it."""
+        path = config.model.path
+        if path is None or (self.path_example is None and not self.folder_parts(config, job)):
+            return []
+        repo = self.repo_for(config)
+        if looks_local(path):
+            folder = Path(path).expanduser()
+            if not folder.exists():
+                command = self.fetch_command(config, str(path))
+                how = (f"fetch it with `{command}`{self._gated_note(repo)}" if command else
+                       f"a diffusers folder; a hub id looks like {self.path_example}")
+                return [ConfigError("model.path", f"{path} does not exist: no {self.name} weights there; {how}")]
+            if not folder.is_dir():
+                return [ConfigError("model.path", f"{path} is not a folder (the {self.name} family loads a "
+                                    "diffusers folder)")]
+            return self._part_problems(config, job, folder, str(path), str(path), repo)
+        if not hub_offline():
+            return []
+        snapshot = cached_snapshot(str(path))
+        if snapshot is None:
+            command = hf_download_command(str(path), None, self.download) if self.download else f"hf download {path}"
+            return [ConfigError("model.path", f"{path} is not in the local Hugging Face cache ({hub_cache_dir()}) "
+                                f"and HF_HUB_OFFLINE is set; fetch it with `{command}`{self._gated_note(str(path))} "
+                                "(or give a local folder)")]
+        return self._part_problems(config, job, snapshot, f"{path} (cached in {snapshot})", None, str(path))
+
+    def _part_problems(self, config: "TrainConfig", job: str, folder: Path, where: str, target: str | None,
+                       repo: str | None) -> list[ConfigError]:
+        problems = []
+        for part in self.folder_parts(config, job):
+            found = folder / part
+            if part in self.required_files:
+                if not found.is_file():
+                    problems.append(ConfigError("model.path", f"{where} has no {part}" + self._part_fetch(
+                        config, repo, target, part)))
+            elif not found.is_dir():
+                problems.append(ConfigError("model.path", f"{where} has no {part}/ subfolder" + self._part_fetch(
+                    config, repo, target, part)))
+            elif not any(found.iterdir()):
+                problems.append(ConfigError("model.path", f"{where}: the subfolder {part}/ is empty" +
+                                            self._part_fetch(config, repo, target, part)))
+        return problems
+
+    def _part_fetch(self, config: "TrainConfig", repo: str | None, target: str | None, part: str) -> str:
+        command = self.fetch_command(config, target, repo=repo, parts=(part,)) if repo else None
+        return f"; fetch it with `{command}`" if command else ""
+
+    def _gated_note(self, repo: str | None) -> str:
+        if not self.gated or repo is None:
+            return ""
+        return f" (gated: accept the licence on https://huggingface.co/{repo} and run `hf auth login` first)"
 
     # -- building -----------------------------------------------------------------------------
     def build(self, config: "TrainConfig", device: torch.device, dtype: torch.dtype) -> PolicyBundle:  # pragma: no cover
@@ -151,16 +235,66 @@ def resolve_options(family: ModelFamily, options: Any) -> Any:
     return build(cls, options, prefix="model.options")
 
 
+# A relative ``a/b`` path whose first part is one of these names is a local folder even before ``a/``
+# exists (``data/flux`` in a fresh checkout), never the hub id ``org/name``.
+LOCAL_ROOTS: tuple[str, ...] = ("data", "models", "weights", "checkpoints", "ckpt", "pretrained", "outputs", "runs")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
 def looks_local(path: str) -> bool:
-    """A path meant for this machine (absolute, relative with ./ or ../, ~, or an existing path), never
-    a hub id (``org/name``)."""
+    """A path meant for this machine, never sent to a hub: absolute, relative with ./ or ../, ~, an existing
+    path, anything but two parts (``a``, ``a/b/c``), or ``a/b`` with ``a`` an existing folder or one of
+    :data:`LOCAL_ROOTS`. Only ``org/name`` with neither is a hub id."""
     text = str(path)
     if text.startswith(("/", "./", "../", "~", ".\\")) or Path(text).exists():
         return True
     parts = text.split("/")
     if len(parts) == 2 and all(parts):
-        return Path(parts[0]).is_dir()  # data/flux with a local data/ folder: a missing download, not a hub id
+        return parts[0] in LOCAL_ROOTS or Path(parts[0]).is_dir()  # data/flux: a missing download, not a hub id
     return True
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub must not be contacted: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``)
+    set to 1/ON/YES/TRUE, read from the environment now (not when huggingface_hub was imported)."""
+    return any(os.environ.get(name, "").strip().upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache folder as huggingface_hub resolves it: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache/huggingface/hub``), read from the environment now."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return Path(cache).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The snapshot folder of ``repo_id`` in the local hub cache (its ``main`` revision), or None when it
+    was never downloaded; huggingface_hub's ``snapshot_download(local_files_only=True)``, no network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type=repo_type, cache_dir=hub_cache_dir(), local_files_only=True))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, a malformed id, an unreadable cache: not cached
+        return None
+
+
+def hf_download_command(repo: str, target: str | None, parts: tuple[str, ...] = ()) -> str:
+    """``hf download REPO [--local-dir TARGET] [--include PART ...]``: a subfolder ``x`` is included as
+    ``'x/*'``, a file (a name with a dot) as itself, as docs/flux.md "Download layout" does by hand."""
+    words = ["hf download", repo]
+    if target is not None:
+        words.append(f"--local-dir {_quote(target)}")
+    words += [f"--include '{part}'" if "." in part else f"--include '{part}/*'" for part in parts]
+    return " ".join(words)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 def require_model_path(config: "TrainConfig", family: str, example: str) -> str:

@@ -35,6 +35,12 @@ class FluxFamily(ModelFamily):
     options_class = FluxOptions
     prompt_cache = True
     path_example = "black-forest-labs/FLUX.1-dev"
+    # load_flux_adapter: tokenizers and text-encoder configs always (the prompt-cache identity), weights
+    # checked even with text_encoders="lazy", so a filled cache does not make them optional
+    hub_repo, gated = "black-forest-labs/FLUX.1-dev", True
+    text_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     description = "FLUX.1-dev (FluxTransformer2DModel + CLIP-L/T5-XXL), guidance embedding"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

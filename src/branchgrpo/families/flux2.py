@@ -69,6 +69,9 @@ def _bundle(name: str, adapter) -> PolicyBundle:
 class _Flux2Base(ModelFamily):
     modality = "image"
     prompt_cache = True
+    text_parts = ("tokenizer", "text_encoder")  # load_flux2_adapter; model_index.json is read when present
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer")
     variant: str
     example: str
 
@@ -114,6 +117,8 @@ class Flux2Family(_Flux2Base):
     name = "flux2"
     variant = "dev"
     example = FLUX2_DEV_EXAMPLE
+    path_example = hub_repo = FLUX2_DEV_EXAMPLE
+    gated = True
     options_class = Flux2Options
     description = "FLUX.2 [dev] (Flux2Transformer2DModel + Mistral-Small-3.2), guidance embedding"
 
@@ -125,6 +130,7 @@ class Flux2KleinFamily(_Flux2Base):
     name = "flux2-klein"
     variant = "klein"
     example = FLUX2_KLEIN_EXAMPLE
+    path_example = hub_repo = FLUX2_KLEIN_EXAMPLE
     options_class = Flux2KleinOptions
     description = "FLUX.2 [klein] base (Flux2Transformer2DModel + Qwen3), classifier-free guidance"
 

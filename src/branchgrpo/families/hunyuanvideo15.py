@@ -50,7 +50,11 @@ class HunyuanVideo15Family(ModelFamily):
     modality = "video"
     options_class = HunyuanVideo15Options
     prompt_cache = True
-    path_example = _HUB_EXAMPLE
+    path_example = hub_repo = _HUB_EXAMPLE
+    text_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")  # load_hunyuanvideo15_adapter
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "guider", "transformer", "vae", "text_encoder", "text_encoder_2",
+                "tokenizer", "tokenizer_2")
     description = ("HunyuanVideo 1.5 text-to-video (HunyuanVideo15Transformer3DModel + Qwen2.5-VL, glyph-ByT5), "
                    "classifier-free guidance")
 

@@ -55,7 +55,10 @@ class QwenImageFamily(ModelFamily):
     modality = "image"
     options_class = QwenImageOptions
     prompt_cache = True
-    path_example = QWEN_IMAGE_EXAMPLE
+    path_example = hub_repo = QWEN_IMAGE_EXAMPLE
+    text_parts = ("tokenizer", "text_encoder")  # load_qwenimage_adapter
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer")
     description = "Qwen-Image (QwenImageTransformer2DModel + Qwen2.5-VL), true classifier-free guidance"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

@@ -62,16 +62,26 @@ class QwenImageEditFamily(ModelFamily):
     modality = "image"
     options_class = QwenImageEditOptions
     prompt_cache = True
-    path_example = QWEN_IMAGE_EDIT_EXAMPLE
+    path_example = hub_repo = QWEN_IMAGE_EDIT_EXAMPLE
+    text_parts = ("tokenizer", "processor", "text_encoder")  # load_qwenimage_edit_adapter
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer", "processor")
     description = ("Qwen-Image-Edit (instruction + source image per JSONL row; QwenImageTransformer2DModel + "
                    "Qwen2.5-VL), true classifier-free guidance")
 
     def check(self, config) -> list[ConfigError]:
+        """The base checks and every row of both data files (a missing file is :func:`validate_job`'s line)."""
+        from branchgrpo.models.qwenimage_edit import read_edit_rows
+
         problems = super().check(config)
-        try:
-            data_rows(config)
-        except ConfigError as err:
-            problems.append(err)
+        for field in ("train_prompts", "heldout_prompts"):
+            path = getattr(config.data, field)
+            if path is None or not Path(path).is_file():
+                continue
+            try:
+                read_edit_rows(path, f"data.{field}")
+            except ConfigError as err:
+                problems.append(err)
         return problems
 
     def _adapter_kwargs(self, config) -> dict:

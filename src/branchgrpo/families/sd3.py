@@ -35,7 +35,13 @@ class SD3Family(ModelFamily):
     modality = "image"
     options_class = SD3Options
     prompt_cache = True
-    path_example = "stabilityai/stable-diffusion-3.5-medium"
+    path_example = hub_repo = "stabilityai/stable-diffusion-3.5-medium"
+    gated = True
+    # load_sd3_adapter with its default load_t5=True (the family never turns T5 off)
+    text_parts = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3")
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "text_encoder_2",
+                "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     description = "Stable Diffusion 3/3.5 (SD3Transformer2DModel + CLIP-L/G, T5), classifier-free guidance"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

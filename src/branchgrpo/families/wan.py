@@ -39,7 +39,10 @@ class WanFamily(ModelFamily):
     modality = "video"
     options_class = WanOptions
     prompt_cache = True
-    path_example = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    path_example = hub_repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    text_parts = ("tokenizer", "text_encoder")  # load_wan_adapter
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer")
     description = "Wan2.1 text-to-video (WanTransformer3DModel + UMT5), classifier-free guidance"
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

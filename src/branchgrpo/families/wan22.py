@@ -15,6 +15,7 @@ from branchgrpo.families.base import ModelFamily, PolicyBundle, require_model_pa
 VARIANTS = ("t2v-a14b", "ti2v-5b")
 _HUB_EXAMPLE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 # Wan-Video/Wan2.2 wan/configs: t2v_A14B.sample_guide_scale = (3.0, 4.0) (low, high noise); ti2v_5B 5.0
+_HUB_REPOS = {"t2v-a14b": _HUB_EXAMPLE, "ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}  # the fetch command's repository
 _DEFAULT_GUIDANCE = {"t2v-a14b": (4.0, 3.0), "ti2v-5b": (5.0, None)}
 
 
@@ -85,7 +86,25 @@ class Wan22Family(ModelFamily):
     description = ("Wan2.2 text-to-video: T2V-A14B (high/low-noise WanTransformer3DModel experts, both trained) "
                    "or TI2V-5B; UMT5, classifier-free guidance per expert")
 
-    path_example = _HUB_EXAMPLE
+    path_example = hub_repo = _HUB_EXAMPLE
+    # load_wan22_adapter: model_index.json decides the experts (read_model_index), then these subfolders
+    required_files = ("model_index.json",)
+    text_parts = ("tokenizer", "text_encoder")
+    model_parts = ("transformer", "transformer_2", "vae")  # ti2v-5b: no transformer_2 (folder_parts)
+    download = ("model_index.json", "scheduler", "transformer", "transformer_2", "vae", "text_encoder", "tokenizer")
+
+    def _variant(self, config) -> str:
+        try:
+            return self.options(config).variant
+        except ConfigError:
+            return "t2v-a14b"  # check() reports the options
+
+    def repo_for(self, config) -> str:
+        return _HUB_REPOS[self._variant(config)]
+
+    def folder_parts(self, config, job: str = "train") -> tuple[str, ...]:
+        parts = super().folder_parts(config, job)
+        return parts if self._variant(config) == "t2v-a14b" else tuple(p for p in parts if p != "transformer_2")
 
     def check(self, config) -> list[ConfigError]:
         """The base checks, and a local folder whose ``model_index.json`` says another variant than

@@ -49,6 +49,10 @@ class ZImageFamily(ModelFamily):
     modality = "image"
     options_class = ZImageOptions
     prompt_cache = True
+    path_example = hub_repo = _EXAMPLE
+    text_parts = ("tokenizer", "text_encoder")  # load_zimage_adapter
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer")
     description = "Z-Image / Z-Image-Turbo (ZImageTransformer2DModel + Qwen3), Z-Image's guidance (0 = off)"
 
     def _adapter_kwargs(self, config) -> dict:

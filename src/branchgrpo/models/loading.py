@@ -154,8 +154,10 @@ def missing_files(folder: str | os.PathLike, subfolders: Iterable[str], layout=F
 def _resolve_local(path_or_hub_id: str, local_files_only: bool | None,
                    files: ModelFiles = FLUX_FILES) -> tuple[str, bool]:
     """``(location, is_local_folder)``; an offline hub id becomes its cached snapshot folder."""
+    from branchgrpo.families.base import looks_local
+
     path = Path(path_or_hub_id).expanduser()
-    if path.exists() or not _looks_like_hub_id(path_or_hub_id):
+    if path.exists() or not _looks_like_hub_id(path_or_hub_id) or looks_local(path_or_hub_id):  # data/flux: never the hub
         return str(path.resolve()), True
     if not (local_files_only or (local_files_only is None and is_offline())):
         return path_or_hub_id, False

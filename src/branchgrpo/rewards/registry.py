@@ -35,14 +35,32 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
 
 
 # What a reward declares beyond its factory: the modality it scores, whether it needs a checkpoint,
-# and the model families it is limited to. Rewards registered later may declare them as class
+# the model families it is limited to, and how to fetch its checkpoint (``fetch``: one command, with
+# ``{path}`` the configured checkpoint, ``{folder}`` that path if it names a folder, else its folder,
+# and ``{parent}`` the folder above ``{folder}``). Rewards registered later may declare them as class
 # attributes (``modality``, ``needs_checkpoint``) or as arguments of :func:`register_reward`.
+# Sources: docs/rewards.md, "Files, licences, where to get them".
 _META: dict[str, dict[str, Any]] = {
-    "hps": {"modality": "image", "needs_checkpoint": True},
-    "pickscore": {"modality": "image", "needs_checkpoint": True},
-    "imagereward": {"modality": "image", "needs_checkpoint": True},
-    "clip": {"modality": "image", "needs_checkpoint": True},
-    "aesthetic": {"modality": "image", "needs_checkpoint": True},
+    "hps": {"modality": "image", "needs_checkpoint": True,
+            "fetch": "hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir {folder}"},
+    "pickscore": {"modality": "image", "needs_checkpoint": True,
+                  "fetch": "hf download yuvalkirstain/PickScore_v1 --local-dir {folder}; its processor files: hf "
+                           "download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --local-dir "
+                           "{parent}/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*.json' --include '*.txt' (set "
+                           "reward.options.processor to that folder)"},
+    "imagereward": {"modality": "image", "needs_checkpoint": True,
+                    "fetch": "hf download THUDM/ImageReward ImageReward.pt med_config.json --local-dir {folder}; "
+                             "its tokenizer: hf download google-bert/bert-base-uncased --local-dir "
+                             "{parent}/bert-base-uncased --include 'vocab.txt' --include 'tokenizer_config.json' "
+                             "(reward.options.tokenizer)"},
+    "clip": {"modality": "image", "needs_checkpoint": True,
+             "fetch": "hf download openai/clip-vit-large-patch14 --local-dir {folder}"},
+    "aesthetic": {"modality": "image", "needs_checkpoint": True,
+                  "fetch": "curl -L --create-dirs -o {path} https://github.com/christophschuhmann/"
+                           "improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth; its CLIP: "
+                           "hf download openai/clip-vit-large-patch14 --local-dir {parent}/clip-vit-large-patch14 "
+                           "(reward.options.clip_model)"},
+    "geneval": {"fetch": "hf download google/owlv2-base-patch16-ensemble --local-dir {folder}"},
     "digits": {"modality": "image", "needs_checkpoint": False, "families": ("digits",)},
     "remote": {"modality": "image", "needs_checkpoint": False},
     "frames": {"modality": "video", "needs_checkpoint": None},  # None: as its image_reward option's reward
@@ -60,6 +78,18 @@ class RewardInfo:
     needs_checkpoint: bool | None  # None: decided by its options (the frames reward)
     families: tuple[str, ...] | None  # model families it scores (None: any)
     options: tuple[str, ...] | None  # keyword options its factory takes (None: any)
+    fetch: str | None = None  # the command that fetches its checkpoint ({path}/{folder}/{parent}: see fetch_hint)
+
+    def fetch_hint(self, checkpoint: str) -> str | None:
+        """:attr:`fetch` for the configured ``checkpoint``: ``{path}`` is it, ``{folder}`` it when it names a
+        folder (no suffix), else the folder holding it, ``{parent}`` the folder above ``{folder}``."""
+        if self.fetch is None:
+            return None
+        from pathlib import PurePath
+
+        path = PurePath(str(checkpoint))
+        folder = path.parent if path.suffix else path
+        return self.fetch.format(path=str(path), folder=str(folder), parent=str(folder.parent))
 
 
 def available_rewards() -> dict[str, str]:
@@ -75,18 +105,21 @@ def register_reward(
     modality: str | None = None,
     needs_checkpoint: bool | None = None,
     families: Sequence[str] | None = None,
+    fetch: str | None = None,
 ) -> None:
     """Register ``factory(checkpoint=..., device=..., dtype=..., **options) -> Reward`` under ``name``
     (or ``"module:Class"``, imported on first use). ``modality`` (``"image"``/``"video"``) and
     ``needs_checkpoint`` default to the factory's class attributes, else to ``"image"`` and to whether
-    its ``checkpoint`` parameter lacks a default. Then ``reward.name=<name>`` works in configs."""
+    its ``checkpoint`` parameter lacks a default. ``fetch``: the command that fetches the checkpoint,
+    printed when it is missing (``{path}``, ``{folder}``, ``{parent}``: see :meth:`RewardInfo.fetch_hint`).
+    Then ``reward.name=<name>`` works in configs."""
     if not name or "," in name or ":" in name:
         raise ValueError(f"reward name {name!r} must be non-empty without ',' or ':'")
     if modality not in (None, "image", "video"):
         raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
     _REGISTRY[name] = (factory, description)
     meta = {"modality": modality, "needs_checkpoint": needs_checkpoint,
-            "families": tuple(families) if families is not None else None}
+            "families": tuple(families) if families is not None else None, "fetch": fetch}
     _META[name] = {k: v for k, v in meta.items() if v is not None}
 
 
@@ -110,7 +143,7 @@ def reward_info(name: str) -> RewardInfo:
     else:
         needs = _checkpoint_required(factory)
     return RewardInfo(name=name, description=_REGISTRY[name][1], modality=modality, needs_checkpoint=needs,
-                      families=meta.get("families"), options=_option_names(factory))
+                      families=meta.get("families"), options=_option_names(factory), fetch=meta.get("fetch"))
 
 
 def _checkpoint_required(factory: Callable[..., Any]) -> bool:

@@ -28,11 +28,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Where the prompt files the shipped configs name come from (docs/reliability.md, "Nothing downloaded yet").
+FLOW_GRPO_PICKSCORE = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/{name}"
+
+
+def prompt_file_hint(path: str) -> str:
+    """How to get the missing prompt file ``path``: the HPDv2 benchmark prompts (``hpdv2/train_prompts.txt``,
+    ``hpdv2/test_prompts.txt``), Flow-GRPO's ``pickscore/train.txt``/``test.txt``, edit rows (``.jsonl``),
+    else your own prompts."""
+    file = Path(path)
+    if file.parent.name.lower() == "hpdv2" and file.name in ("train_prompts.txt", "test_prompts.txt"):
+        return (f"fetch the HPDv2 benchmark prompts with `python scripts/fetch_hpdv2_prompts.py --out {file.parent}` "
+                "(writes train_prompts.txt and test_prompts.txt)")
+    if file.parent.name.lower() == "pickscore" and file.name in ("train.txt", "test.txt"):
+        return (f"fetch Flow-GRPO's PickScore prompts with `curl -L --create-dirs -o {file} "
+                f"{FLOW_GRPO_PICKSCORE.format(name=file.name)}`")
+    if file.suffix == ".jsonl":
+        return ('write your edit rows there, one JSON object per line: {"prompt": "<instruction>", "image": '
+                '"<source image, relative to the file>"}')
+    return "write your prompts there, one per line (blank lines and # comments are skipped)"
+
+
 def read_prompt_file(path: str, field: str) -> list[str]:
     """One prompt per line; blank lines and ``#`` comments skipped."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(field, f"prompt file {file} does not exist")
+        raise ConfigError(field, f"prompt file {file} does not exist; {prompt_file_hint(str(path))}")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -57,18 +78,29 @@ def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 # -- validation, all at once, before anything loads ---------------------------------------------
-def validate_job(config: TrainConfig, *, custom_policy: bool = False, custom_reward: bool = False) -> None:
-    """Every problem of ``config`` that shows without loading a model, raised together.
+JOBS = ("train", "sample", "eval", "export", "preprocess")
+
+
+def validate_job(config: TrainConfig, *, custom_policy: bool = False, custom_reward: bool = False,
+                 job: str = "train") -> None:
+    """Every problem of ``config`` that shows without loading a model, raised together (one
+    :class:`ConfigErrors`, one line per problem, no line twice): settings, and every file ``job``
+    needs — the model folder and its subfolders, prompt files, reward checkpoints — each missing one
+    with the command that fetches it. Reads the file system only; never contacts a hub.
 
     ``custom_policy`` / ``custom_reward``: the part is passed in from Python, so its config
-    section is not checked.
+    section is not checked. ``job``: one of :data:`JOBS`; ``preprocess`` needs the text encoders
+    only and no reward, ``sample`` and ``export`` no reward.
     """
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, got {job!r}")
     problems: list[ConfigError] = []
     family = None
     if not custom_policy:
         try:
             family = get_family(config.model.family)
             problems += family.check(config)
+            problems += family.file_problems(config, job)
         except ConfigError as err:
             problems.append(err)
     for field_name in ("train_prompts", "heldout_prompts"):
@@ -81,19 +113,41 @@ def validate_job(config: TrainConfig, *, custom_policy: bool = False, custom_rew
     if family is not None and not family.builtin_prompts and config.data.train_prompts is None:
         problems.append(ConfigError("data.train_prompts", f"the {family.name} family has no built-in prompts; "
                                     "give a prompt file (one prompt per line)"))
-    output_dir = Path(config.run.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        problems.append(ConfigError("run.output_dir", f"{output_dir} exists and is not a folder"))
+    if job == "train":
+        output_dir = Path(config.run.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            problems.append(ConfigError("run.output_dir", f"{output_dir} exists and is not a folder"))
     if config.method.update.kl_coef > 0 and config.model.lora is None:
         problems.append(ConfigError(
             "method.update.kl_coef", "the KL term needs a reference model: train with model.lora (the reference is "
             "the model with its adapter disabled, no second copy) or set kl_coef=0"))
-    if not custom_reward:
+    if not custom_reward and job in ("train", "eval"):
         modality = family.modality if family is not None else None
         problems += reward_problems(config, modality)
-    problems += overlap_problems(config, custom_reward)
+    if job == "train":
+        problems += overlap_problems(config, custom_reward)
+    if problems and family is not None and job != "preprocess":
+        problems += prompt_cache_notes(config, family)
+    problems = list({str(p): p for p in problems}.values())  # one line per problem (e.g. a file two checks read)
     if problems:
         raise ConfigErrors(problems)
+
+
+def prompt_cache_notes(config: TrainConfig, family) -> list[ConfigError]:
+    """The to-do line for an empty ``model.prompt_cache_dir``, added to a list of other problems only: the
+    cache is filled by ``branchgrpo preprocess``, or on first use by the text encoders, so it is never a
+    reason to stop by itself."""
+    cache = config.model.prompt_cache_dir
+    if not family.prompt_cache or cache is None:
+        return []
+    folder = Path(cache)
+    if folder.exists() and not folder.is_dir():
+        return [ConfigError("model.prompt_cache_dir", f"{cache} exists and is not a folder")]
+    if folder.is_dir() and any(folder.iterdir()):
+        return []
+    return [ConfigError("model.prompt_cache_dir", f"{cache} is empty (not an error by itself: the text encoders "
+                        "fill it on first use); once the model is there, fill it with `branchgrpo preprocess` and "
+                        "this job's --config and overrides")]
 
 
 def _is_list(name: str) -> bool:
@@ -156,12 +210,17 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
         if needs is None and name == "frames":
             inner = options.get("image_reward")
             needs = bool(inner) and inner in known and reward_info(inner).needs_checkpoint is not False
+        fetch_info = info
+        if name == "frames" and options.get("image_reward") in known:
+            fetch_info = reward_info(options["image_reward"])  # its checkpoint is the image reward's
         if needs and checkpoint is None:
             problems.append(ConfigError(prefix_ckpt, f"reward {name!r} needs its checkpoint; set {prefix_ckpt}=PATH "
                                         "(see docs/rewards.md)"))
         elif checkpoint is not None and needs and not Path(checkpoint).exists():
-            problems.append(ConfigError(prefix_ckpt, f"checkpoint {checkpoint} for reward {name!r} does not exist "
-                                        "(see docs/rewards.md)"))
+            fetch = fetch_info.fetch_hint(str(checkpoint))
+            how = f"fetch it with `{fetch}`" if fetch else "see docs/rewards.md"
+            problems.append(ConfigError(prefix_ckpt, f"checkpoint {checkpoint} for reward {name!r} does not exist; "
+                                        f"{how}"))
     return problems
 
 
