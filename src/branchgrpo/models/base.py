@@ -239,6 +239,15 @@ class DiffusersAdapter:
             return 8
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def _transformer_channels(self, vae_field: str, default: int, per_vae_channel: int = 1) -> int:
+        """Channels of the transformer's input: its ``in_channels``, else ``per_vae_channel ×`` the VAE
+        config's ``vae_field`` (4 where 2×2 patches are packed into channels), else ``default``."""
+        if self.transformer is not None:
+            return int(self.transformer.config.in_channels)
+        if self.vae is not None:
+            return per_vae_channel * int(getattr(self.vae.config, vae_field))
+        return default
+
     def _require_transformer(self) -> torch.nn.Module:
         if self.transformer is None:
             raise ValueError(

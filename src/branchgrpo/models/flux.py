@@ -220,13 +220,7 @@ class FluxAdapter(DiffusersAdapter):
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Shape ``(tokens, channels)`` of one packed latent: ``((H/2)(W/2), 4·latent_channels)``."""
         latent_h, latent_w = self.latent_size(height, width)
-        if self.transformer is not None:
-            channels = int(self.transformer.config.in_channels)
-        elif self.vae is not None:
-            channels = 4 * int(self.vae.config.latent_channels)
-        else:
-            channels = 64
-        return (latent_h // 2) * (latent_w // 2), channels
+        return (latent_h // 2) * (latent_w // 2), self._transformer_channels("latent_channels", 64, per_vae_channel=4)
 
     # -- velocity ---------------------------------------------------------------------------
     def velocity_model(

@@ -335,13 +335,7 @@ class Flux2Adapter(DiffusersAdapter):
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Shape ``(tokens, channels)`` of one packed latent: ``(h·w, 4·latent_channels)``."""
         h, w = self.latent_size(height, width)
-        if self.transformer is not None:
-            channels = int(self.transformer.config.in_channels)
-        elif self.vae is not None:
-            channels = 4 * int(self.vae.config.latent_channels)
-        else:
-            channels = 128
-        return h * w, channels
+        return h * w, self._transformer_channels("latent_channels", 128, per_vae_channel=4)
 
     # -- velocity ---------------------------------------------------------------------------
     def velocity_model(

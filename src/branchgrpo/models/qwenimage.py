@@ -77,14 +77,18 @@ def qwenimage_dynamic_shift(height: int, width: int, vae_scale_factor: int = 8,
     clamped); the exponential time shift ``e^μ / (e^μ + 1/σ − 1)`` is docs/method.md §2's with
     ``shift = e^μ``: 2.00 at 1024², 2.30 at 1328² (the model card's 1:1 size).
     """
+    return math.exp(_mu(height, width, vae_scale_factor, scheduler_config))
+
+
+def _mu(height: int, width: int, vae_scale_factor: int, scheduler_config: Mapping[str, Any]) -> float:
+    """``QwenImagePipeline``'s ``μ = calculate_shift(image_seq_len, ...)`` with the scheduler's anchors."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    mu = calculate_shift(
+    return calculate_shift(
         image_tokens(height, width, vae_scale_factor),
         scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096),
         scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15),
     )
-    return math.exp(mu)
 
 
 def diffusers_qwenimage_sigmas(steps: int, height: int, width: int, vae_scale_factor: int = 8,
@@ -96,15 +100,10 @@ def diffusers_qwenimage_sigmas(steps: int, height: int, width: int, vae_scale_fa
     ``sigma_schedule`` (the stretch would move every σ but the first).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     scheduler = FlowMatchEulerDiscreteScheduler(**dict(scheduler_config))
-    mu = calculate_shift(
-        image_tokens(height, width, vae_scale_factor),
-        scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096),
-        scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15),
-    )
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps),
+                            mu=_mu(height, width, vae_scale_factor, scheduler_config))
     return scheduler.sigmas.double()
 
 
@@ -317,13 +316,7 @@ class QwenImageAdapter(DiffusersAdapter):
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Shape ``(tokens, channels)`` of one packed latent: ``((H/2)(W/2), 4·16)``."""
         latent_h, latent_w = self.latent_size(height, width)
-        if self.transformer is not None:
-            channels = int(self.transformer.config.in_channels)
-        elif self.vae is not None:
-            channels = 4 * int(self.vae.config.z_dim)
-        else:
-            channels = 64
-        return (latent_h // 2) * (latent_w // 2), channels
+        return (latent_h // 2) * (latent_w // 2), self._transformer_channels("z_dim", 64, per_vae_channel=4)
 
     def recommended_shift(self, height: int | None = None, width: int | None = None) -> float:
         """:func:`qwenimage_dynamic_shift` at this (or the given) size: the shift of the model's own schedule."""

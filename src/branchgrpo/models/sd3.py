@@ -177,11 +177,7 @@ class SD3Adapter(DiffusersAdapter):
 
     @property
     def latent_channels(self) -> int:
-        if self.transformer is not None:
-            return int(self.transformer.config.in_channels)
-        if self.vae is not None:
-            return int(self.vae.config.latent_channels)
-        return 16
+        return self._transformer_channels("latent_channels", 16)
 
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Latent ``(H, W)`` of an image of ``height × width`` pixels."""

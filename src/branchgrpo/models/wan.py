@@ -157,11 +157,7 @@ class WanAdapter(DiffusersAdapter):
 
     @property
     def latent_channels(self) -> int:
-        if self.transformer is not None:
-            return int(self.transformer.config.in_channels)
-        if self.vae is not None:
-            return int(self.vae.config.z_dim)
-        return 16
+        return self._transformer_channels("z_dim", 16)
 
     def latent_size(self, height: int | None = None, width: int | None = None,
                     num_frames: int | None = None) -> tuple[int, int, int]:
