@@ -15,6 +15,7 @@ from __future__ import annotations
 from branchgrpo.families.base import ModelFamily, Modality, NoOptions, PolicyBundle, resolve_options
 from branchgrpo.families.digits import DigitsFamily
 from branchgrpo.families.flux import FluxFamily
+from branchgrpo.families.flux_kontext import FluxKontextFamily
 from branchgrpo.families.hunyuanvideo15 import HunyuanVideo15Family
 from branchgrpo.families.flux2 import Flux2Family, Flux2KleinFamily
 from branchgrpo.families.qwenimage import QwenImageFamily
@@ -25,7 +26,7 @@ from branchgrpo.families.wan import WanFamily
 from branchgrpo.families.wan22 import Wan22Family
 from branchgrpo.families.zimage import ZImageFamily
 
-for _family in (DigitsFamily(), FluxFamily(), Flux2Family(), Flux2KleinFamily(), HunyuanVideo15Family(), QwenImageFamily(), QwenImageEditFamily(), SD3Family(), WanFamily(), Wan22Family(), ZImageFamily()):
+for _family in (DigitsFamily(), FluxFamily(), FluxKontextFamily(), Flux2Family(), Flux2KleinFamily(), HunyuanVideo15Family(), QwenImageFamily(), QwenImageEditFamily(), SD3Family(), WanFamily(), Wan22Family(), ZImageFamily()):
     register_family(_family)
 
 __all__ = [
