@@ -454,6 +454,36 @@ def test_family_options_lora_targets_check_and_config(rows_dir, tmp_path):
     assert family.options(shipped).embedded_guidance == 2.5
 
 
+def test_family_export_writes_a_kontext_folder_and_a_lora_file(case, tmp_path):
+    """``branchgrpo export``'s two paths for this family: the full folder loads as FluxKontextPipeline with
+    our transformer; the LoRA file loads with its ``load_lora_weights`` (velocity: the conformance check)."""
+    pytest.importorskip("peft")
+    from diffusers import FluxKontextPipeline
+
+    from branchgrpo.families import get_family
+    from branchgrpo.train.config import load_train_config
+    from conformance import add_family_lora, bundle_for
+
+    family = get_family("flux-kontext")
+    components = tiny_components(seed=4)
+    base = tmp_path / "base"
+    kontext_pipeline(components).save_pretrained(str(base), safe_serialization=True)
+    config = load_train_config(None, "branchgrpo", ["model.family=flux-kontext", f"model.path={base}"])
+    trained = tiny_components(seed=5)["transformer"]  # other weights than the base folder's
+    adapter = case.adapter({**components, "transformer": trained})
+    message = family.export(bundle_for(case, adapter), config, tmp_path / "full", "symlink")
+    assert "FluxKontextPipeline.from_pretrained" in message
+    loaded = FluxKontextPipeline.from_pretrained(str(tmp_path / "full"))
+    assert type(loaded).__name__ == "FluxKontextPipeline"
+    for (name, ours), theirs in zip(trained.state_dict().items(), loaded.transformer.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    add_family_lora(case, adapter, rank=2, alpha=4.0)
+    message = family.export_lora(bundle_for(case, adapter), config, tmp_path / "lora.safetensors")
+    pipe = kontext_pipeline(tiny_components(seed=5))
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    assert "load_lora_weights" in message and any(".lora_" in n for n, _ in pipe.transformer.named_parameters())
+
+
 def test_missing_folder_raises_a_download_hint(tmp_path):
     with pytest.raises(FluxKontextFilesNotFoundError) as info:
         FluxKontextAdapter.from_pretrained(tmp_path / "kontext", dtype=torch.float32)

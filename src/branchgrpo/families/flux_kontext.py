@@ -105,7 +105,12 @@ class FluxKontextFamily(ModelFamily):
                                          text_encoders="load", **self._adapter_kwargs(config))
 
     def export(self, bundle: PolicyBundle, config, out: Path, link: str) -> str:
+        """The base folder with the trained transformer (its model_index.json keeps FluxKontextPipeline;
+        the transformer class alone would name FluxPipeline)."""
+        from diffusers import FluxKontextPipeline
+
         from branchgrpo.models.export import export_full
 
-        path = export_full(bundle.policy.transformer, config.model.path, out, link=link)
+        path = export_full(bundle.policy.transformer, config.model.path, out, link=link,
+                           pipeline_class=FluxKontextPipeline)
         return f"wrote pipeline folder {path}; load it with FluxKontextPipeline.from_pretrained({str(path)!r})"

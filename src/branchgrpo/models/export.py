@@ -29,7 +29,7 @@ LinkMode = Literal["symlink", "copy", "hardlink"]
 
 _PIPELINES = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-    "FluxTransformer2DModel": "FluxPipeline",
+    "FluxTransformer2DModel": "FluxPipeline",  # FLUX.1 Kontext's too: its LoRA files load in FluxKontextPipeline
     "Flux2Transformer2DModel": "Flux2Pipeline",  # its LoRA files load in Flux2KleinPipeline too
     "QwenImageTransformer2DModel": "QwenImagePipeline",
     "WanTransformer3DModel": "WanPipeline",
