@@ -194,14 +194,40 @@ def _load_run_policy(args: argparse.Namespace, with_reward: bool = True):
     return config, device, bundle, reward
 
 
+def _edit_rows(args: argparse.Namespace) -> list[str]:
+    """``sample --image``: each ``--prompt`` as an edit row of that source image (editing families only),
+    checked before any model loads."""
+    from branchgrpo.families import available_families, get_family
+
+    family = get_family(_train_config(args).model.family)
+    if not getattr(family, "editing", False):
+        editing = [name for name in available_families() if getattr(get_family(name), "editing", False)]
+        raise CliError(f"--image: the {family.name} family does not edit images; --image is for the editing "
+                       f"families ({', '.join(editing)})")
+    if not args.prompt:
+        raise CliError("--image needs --prompt INSTRUCTION (repeatable): the edit to make")
+    path = Path(args.image).expanduser()
+    if not path.is_file():
+        raise CliError(f"--image: {path} {'is a folder' if path.is_dir() else 'does not exist'}; expected an image file")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a file it cannot read
+        raise CliError(f"--image: cannot read {path} as an image ({type(err).__name__})") from None
+    return [json.dumps({"prompt": text, "image": str(path.resolve())}) for text in args.prompt]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from branchgrpo.train.evaluation import sample, save_image_grid, save_video_grid
 
     fps, frames = args.fps, args.frames
     if not fps > 0 or frames < 1:
         raise CliError("--fps must be > 0 and --frames >= 1")
+    edits = _edit_rows(args) if args.image is not None else None
     config, device, bundle, _ = _load_run_policy(args, with_reward=False)
-    prompts = args.prompt or bundle.heldout_prompts
+    prompts = edits or args.prompt or bundle.heldout_prompts
     if not prompts:
         raise CliError("no prompts: pass --prompt TEXT (repeatable)")
     eta = config.method.tree.eta if args.eta is None else args.eta
@@ -356,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ema", action="store_true", help="use the run's EMA weights (run.ema_decay > 0)")
         if name == "sample":
             p.add_argument("--prompt", action="append", help="prompt (repeatable; default: the held-out prompts)")
+            p.add_argument("--image", help="editing families: the source image; each --prompt is an instruction")
             p.add_argument("--num", type=int, default=4, help="images per prompt")
             p.add_argument("--eta", type=float, help="sampler eta (default: the method's; 0 = ODE)")
             p.add_argument("--seed", type=int, default=0)

@@ -447,6 +447,15 @@ def test_family_options_lora_targets_check_and_config(rows_dir, tmp_path):
     add_lora(transformer, LoraSpec(rank=2, alpha=2.0, target_modules=family.lora_target_modules(None)))
     adapted = {name.split(".")[0] for name, _ in transformer.named_parameters() if ".lora_" in name}
     assert adapted == {"transformer_blocks", "single_transformer_blocks"}
+    # preflight: a missing folder is one line with the Kontext fetch command; a missing part is named
+    config.model.path = str(tmp_path / "absent" / "kontext")
+    (problem,) = family.file_problems(config)
+    assert "hf download black-forest-labs/FLUX.1-Kontext-dev" in str(problem) and "licence" in str(problem)
+    (tmp_path / "partial").mkdir()
+    config.model.path = str(tmp_path / "partial")
+    missing = " ".join(str(p) for p in family.file_problems(config))
+    assert all(part in missing for part in ("transformer", "vae", "text_encoder_2", "tokenizer_2"))
+    assert "transformer" not in " ".join(str(p) for p in family.file_problems(config, job="preprocess"))
     root = Path(__file__).resolve().parents[2]
     shipped = load_train_config(root / "configs" / "flux-kontext-branchgrpo.yaml", None, [])
     assert shipped.model.family == "flux-kontext" and shipped.method.tree.steps == 20

@@ -53,6 +53,12 @@ class FluxKontextFamily(ModelFamily):
     prompt_cache = True
     editing = True  # prompts are edit rows (instruction + source image): `branchgrpo sample --image`
     path_example = FLUX_KONTEXT_EXAMPLE
+    # load_flux_kontext_adapter, as the flux family: tokenizers and text-encoder configs always (the
+    # prompt-cache identity); the VAE encodes the sources and decodes the edits
+    hub_repo, gated = FLUX_KONTEXT_EXAMPLE, True
+    text_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    model_parts = ("transformer", "vae")
+    download = ("model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     description = ("FLUX.1 Kontext [dev] (instruction + source image per JSONL row; FluxTransformer2DModel + "
                    "CLIP-L/T5-XXL), guidance embedding")
 

@@ -63,6 +63,7 @@ class QwenImageEditFamily(ModelFamily):
     options_class = QwenImageEditOptions
     prompt_cache = True
     path_example = hub_repo = QWEN_IMAGE_EDIT_EXAMPLE
+    editing = True  # prompts are edit rows (instruction + source image): `branchgrpo sample --image`
     text_parts = ("tokenizer", "processor", "text_encoder")  # load_qwenimage_edit_adapter
     model_parts = ("transformer", "vae")
     download = ("model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer", "processor")
