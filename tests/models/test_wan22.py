@@ -290,6 +290,42 @@ def test_mixed_micro_batch_backpropagates_into_both_experts(components):
         experts.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("sigmas", [(0.3, 0.1), (0.95, 0.9), (0.3, 0.95)], ids=["low", "high", "mixed"])
+def test_lockstep_calls_both_experts_and_changes_no_velocity_or_gradient(components, sigmas):
+    """Sharded over several processes (FSDP2), the experts' collectives run inside their calls, so every
+    call runs both experts in one order whatever its rows (a training micro-batch differs per process):
+    an expert without rows runs on row 0 and adds exactly zero, to the velocity and to every gradient."""
+    adapter = make_adapter(components)
+    velocity, experts = adapter.velocity_model(), adapter.experts
+    assert velocity.lockstep is None and not velocity.in_lockstep()  # unsharded: one call per expert with rows
+    cond = adapter.encode_prompts(list(PROMPTS[:2]))
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(3))
+    results = {}
+    experts.requires_grad_(True)
+    try:
+        for lockstep in (False, True):
+            velocity.lockstep = lockstep
+            calls, hooks = record_calls({name: components[name] for name in ("transformer", "transformer_2")})
+            try:
+                out = velocity(x, torch.tensor(sigmas), cond)
+                out.square().mean().backward()
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                     for name, p in experts.named_parameters()}
+            results[lockstep] = (out.detach(), grads, [name for name, *_ in calls])
+            experts.zero_grad(set_to_none=True)
+    finally:
+        experts.requires_grad_(False)
+    (plain, plain_grads, plain_calls), (locked, locked_grads, locked_calls) = results[False], results[True]
+    assert locked_calls == ["transformer", "transformer_2"]
+    assert len(plain_calls) == len({s >= BOUNDARY for s in sigmas})  # the experts with rows, once each
+    torch.testing.assert_close(locked, plain, rtol=0, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(locked_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_guidance_conventions_and_checks(components):
     adapter = make_adapter(components)
     velocity = adapter.velocity_model()
@@ -591,3 +627,29 @@ def test_one_rank_fsdp_shards_both_experts_and_equals_the_plain_run(trained_run)
             torch.testing.assert_close(sharded[name].full_tensor(), want.detach(), rtol=1e-4, atol=1e-6)
     finally:
         trainer.dist.close()
+
+
+def _two_rank_fsdp_trainer(out, *overrides):
+    # one parent per micro-batch: each is one step, so one expert, in an order of the rank's own
+    return family_trainer(out, "run.parallel=fsdp", "engine.train_micro_batch=1", *overrides)[1]
+
+
+def test_two_rank_fsdp_equals_the_plain_run(trained_run):
+    """Two gloo processes with FSDP, one prompt each: their training micro-batches route rows to
+    different experts, so the experts run in lockstep (Wan22Velocity.in_lockstep) and the update equals the
+    one-process run's. Without it the ranks' collectives pair different experts: here (experts of equal
+    shapes) nothing fails but the update is wrong (the first LoRA tensor compared: 36 of 96 values off);
+    with gradient checkpointing (tests/train/test_config_launch.py) the ranks waited for each other until
+    gloo's timeout."""
+    from safetensors.torch import load_file
+    from test_distributed import run_two
+
+    out = trained_run["root"].parent / "two"
+    run_two(out, factory=_two_rank_fsdp_trainer)
+    trained = load_file(str(out / "run" / "weights" / "model.safetensors"))
+    plain = dict(trained_run["trainer"].model.trainable.named_parameters())
+    assert trained.keys() == plain.keys()
+    for name, want in plain.items():
+        torch.testing.assert_close(trained[name], want.detach(), rtol=1e-4, atol=1e-6)
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["processes"] for row in rows if "reward_mean" in row] == [2]

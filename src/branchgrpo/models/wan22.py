@@ -182,6 +182,7 @@ class Wan22Velocity(torch.nn.Module):
                 f"guidance only when guidance_scale > 1 (got {guidance_scale}), for both experts"
             )
         self.transformer = experts
+        self.lockstep: bool | None = None  # run both experts in every call (None: when sharded; see in_lockstep)
         self.boundary_ratio = None if boundary_ratio is None else float(boundary_ratio)
         self.expand_timesteps = bool(expand_timesteps)
         self.num_train_timesteps = int(num_train_timesteps)
@@ -234,11 +235,28 @@ class Wan22Velocity(torch.nn.Module):
             return torch.ones_like(timestep, dtype=torch.bool)
         return timestep >= boundary
 
+    def in_lockstep(self) -> bool:
+        """Whether every call runs both experts (:attr:`lockstep`; None: when they are sharded over
+        several processes). FSDP2 all-gathers an expert's blocks in its forward and reduce-scatters
+        their gradients in its backward, so every process must call the same experts in the same
+        order; a training micro-batch's rows, and so its experts, differ between processes."""
+        if self._low is None:
+            return False
+        if self.lockstep is not None:
+            return self.lockstep
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP shards over every process (DistributedContext.shard); an unsharded parameter tells nothing,
+        # as FSDP swaps the root's parameters for unsharded ones between calls
+        return isinstance(self.transformer, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
     def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
         high = self.high_noise_rows(sigmas.to(latents.device))
-        if bool(high.all()):
+        lockstep = self.in_lockstep()
+        if bool(high.all()) and not lockstep:
             return self._high(latents, sigmas, conditioning)
-        if not bool(high.any()):
+        if not bool(high.any()) and not lockstep:
             return self._low(latents, sigmas, conditioning)
         rows = latents.shape[0]
         index_high, index_low = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
@@ -248,9 +266,15 @@ class Wan22Velocity(torch.nn.Module):
                       else value for key, value in conditioning.items()}
             return latents[index], sigmas[index.to(sigmas.device)], picked
 
-        out = torch.cat([self._high(*take(index_high)), self._low(*take(index_low))])
-        order = torch.cat([index_high, index_low])
-        return out[torch.argsort(order)]
+        outputs, order, idle = [], [], []
+        for velocity, index in ((self._high, index_high), (self._low, index_low)):
+            if index.numel():
+                outputs.append(velocity(*take(index)))
+                order.append(index)
+            else:  # lockstep: an expert without rows here runs on row 0 and adds exactly zero (and zero gradient)
+                idle.append(velocity(*take(index.new_zeros(1))).sum())
+        out = torch.cat(outputs)[torch.argsort(torch.cat(order))]
+        return out + 0.0 * idle[0] if idle else out
 
 
 class Wan22Adapter(WanAdapter):
