@@ -96,6 +96,17 @@ class DataConfig:
         """Prompt groups per iteration over ``processes`` processes."""
         return self.prompts_per_process * processes if self.prompts_per_process else self.prompts_per_iteration
 
+    def check_processes(self, processes: int) -> None:
+        """Refuse a job of ``processes`` processes whose prompt groups cannot be shared evenly (the
+        trainer's check at start-up; no model needed)."""
+        if self.global_prompts(processes) % processes:
+            total = self.prompts_per_iteration
+            raise ConfigError(
+                "data.prompts_per_iteration",
+                f"{total} prompts cannot be shared evenly by {processes} processes; set "
+                f"data.prompts_per_iteration={processes * max(1, round(total / processes))} or data.prompts_per_process=1",
+            )
+
 
 @dataclass
 class EvalConfig:

@@ -122,15 +122,7 @@ class Trainer:
             resolve_device(config.run.device), parallel=config.run.parallel, cpu_offload=config.run.cpu_offload
         )
         self.device = self.dist.device(resolve_device(config.run.device))
-        if config.data.global_prompts(self.dist.world_size) % self.dist.world_size:
-            from branchgrpo.config import ConfigError
-
-            world, total = self.dist.world_size, config.data.prompts_per_iteration
-            raise ConfigError(
-                "data.prompts_per_iteration",
-                f"{total} prompts cannot be shared evenly by {world} processes; set "
-                f"data.prompts_per_iteration={world * max(1, round(total / world))} or data.prompts_per_process=1",
-            )
+        config.data.check_processes(self.dist.world_size)
         # a busy or protected run folder fails now, before minutes of model loading
         self._on_main(lambda: check_run_folder(config.run.output_dir, config.run.resume, config.run.overwrite))
         self.model: PolicyBundle = model or build_policy(config, self.device)
