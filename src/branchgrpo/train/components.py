@@ -267,9 +267,11 @@ def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
     if config.data.heldout_prompts is not None:
         bundle.heldout_prompts = read_prompt_file(config.data.heldout_prompts, "data.heldout_prompts")
     if model.gradient_checkpointing:
-        if not hasattr(bundle.trainable, "enable_gradient_checkpointing"):
+        # under LoRA the trainable module is a view of the adapters; the blocks to recompute are its transformer's
+        module = bundle.trainable.transformer if model.lora is not None else bundle.trainable
+        if not hasattr(module, "enable_gradient_checkpointing"):
             raise ConfigError("model.gradient_checkpointing", f"the {model.family} model does not support it")
-        bundle.trainable.enable_gradient_checkpointing()
+        module.enable_gradient_checkpointing()
     if not bundle.train_prompts:
         raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
     return bundle
