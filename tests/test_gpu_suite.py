@@ -139,7 +139,7 @@ def test_trainer_row_carries_the_suite_throughput(suite):
 
 def test_budget_skips_the_cases_that_do_not_fit_and_says_so(tmp_path):
     result = run_suite.main(["--scale", "tiny", "--out", str(tmp_path), "--budget-s", "0.001",
-                             "--cases", "dancegrpo-32-lora,branchgrpo-64-lora"])
+                             "--cases", "dancegrpo-32-lora,branchgrpo-64-lora", "--options", "none"])
     assert [c["case"] for c in result["cases"]] == ["dancegrpo-32-lora"]  # the first always runs on a CPU
     assert result["cases"][0]["nfe"]["rollout_calls"] == 1 + 16 * 9  # one shared root call, then 16 rows a step
     [skipped] = result["skipped"]
