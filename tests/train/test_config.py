@@ -84,3 +84,16 @@ def test_depth_pruning_window_is_clamped_by_stop():
 def test_unknown_preset_suggests():
     with pytest.raises(ConfigError, match="did you mean 'branchgrpo-mix'"):
         method_config("branchgrpo-mixx")
+
+
+def test_a_prompts_per_iteration_override_that_prompts_per_process_would_hide_is_refused():
+    from branchgrpo.config import ConfigError
+    from branchgrpo.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"data.prompts_per_iteration: the override would be ignored: "
+                                          r"data.prompts_per_process=1 takes precedence"):
+        load_train_config("configs/flux-dev-hps.yaml", None, ["data.prompts_per_iteration=16"])
+    both = load_train_config("configs/flux-dev-hps.yaml", None,
+                             ["data.prompts_per_iteration=16", "data.prompts_per_process=0"])
+    assert both.data.global_prompts(8) == 16
+    assert load_train_config("configs/flux-dev-hps.yaml").data.global_prompts(8) == 8  # the file alone: 1 per process

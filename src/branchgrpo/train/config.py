@@ -248,7 +248,14 @@ def load_train_config(
     method = merge(method, data.get("method") or {}, MethodConfig)
     data = merge(data, {"preset": preset_name, "method": method}, TrainConfig)
     data = merge(data, override_map, TrainConfig)
-    return resolve_config(build(TrainConfig, data))
+    config = build(TrainConfig, data)
+    given = override_map.get("data") if isinstance(override_map.get("data"), Mapping) else {}
+    if "prompts_per_iteration" in given and config.data.prompts_per_process > 0:
+        raise ConfigError("data.prompts_per_iteration", (
+            f"the override would be ignored: data.prompts_per_process={config.data.prompts_per_process} "
+            "takes precedence over it; override data.prompts_per_process instead, or add "
+            "data.prompts_per_process=0 to count prompts over all processes"))
+    return resolve_config(config)
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
