@@ -17,7 +17,7 @@ import torch
 
 from branchgrpo.config import ConfigError
 from branchgrpo.families.base import ModelFamily, PolicyBundle, require_model_path
-from branchgrpo.families.qwenimage_edit import data_rows
+from branchgrpo.families.qwenimage_edit import data_rows, edit_row_problems
 
 FLUX_KONTEXT_EXAMPLE = "black-forest-labs/FLUX.1-Kontext-dev"
 
@@ -64,18 +64,7 @@ class FluxKontextFamily(ModelFamily):
 
     def check(self, config) -> list[ConfigError]:
         """The base checks and every row of both data files (a missing file is reported by the job's checks)."""
-        from branchgrpo.models.qwenimage_edit import read_edit_rows
-
-        problems = super().check(config)
-        for field in ("train_prompts", "heldout_prompts"):
-            path = getattr(config.data, field)
-            if path is None or not Path(path).is_file():
-                continue
-            try:
-                read_edit_rows(path, f"data.{field}")
-            except ConfigError as err:
-                problems.append(err)
-        return problems
+        return super().check(config) + edit_row_problems(config)
 
     def _adapter_kwargs(self, config) -> dict:
         opts = self.options(config)

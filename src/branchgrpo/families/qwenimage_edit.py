@@ -45,6 +45,23 @@ class QwenImageEditOptions:
                               f"must be > 0 (<= 1 turns guidance off), got {self.guidance_scale}")
 
 
+def edit_row_problems(config) -> list[ConfigError]:
+    """What is wrong in the edit rows of ``data.train_prompts`` and ``data.heldout_prompts`` (a file
+    that is missing is left to the job's file checks); shared by the editing families."""
+    from branchgrpo.models.qwenimage_edit import read_edit_rows
+
+    problems = []
+    for field in ("train_prompts", "heldout_prompts"):
+        path = getattr(config.data, field)
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            read_edit_rows(path, f"data.{field}")
+        except ConfigError as err:
+            problems.append(err)
+    return problems
+
+
 def data_rows(config) -> dict:
     """Every edit row of ``data.train_prompts`` and ``data.heldout_prompts`` (``ConfigError`` on a bad line)."""
     from branchgrpo.models.qwenimage_edit import read_edit_rows
@@ -72,18 +89,7 @@ class QwenImageEditFamily(ModelFamily):
 
     def check(self, config) -> list[ConfigError]:
         """The base checks and every row of both data files (a missing file is :func:`validate_job`'s line)."""
-        from branchgrpo.models.qwenimage_edit import read_edit_rows
-
-        problems = super().check(config)
-        for field in ("train_prompts", "heldout_prompts"):
-            path = getattr(config.data, field)
-            if path is None or not Path(path).is_file():
-                continue
-            try:
-                read_edit_rows(path, f"data.{field}")
-            except ConfigError as err:
-                problems.append(err)
-        return problems
+        return super().check(config) + edit_row_problems(config)
 
     def _adapter_kwargs(self, config) -> dict:
         opts = self.options(config)
