@@ -35,6 +35,7 @@ from torch import Tensor
 from branchgrpo.models.base import autocast_context
 from branchgrpo.models.flux import FluxAdapter, FluxVelocity, flux_encoder_config, latent_image_ids, pack_latents
 from branchgrpo.models.loading import FLUX_LAYOUT, ModelFiles, ModelFilesNotFoundError, PretrainedFolder
+from branchgrpo.models.pretrained import build_adapter
 from branchgrpo.models.protocol import Conditioning
 from branchgrpo.models.qwenimage_edit import EditRow, parse_edit_row
 
@@ -318,12 +319,6 @@ def load_flux_kontext_adapter(
     needed += ["transformer"] * load_transformer + ["vae"] * load_vae
     folder = PretrainedFolder(path_or_hub_id, FLUX_KONTEXT_FILES, needed, text_encoders=text_encoders,
                               local_files_only=local_files_only, revision=revision, device=device)
-
-    def load_text_encoders():
-        with folder.errors():
-            return (folder.model(CLIPTextModel, "text_encoder", dtype),
-                    folder.model(T5EncoderModel, "text_encoder_2", dtype))
-
     with folder.errors():
         tokenizer = folder.config(CLIPTokenizer, "tokenizer")
         tokenizer_2 = folder.config(T5TokenizerFast, "tokenizer_2")
@@ -332,13 +327,13 @@ def load_flux_kontext_adapter(
             folder.config(CLIPTextConfig, "text_encoder"), folder.config(T5Config, "text_encoder_2"),
             tokenizer, tokenizer_2, max_sequence_length, dtype,
         )
-        text_encoder, text_encoder_2 = folder.initial_text_encoders(load_text_encoders, 2)
-        transformer = folder.model(FluxTransformer2DModel, "transformer", dtype) if load_transformer else None
-        vae = folder.model(AutoencoderKL, "vae", vae_dtype or dtype) if load_vae else None
-    return FluxKontextAdapter(
-        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        **folder.adapter_kwargs(load_text_encoders, encoder_config, max_sequence_length), **adapter_kwargs,
+    return build_adapter(
+        folder, FluxKontextAdapter, dtype=dtype,
+        text_encoders={"text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel},
+        models={"transformer": (FluxTransformer2DModel, dtype) if load_transformer else None,
+                "vae": (AutoencoderKL, vae_dtype or dtype) if load_vae else None},
+        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, **adapter_kwargs,
     )
 
 
