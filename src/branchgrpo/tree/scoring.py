@@ -11,6 +11,7 @@ from branchgrpo.tree.advantages import FusedRewards, depth_advantages, edge_adva
 from branchgrpo.tree.counting import NfeCounts, count_nfe
 from branchgrpo.tree.rollout import RolloutTree
 from branchgrpo.tree.selection import EdgeSelection, select_edges
+from branchgrpo.tree.sibling import sibling_advantages
 from branchgrpo.tree.spec import MethodConfig
 
 
@@ -58,7 +59,10 @@ def score_topology(
     and the planner (``branchgrpo plan``) both go through it."""
     advantage = config.advantage
     fused = fuse_rewards(parent, logp, leaf_rewards, advantage.fusion_beta)
-    node_adv = depth_advantages(fused.reward, group, num_groups, advantage.std_floor)
+    if advantage.mode == "sibling":
+        node_adv = sibling_advantages(fused.reward, parent, group, num_groups, advantage.std_floor)
+    else:
+        node_adv = depth_advantages(fused.reward, group, num_groups, advantage.std_floor)
     edge_adv = edge_advantages(node_adv, advantage.advantage_clip)
     selection = select_edges(
         config, parent, group, num_groups, sde, [f.float() for f in fused.reward], edge_adv, iteration, generator,

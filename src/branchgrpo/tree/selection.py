@@ -94,6 +94,67 @@ def width_keep_anchors(
     return top | bottom
 
 
+def repeat_index(parent: list[Tensor], edge_advantage: list[Tensor]) -> list[Tensor]:
+    """How many edges directly above each edge carry the same advantage (0 = a new signal).
+
+    ``run[d][n] = run[d−1][parent] + 1`` when the edge into ``n`` has exactly the advantage of the
+    edge into its parent, else 0; depth 1 edges have no edge above them.
+    """
+    run = [torch.zeros(parent[0].numel(), dtype=torch.long)]
+    for d in range(1, len(parent)):
+        if d == 1:
+            run.append(torch.zeros(parent[1].numel(), dtype=torch.long))
+            continue
+        same = edge_advantage[d] == edge_advantage[d - 1][parent[d]]
+        run.append(torch.where(same, run[d - 1][parent[d]] + 1, torch.zeros_like(parent[d])))
+    return run
+
+
+def informative_edges(
+    candidate: list[Tensor],
+    window: range,
+    parent: list[Tensor],
+    group: list[Tensor],
+    num_groups: int,
+    edge_advantage: list[Tensor],
+) -> list[Tensor]:
+    """Train as many edges per group as the depth window would, picked by information (beyond the paper).
+
+    The budget of a group is its candidate edges outside ``window`` (the count depth pruning keeps).
+    Candidates are ranked by: first the edges that start a new advantage value along their path
+    (:func:`repeat_index` ascending), then larger ``|A|``, then shallower depth, then node index;
+    the first ``budget`` of each group are kept. Returns masks per depth (``[0]`` empty).
+    """
+    steps = len(parent) - 1
+    depth = torch.cat([torch.full((parent[d].numel(),), d) for d in range(1, steps + 1)])
+    node = torch.cat([torch.arange(parent[d].numel()) for d in range(1, steps + 1)])
+    grp = torch.cat([group[d].long() for d in range(1, steps + 1)])
+    is_candidate = torch.cat([candidate[d] for d in range(1, steps + 1)])
+    in_window = torch.tensor([d in window for d in depth.tolist()], dtype=torch.bool)
+    run = torch.cat(repeat_index(parent, edge_advantage)[1:])
+    magnitude = torch.cat([edge_advantage[d].abs().double() for d in range(1, steps + 1)])
+    budget = torch.zeros(num_groups, dtype=torch.long).index_add_(0, grp, (is_candidate & ~in_window).long())
+    # lexicographic sort (last key first, stable): group, non-candidates last, run, −|A|, depth, node
+    order = torch.arange(depth.numel())
+    for key, descending in ((node, False), (depth, False), (magnitude, True), (run, False),
+                            ((~is_candidate).long(), False), (grp, False)):
+        order = order[torch.argsort(key[order], descending=descending, stable=True)]
+    sorted_group = grp[order]
+    starts = torch.ones_like(sorted_group, dtype=torch.bool)
+    starts[1:] = sorted_group[1:] != sorted_group[:-1]
+    position = torch.arange(order.numel())
+    first = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), dim=0).values
+    rank = torch.empty_like(order)
+    rank[order] = position - first
+    keep_flat = is_candidate & (rank < budget[grp])
+    keep = [torch.zeros(0, dtype=torch.bool)]
+    offset = 0
+    for d in range(1, steps + 1):
+        keep.append(keep_flat[offset : offset + parent[d].numel()])
+        offset += parent[d].numel()
+    return keep
+
+
 def select_edges(
     config: MethodConfig,
     parent: list[Tensor],
@@ -122,7 +183,7 @@ def select_edges(
     for d in range(1, steps + 1):
         if not sde[d - 1]:
             apply("ode_step", d, torch.zeros_like(mask[d]))
-    if selection.depth_pruning is not None:
+    if selection.depth_pruning is not None and selection.edges == "window":
         for d in selection.depth_pruning.window(iteration, tree):
             if 1 <= d <= steps:
                 apply("depth_pruning", d, torch.zeros_like(mask[d]))
@@ -145,6 +206,11 @@ def select_edges(
             apply("timestep_fraction", d, chosen[group[d], d - 1])
     if selection.ignore_last:
         apply("ignore_last", steps, torch.zeros_like(mask[steps]))
+    if selection.depth_pruning is not None and selection.edges == "informative":
+        window = selection.depth_pruning.window(iteration, tree)
+        keep = informative_edges(mask, window, parent, group, num_groups, [a.cpu() for a in edge_advantage])
+        for d in range(1, steps + 1):
+            apply("informative", d, keep[d])
     normaliser = int(sum(int(m.sum()) for m in mask))
     # With a KL term an A = 0 edge still has a gradient (the KL's), so the skip is exact only without it.
     if selection.skip_zero_advantage and config.update.kl_coef == 0:

@@ -166,8 +166,13 @@ class AdvantageSpec:
     fusion_beta: float = 1.0  # β of the path-log-prob softmax; 0 = uniform mean of leaf rewards
     std_floor: float = 0.0  # floor on the per-depth std (0 = none)
     advantage_clip: float = 5.0  # A_max: edge advantages are clipped to ±A_max
+    # depthwise: z-score per group and depth (paper Eq. 4); sibling: a split child against its
+    # siblings, chain edges inherit the split edge above (docs/beyond-the-paper.md §1)
+    mode: Literal["depthwise", "sibling"] = "depthwise"
 
     def __post_init__(self) -> None:
+        if self.mode not in ("depthwise", "sibling"):
+            raise ConfigError("advantage.mode", f"must be 'depthwise' or 'sibling', got {self.mode!r}")
         if self.std_floor < 0:
             raise ConfigError("advantage.std_floor", f"must be >= 0, got {self.std_floor}")
         if self.advantage_clip <= 0:
@@ -231,8 +236,14 @@ class SelectionSpec:
     extreme_b: int = 4  # Extreme-b: keep the post-split chains of the b best and b worst leaves
     timestep_fraction: float = 1.0  # DanceGRPO: train this fraction of the steps (random per tree)
     ignore_last: bool = False  # DanceGRPO: never train the last step
+    # window: depth_pruning skips its window of depths (docs/method.md §7.2); informative: train as
+    # many edges as the window keeps, chosen by the information their advantage carries
+    # (docs/beyond-the-paper.md §2)
+    edges: Literal["window", "informative"] = "window"
 
     def __post_init__(self) -> None:
+        if self.edges not in ("window", "informative"):
+            raise ConfigError("selection.edges", f"must be 'window' or 'informative', got {self.edges!r}")
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ConfigError("selection.timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         if self.extreme_b < 1:
@@ -292,6 +303,12 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.selection.depth_pruning is not None:
             self.selection.depth_pruning.validate(self.tree)
+        if self.selection.edges == "informative" and self.selection.depth_pruning is None:
+            raise ConfigError(
+                "selection.edges",
+                "'informative' takes its edge budget from selection.depth_pruning's window, which is off; "
+                "set selection.depth_pruning (e.g. preset branchgrpo-deppru) or use 'window'",
+            )
         width = self.selection.width_pruning
         if width == "parent_top1" and self.tree.last_split_step is None:
             raise ConfigError(
