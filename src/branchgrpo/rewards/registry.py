@@ -22,6 +22,8 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "imagereward": ("branchgrpo.rewards.imagereward:ImageReward", "ImageReward v1.0 (BLIP), standardised score"),
     "clip": ("branchgrpo.rewards.clip_rewards:ClipScoreReward", "CLIP score: 100 * cosine (transformers CLIPModel)"),
     "aesthetic": ("branchgrpo.rewards.clip_rewards:AestheticReward", "LAION aesthetic predictor v2 on CLIP ViT-L/14"),
+    "edit": ("branchgrpo.rewards.edit:EditReward",
+             "editing rows: CLIP instruction following + CLIP consistency with the row's source image"),
     "ocr": ("branchgrpo.rewards.ocr:OCRReward", "Flow-GRPO text rendering: 1 - edit distance/len of the quoted text"),
     "geneval": ("branchgrpo.rewards.geneval:GenEvalReward", "GenEval composition (objects, counts, colours, positions): OWLv2 + CLIP"),
     "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
@@ -60,6 +62,8 @@ _META: dict[str, dict[str, Any]] = {
                            "improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth; its CLIP: "
                            "hf download openai/clip-vit-large-patch14 --local-dir {parent}/clip-vit-large-patch14 "
                            "(reward.options.clip_model)"},
+    "edit": {"modality": "image", "needs_checkpoint": True,
+             "fetch": "hf download openai/clip-vit-large-patch14 --local-dir {folder}"},
     "geneval": {"fetch": "hf download google/owlv2-base-patch16-ensemble --local-dir {folder}"},
     "digits": {"modality": "image", "needs_checkpoint": False, "families": ("digits",)},
     "remote": {"modality": "image", "needs_checkpoint": False},
