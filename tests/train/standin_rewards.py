@@ -1,6 +1,6 @@
 """Checkpoint-free rewards for launching the shipped configs on stand-in models.
 
-The configs name rewards whose checkpoints (HPS, PickScore) or servers (remote, VideoAlign) are not
+The configs name rewards whose checkpoints (HPS, PickScore, the edit reward's CLIP) or servers (remote, VideoAlign) are not
 available to the tests; ``imports: [standin_rewards]`` plus ``reward.name=standin_brightness``
 (``standin_video_brightness`` for video families) replaces them by the mean brightness of the decoded
 output. The factories take and ignore the config's ``reward.checkpoint`` and ``reward.options``, so
