@@ -130,7 +130,7 @@ def informative_edges(
     node = torch.cat([torch.arange(parent[d].numel()) for d in range(1, steps + 1)])
     grp = torch.cat([group[d].long() for d in range(1, steps + 1)])
     is_candidate = torch.cat([candidate[d] for d in range(1, steps + 1)])
-    in_window = torch.tensor([d in window for d in depth.tolist()], dtype=torch.bool)
+    in_window = (depth >= window.start) & (depth < window.stop)  # windows have step 1
     run = torch.cat(repeat_index(parent, edge_advantage)[1:])
     magnitude = torch.cat([edge_advantage[d].abs().double() for d in range(1, steps + 1)])
     budget = torch.zeros(num_groups, dtype=torch.long).index_add_(0, grp, (is_candidate & ~in_window).long())
