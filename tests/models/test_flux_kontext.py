@@ -243,6 +243,45 @@ def test_ode_rollout_reproduces_the_kontext_pipeline_row_by_row(oracle, micro_ba
     assert (oracle["unguided"] - latents).abs().max() > 100 * max(diffs["latent"], 1e-7)
 
 
+NEGATIVE = "blurry, low quality"
+TRUE_CFG = 3.0
+
+
+def test_true_cfg_with_a_negative_prompt_reproduces_the_kontext_pipeline(case):
+    """true_cfg_scale > 1 with a negative prompt (FluxKontextPipeline: v_neg + s·(v_pos − v_neg), two passes
+    per step on top of the embedded guidance): our η = 0 rollout of the three rows, one micro-batch."""
+    components = tiny_components(seed=2)
+    adapter = case.adapter(components, true_cfg_scale=TRUE_CFG, negative_prompt=NEGATIVE)
+    keys = list(case.prompts)
+    conditioning = adapter.encode_prompts(keys)
+    assert {"negative_prompt_embeds", "negative_pooled_prompt_embeds"} <= set(conditioning)
+    velocity = adapter.velocity_model()
+    assert velocity.uses_cfg and velocity.true_cfg_scale == TRUE_CFG
+    spec = TreeSpec(steps=STEPS, shift=SHIFT, eta=0.0, split_plan={})
+    tree = rollout(velocity, conditioning, spec, num_prompts=3, latent_shape=adapter.latent_shape(),
+                   generator=torch.Generator().manual_seed(0), micro_batch=3)
+    noise = tree.latents[0]
+    pipe = kontext_pipeline(components)
+    rows = [adapter.row(key) for key in keys]
+
+    def run(**overrides):
+        return torch.cat([pipeline_call(pipe, row, noise[i : i + 1].clone(), "latent", **overrides)
+                          for i, row in enumerate(rows)])
+
+    expected = run(true_cfg_scale=TRUE_CFG, negative_prompt=NEGATIVE)
+    without = run()
+    diff = (tree.latents[-1] - expected).abs().max().item()
+    print(f"flux-kontext true CFG {TRUE_CFG}: max|Δlatent|={diff:.2e}")
+    assert diff <= 1e-5
+    assert (without - expected).abs().max() > 100 * max(diff, 1e-7)  # the negative branch was part of it
+    # the same adapter without a negative prompt (or with scale 1) makes no negative rows and one pass
+    plain = case.adapter(components, true_cfg_scale=TRUE_CFG)
+    assert not plain.uses_negative_prompt and not plain.velocity_model().uses_cfg
+    assert "negative_prompt_embeds" not in plain.encode_prompts(keys[:1])
+    with pytest.raises(KeyError, match="negative_prompt_embeds"):
+        velocity(noise, torch.full((3,), 0.5), {k: v for k, v in conditioning.items() if not k.startswith("neg")})
+
+
 def test_the_source_image_conditions_every_call(oracle, case):
     """Another source (same instruction) moves the velocity; the source tokens carry ids (1, i, j)."""
     adapter, conditioning = oracle["adapter"], oracle["conditioning"]
@@ -438,8 +477,15 @@ def test_family_options_lora_targets_check_and_config(rows_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "image": "nowhere.png"}\n')
     config.data.train_prompts = str(tmp_path / "bad.jsonl")
     assert any(p.field == "data.train_prompts" and "nowhere.png" in str(p) for p in family.check(config))
+    cfg = load_train_config(None, "branchgrpo", ["model.family=flux-kontext", "model.options.true_cfg_scale=2.5",
+                                                 "model.options.negative_prompt=blurry"])
+    kwargs = family._adapter_kwargs(cfg)
+    assert (kwargs["true_cfg_scale"], kwargs["negative_prompt"]) == (2.5, "blurry")
+    assert (opts.true_cfg_scale, opts.negative_prompt) == (1.0, None)
     for override, field in [("model.options.height=1000", "height"), ("model.options.embedded_guidance=-1",
-                                                                      "embedded_guidance")]:
+                                                                      "embedded_guidance"),
+                            ("model.options.true_cfg_scale=0.5", "true_cfg_scale"),
+                            ("model.options.true_cfg_scale=2", "negative_prompt")]:
         with pytest.raises(ConfigError, match=rf"model\.options\.{field}"):
             load_train_config(None, "branchgrpo", ["model.family=flux-kontext", override])
     # LoRA targets: attention projections of both block kinds of the FLUX transformer

@@ -32,6 +32,8 @@ class FluxKontextOptions:
     embedded_guidance: float = 2.5  # distilled guidance, fed as an embedding (no CFG, one call per step)
     max_sequence_length: int = 512  # T5 tokens of the instruction
     auto_resize: bool = True  # sources to the nearest preferred Kontext resolution (the pipeline's); false: own size
+    true_cfg_scale: float = 1.0  # the pipeline's true CFG, on when > 1 with a negative_prompt (two passes per step)
+    negative_prompt: str | None = None  # the unconditional prompt of true CFG (null: none, true CFG off)
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -42,6 +44,12 @@ class FluxKontextOptions:
         if not math.isfinite(self.embedded_guidance) or self.embedded_guidance < 0:
             raise ConfigError("model.options.embedded_guidance",
                               f"must be a finite number >= 0, got {self.embedded_guidance}")
+        if not math.isfinite(self.true_cfg_scale) or self.true_cfg_scale < 1:
+            raise ConfigError("model.options.true_cfg_scale",
+                              f"must be a finite number >= 1 (1: no true CFG), got {self.true_cfg_scale}")
+        if self.true_cfg_scale > 1 and self.negative_prompt is None:
+            raise ConfigError("model.options.negative_prompt", f"true_cfg_scale {self.true_cfg_scale} > 1 needs a "
+                              "negative prompt (e.g. \" \"), as FluxKontextPipeline's true CFG does")
         if self.max_sequence_length < 1:
             raise ConfigError("model.options.max_sequence_length", f"must be >= 1, got {self.max_sequence_length}")
 
@@ -70,6 +78,7 @@ class FluxKontextFamily(ModelFamily):
         opts = self.options(config)
         return dict(height=opts.height, width=opts.width, guidance_scale=opts.embedded_guidance,
                     max_sequence_length=opts.max_sequence_length, auto_resize=opts.auto_resize,
+                    true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt,
                     prompt_cache_dir=config.model.prompt_cache_dir, rows=data_rows(config))
 
     def build(self, config, device: torch.device, dtype: torch.dtype) -> PolicyBundle:

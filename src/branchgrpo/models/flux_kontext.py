@@ -84,13 +84,29 @@ class FluxKontextVelocity(FluxVelocity):
     source of the encoded batch) and ``image_latent_shape [B, 2]`` (the source's unpacked latent
     ``(h, w)`` as float32). Rows are grouped by source size, one transformer call per size; the
     outputs come back in row order and keep the generated tokens only.
+
+    ``true_cfg_scale > 1`` is FluxKontextPipeline's true CFG: ``v = v_neg + s·(v_pos − v_neg)`` with
+    ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds`` in the conditioning, both halves with
+    the same source tokens and embedded guidance, in one call on the doubled batch ``[neg; pos]``.
     """
+
+    def __init__(self, *args: Any, true_cfg_scale: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.true_cfg_scale = float(true_cfg_scale)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.true_cfg_scale > 1.0
 
     def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
         missing = [key for key in ("image_latents", "image_latent_shape") if key not in conditioning]
+        if self.uses_cfg:
+            missing += [key for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+                        if key not in conditioning]
         if missing:
             raise KeyError(f"a FLUX.1 Kontext model needs {missing} in the conditioning "
-                           "(FluxKontextAdapter.encode_prompts returns them)")
+                           "(FluxKontextAdapter.encode_prompts returns them; the negative ones with a "
+                           "negative_prompt and true_cfg_scale > 1)")
         sizes = [(int(round(h)), int(round(w))) for h, w in conditioning["image_latent_shape"].tolist()]
         groups: dict[tuple[int, int], list[int]] = {}
         for row, size in enumerate(sizes):
@@ -121,6 +137,11 @@ class FluxKontextVelocity(FluxVelocity):
         hidden = torch.cat([latents, image[:, :source_tokens].to(device=device, dtype=latents.dtype)], dim=1)
         ids = torch.cat([self.img_ids, source_image_ids(*size, device=device)], dim=0)
         prompt_embeds = conditioning["prompt_embeds"].to(device)
+        pooled = conditioning["pooled_prompt_embeds"].to(device)
+        if self.uses_cfg:  # [neg; pos], one call (the pipeline makes two)
+            hidden, sigmas, batch = torch.cat([hidden, hidden]), torch.cat([sigmas, sigmas]), 2 * batch
+            prompt_embeds = torch.cat([conditioning["negative_prompt_embeds"].to(device), prompt_embeds])
+            pooled = torch.cat([conditioning["negative_pooled_prompt_embeds"].to(device), pooled])
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         guidance = (torch.full((batch,), float(self.guidance_scale), device=device, dtype=dtype)
                     if self.guidance_scale is not None else None)
@@ -128,14 +149,18 @@ class FluxKontextVelocity(FluxVelocity):
             out = self.transformer(
                 hidden_states=hidden.to(param.dtype),
                 encoder_hidden_states=prompt_embeds.to(param.dtype),
-                pooled_projections=conditioning["pooled_prompt_embeds"].to(device=device, dtype=param.dtype),
+                pooled_projections=pooled.to(param.dtype),
                 timestep=sigmas.to(param.dtype),
                 img_ids=ids.to(dtype),
                 txt_ids=txt_ids,
                 guidance=guidance,
                 return_dict=False,
             )[0]
-        return out[:, :tokens].float()
+        out = out[:, :tokens].float()
+        if self.uses_cfg:
+            negative, positive = out.chunk(2)
+            return negative + self.true_cfg_scale * (positive - negative)
+        return out
 
 
 def flux_kontext_encoder_config(*args: Any) -> dict[str, Any]:
@@ -157,14 +182,19 @@ class FluxKontextAdapter(FluxAdapter):
             ``_auto_resize``); False keeps its own size floored to a multiple of 16.
         resolutions: the preferred ``(width, height)`` list (default diffusers' ``PREFERRED_KONTEXT_RESOLUTIONS``).
         rows: ``{key: EditRow}`` known in advance (the family registers its data files').
+        true_cfg_scale, negative_prompt: FluxKontextPipeline's true CFG (on when ``true_cfg_scale > 1``
+            and a negative prompt is given: two transformer passes per step, on top of the embedded guidance).
     """
 
     family = "flux-kontext"
 
     def __init__(self, *args: Any, auto_resize: bool = True, resolutions: Sequence[tuple[int, int]] | None = None,
                  rows: Mapping[str, EditRow] | None = None, guidance_scale: float = KONTEXT_GUIDANCE,
-                 height: int = 1024, width: int = 1024, **kwargs: Any):
+                 height: int = 1024, width: int = 1024, true_cfg_scale: float = 1.0,
+                 negative_prompt: str | None = None, **kwargs: Any):
         super().__init__(*args, guidance_scale=guidance_scale, height=height, width=width, **kwargs)
+        self.true_cfg_scale = float(true_cfg_scale)
+        self.negative_prompt = negative_prompt
         self.auto_resize = bool(auto_resize)
         self.resolutions = None if resolutions is None else [tuple(pair) for pair in resolutions]
         self.rows: dict[str, EditRow] = dict(rows or {})
@@ -251,6 +281,11 @@ class FluxKontextAdapter(FluxAdapter):
         instructions = [self.row(str(key)).prompt for key in prompts]
         return super().preprocess_prompts(instructions, cache_dir, batch_size=batch_size, progress=progress)
 
+    @property
+    def uses_negative_prompt(self) -> bool:
+        """True CFG is on: a negative prompt and ``true_cfg_scale > 1`` (``guidance_scale`` is the embedded one)."""
+        return self.negative_prompt is not None and self.true_cfg_scale > 1.0
+
     # -- velocity ---------------------------------------------------------------------------
     def velocity_model(self, height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
                        compute_dtype: torch.dtype | str | None = None) -> FluxKontextVelocity:
@@ -261,6 +296,7 @@ class FluxKontextAdapter(FluxAdapter):
             transformer, latent_h, latent_w,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
             compute_dtype=self._compute_dtype(compute_dtype),
+            true_cfg_scale=self.true_cfg_scale if self.uses_negative_prompt else 1.0,
         )
 
 
