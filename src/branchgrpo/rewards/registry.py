@@ -32,7 +32,8 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "frames": ("branchgrpo.rewards.video:FrameAveragedReward",
                "videos: an image reward (option image_reward) averaged over num_frames evenly spaced frames"),
     "videoalign": ("branchgrpo.rewards.video:videoalign_reward",
-                   "videos: a learned video reward (e.g. VideoAlign MQ) from your server (url) or entry_point"),
+                   "videos: VideoAlign's VideoReward (Qwen2-VL-2B; VQ/MQ/TA), or your server (url) or entry_point"),
+    "hpsv3": ("branchgrpo.rewards.hpsv3:HPSv3Reward", "HPSv3: Qwen2-VL-7B with a reward head; the score is mu"),
 }
 
 
@@ -68,7 +69,14 @@ _META: dict[str, dict[str, Any]] = {
     "digits": {"modality": "image", "needs_checkpoint": False, "families": ("digits",)},
     "remote": {"modality": "image", "needs_checkpoint": False},
     "frames": {"modality": "video", "needs_checkpoint": None},  # None: as its image_reward option's reward
-    "videoalign": {"modality": "video", "needs_checkpoint": False},
+    "videoalign": {"modality": "video", "needs_checkpoint": False,  # True without url/entry_point: checked in train
+                   "fetch": "hf download KwaiVGI/VideoReward --local-dir {parent}; its base model's config and "
+                            "tokenizer: hf download Qwen/Qwen2-VL-2B-Instruct --local-dir {parent} --include "
+                            "'*.json' --include 'merges.txt' (or reward.options.base_model)"},
+    "hpsv3": {"modality": "image", "needs_checkpoint": True,
+              "fetch": "hf download MizzenAI/HPSv3 HPSv3.safetensors --local-dir {folder}; its base model's config "
+                       "and tokenizer: hf download Qwen/Qwen2-VL-7B-Instruct --local-dir {folder} --include '*.json' "
+                       "--include 'merges.txt' (or reward.options.base_model)"},
 }
 
 

@@ -200,3 +200,71 @@ def tiny_reward_spec(name: str, folder: str | Path, seed: int = 0, **spec: Any) 
     if name == "digits":
         return RewardSpec(name, **spec)
     raise ValueError(f"no tiny checkpoint for reward {name!r}")
+
+
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>")
+
+
+def write_qwen_tokenizer(folder: Path):
+    """A tiny byte-level BPE tokenizer (256 bytes, no merges) with Qwen2-VL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def tiny_qwen2vl_config(tokenizer, vocab_size: int) -> dict[str, Any]:
+    """A 2-layer Qwen2-VL config (hidden 32, vision depth 2) whose token ids match ``tokenizer``."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "model_type": "qwen2_vl", "vocab_size": vocab_size,
+        "image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>"),
+        "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": ids("<|im_end|>"),
+        "text_config": {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "pad_token_id": tokenizer.pad_token_id,
+                        "bos_token_id": tokenizer.pad_token_id, "eos_token_id": ids("<|im_end|>"),
+                        "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}},
+        "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2,
+                          "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+    }
+
+
+def write_tiny_qwen_reward(folder: Path, special_tokens: tuple[str, ...], head: str, seed: int = 0):
+    """A tiny Qwen2-VL reward model in the authors' layout: ``config.json`` + tokenizer in ``folder``
+    and the state dict (``model.*``, ``visual.*``, ``lm_head.*``, ``rm_head.*``) returned.
+
+    ``head``: ``"ranknet"`` (HPSv3: Linear 1024→16→2 shape pattern, shrunk to 24→8→2) or
+    ``"linear"`` (VideoAlign: one bias-free Linear to 1)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer = write_qwen_tokenizer(folder)
+    vocab_size = len(tokenizer) + len(special_tokens)
+    config = tiny_qwen2vl_config(tokenizer, vocab_size)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config))
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+        state[key] = value.detach().clone().contiguous()
+    hidden = config["text_config"]["hidden_size"]
+    if head == "ranknet":
+        layers = {0: torch.nn.Linear(hidden, 24), 3: torch.nn.Linear(24, 8), 5: torch.nn.Linear(8, 2)}
+        for index, layer in layers.items():
+            state[f"rm_head.{index}.weight"] = layer.weight.detach().clone()
+            state[f"rm_head.{index}.bias"] = layer.bias.detach().clone()
+    else:
+        state["rm_head.weight"] = torch.nn.Linear(hidden, 1, bias=False).weight.detach().clone()
+    return state

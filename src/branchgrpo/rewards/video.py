@@ -192,17 +192,36 @@ def videoalign_reward(
     retries: int = 3,
     wire_dtype: str = "uint8",
     name: str = "videoalign",
+    base_model: Any = None,
+    dimension: str = "MQ",
+    use_norm: bool = True,
+    normalization: Mapping[str, float] | None = None,
+    num_frames: int | None = None,
+    min_pixels: int = 128 * 28 * 28,
+    max_pixels: int = 448 * 448,
+    trust_pickle: bool = False,
 ) -> VideoReward:
-    """A learned video reward (e.g. VideoAlign's motion quality) from a server or an entry point.
+    """VideoAlign's VideoReward (:class:`~branchgrpo.rewards.videoalign.VideoAlignReward`, loaded from
+    ``checkpoint`` with ``base_model``, ``dimension``, ... as its options), or a learned video reward
+    from a server or an entry point.
 
-    Exactly one of ``url`` (a reward server; ``timeout``/``retries``/``wire_dtype`` as
+    At most one of ``url`` (a reward server; ``timeout``/``retries``/``wire_dtype`` as
     :class:`~branchgrpo.rewards.remote.RemoteReward`) and ``entry_point`` (``"module:function"``,
-    see :class:`EntryPointVideoReward`; ``checkpoint`` and ``entry_options`` go to it) must be set.
+    see :class:`EntryPointVideoReward`; ``checkpoint`` and ``entry_options`` go to it) may be set;
+    with neither, ``checkpoint`` is the VideoReward ``model.pth``.
     """
+    if url is None and entry_point is None and checkpoint is not None:
+        from branchgrpo.rewards.videoalign import VideoAlignReward
+
+        return VideoAlignReward(checkpoint, base_model=base_model, dimension=dimension, use_norm=use_norm,
+                                normalization=normalization, num_frames=num_frames, min_pixels=min_pixels,
+                                max_pixels=max_pixels, device=device, dtype=dtype, trust_pickle=trust_pickle,
+                                name=name)
     if (url is None) == (entry_point is None):
-        given = "both url and entry_point" if url is not None else "neither url nor entry_point"
+        given = "both url and entry_point" if url is not None else "neither url nor entry_point nor a checkpoint"
         raise RewardError(
-            f"reward {name!r} is a hook for a video reward model this package does not ship; {given} given. Set "
+            f"reward {name!r}: {given} given. Set reward.checkpoint to VideoAlign's checkpoint-*/model.pth (the "
+            "VideoReward model, see docs/rewards.md), or "
             "reward.options.url='http://HOST:PORT' (a server you run; requests carry videos [B, F, C, H, W], see "
             "branchgrpo.rewards.video.decode_videos) or reward.options.entry_point='package.module:function' (a "
             "factory returning scorer(videos, prompts) -> [B]); see docs/adapters.md, 'Wan2.1 video'"

@@ -205,8 +205,10 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
             if unknown:
                 problems.append(ConfigError(f"{prefix_opts}.{unknown[0]}", f"reward {name!r} has no such option; "
                                             f"its options: {', '.join(info.options) or '(none)'}"))
-        problems += _rule_problems(name, options, prefix_opts)
+        problems += _rule_problems(name, options, prefix_opts, checkpoint)
         needs = info.needs_checkpoint
+        if name == "videoalign" and options.get("url") is None and options.get("entry_point") is None:
+            needs = True  # the VideoReward model itself
         if needs is None and name == "frames":
             inner = options.get("image_reward")
             needs = bool(inner) and inner in known and reward_info(inner).needs_checkpoint is not False
@@ -224,10 +226,12 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
     return problems
 
 
-def _rule_problems(name: str, options: dict, prefix: str) -> list[ConfigError]:
+def _rule_problems(name: str, options: dict, prefix: str, checkpoint=None) -> list[ConfigError]:
     """Rules between a built-in reward's options that a signature cannot say."""
-    if name == "videoalign" and (options.get("url") is None) == (options.get("entry_point") is None):
-        return [ConfigError(prefix, "videoalign needs exactly one of url (your reward server) and entry_point "
+    hooks = (options.get("url") is not None) + (options.get("entry_point") is not None)
+    if name == "videoalign" and (hooks == 2 or (hooks == 0 and checkpoint is None)):
+        return [ConfigError(prefix, "videoalign needs its VideoReward checkpoint (reward.checkpoint, see "
+                            "docs/rewards.md) or exactly one of url (your reward server) and entry_point "
                             "('package.module:function' returning a video scorer); see docs/adapters.md")]
     if name == "frames" and not options.get("image_reward"):
         return [ConfigError(f"{prefix}.image_reward", "the frames reward averages an image reward over frames; "
