@@ -1,5 +1,6 @@
-"""`branchgrpo sample --image`: edits of one source image for the editing families, on a tiny saved
-FLUX.1 Kontext folder (tests/models/test_flux_kontext.py's builders), and its one-line errors."""
+"""`branchgrpo sample --image`: edits of one source image for the editing families, on tiny saved
+FLUX.1 Kontext and Qwen-Image-Edit folders (tests/models/test_flux_kontext.py's and
+test_qwenimage_edit.py's builders), and its one-line errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 import test_flux_kontext as kontext  # noqa: E402  (tests/models/ is on sys.path)
+import test_qwenimage_edit as qwen_edit  # noqa: E402
 from conformance import save_layout  # noqa: E402
 
 
@@ -117,3 +119,42 @@ def test_sample_image_errors_are_one_line(kontext_config, tmp_path, capsys, case
     captured = capsys.readouterr()
     assert captured.err == f"branchgrpo: error: {expected.format(p=path)}\n"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_image_edits_with_qwenimage_edit(tmp_path, capsys):
+    """The same command on a tiny Qwen-Image-Edit folder (true CFG 4 with the negative prompt): one grid
+    per source; another source moves the edits; the JSON rows as prompts give the same grid."""
+    save_layout(qwen_edit.tiny_components(seed=2), tmp_path / "edit")
+    qwen_edit.write_rows(tmp_path / "data", count=2)
+    config = tmp_path / "edit.yaml"
+    config.write_text(f"""\
+model:
+  family: qwenimage-edit
+  path: {tmp_path / 'edit'}
+  options: {{height: {qwen_edit.HEIGHT}, width: {qwen_edit.WIDTH}, condition_area: {qwen_edit.AREA},
+             guidance_scale: {qwen_edit.GUIDANCE}, negative_prompt: '{qwen_edit.NEGATIVE}'}}
+data:
+  train_prompts: {tmp_path / 'data' / 'rows.jsonl'}
+  heldout_prompts: {tmp_path / 'data' / 'rows.jsonl'}
+method:
+  tree: {{steps: 4, split_plan: {{0: 2, 2: 2}}}}
+run:
+  device: cpu
+  output_dir: {tmp_path / 'run'}
+""")
+    sources = [tmp_path / "data" / "source_0_0.png", tmp_path / "data" / "source_0_1.png"]
+    outputs = []
+    for index, source in enumerate(sources):
+        out = tmp_path / f"edits_{index}.png"
+        code = main(["sample", "--config", str(config), "--image", str(source), "--prompt", "blue tree",
+                     "--num", "2", "--eta", "0", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        assert f"wrote 2 images (1 prompts x 2) to {out}" in capsys.readouterr().out
+        outputs.append(grid(out))
+    assert outputs[0].shape == outputs[1].shape and outputs[0].shape[-1] == 3
+    assert (outputs[0] != outputs[1]).mean() > 0.01
+    row = json.dumps({"prompt": "blue tree", "image": str(sources[0].resolve())})
+    again = tmp_path / "rows.png"
+    assert main(["sample", "--config", str(config), "--prompt", row, "--num", "2", "--eta", "0",
+                 "--out", str(again)]) == 0
+    assert np.array_equal(grid(again), outputs[0])
