@@ -20,23 +20,10 @@ pytest.importorskip("tokenizers")
 from branchgrpo.rewards import CheckpointError, build_reward  # noqa: E402
 from branchgrpo.rewards.hpsv3 import INSTRUCTION, PROMPT_SUFFIX, REWARD_TOKEN  # noqa: E402
 from branchgrpo.rewards.registry import reward_info  # noqa: E402
-from branchgrpo.rewards.tiny import write_tiny_qwen_reward  # noqa: E402
+from branchgrpo.rewards.tiny import QWEN2VL_CHAT_TEMPLATE, write_tiny_qwen_reward  # noqa: E402
 
 torch.set_num_threads(1)
 
-# Qwen2-VL-Instruct's chat template as published with the model (tokenizer_config.json).
-QWEN2VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
 SIZE = 56  # one 2x2 merge window of 14-pixel patches per side: 4 image tokens
 PROMPTS = ["a photo of a cat", "a red car on the road, in the rain"]
 
