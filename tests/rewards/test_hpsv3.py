@@ -130,3 +130,15 @@ def test_hpsv3_missing_files_are_one_line_naming_the_file_and_fetch(tiny, tmp_pa
     lonely.write_bytes(path.read_bytes())
     with pytest.raises(CheckpointError, match=r"alone/config\.json: does not exist.*base_model"):
         build_reward("hpsv3", str(lonely))
+
+
+def test_hpsv3_config_preflight_prints_the_fetch_command(tmp_path, monkeypatch):
+    from branchgrpo.train.components import reward_problems
+    from branchgrpo.train.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(None, "branchgrpo", ["reward.name=hpsv3", "reward.checkpoint=models/HPSv3.safetensors"])
+    [problem] = map(str, reward_problems(config, "image"))
+    assert problem.startswith("reward.checkpoint: checkpoint models/HPSv3.safetensors for reward 'hpsv3' does not exist")
+    assert "`hf download MizzenAI/HPSv3 HPSv3.safetensors --local-dir models;" in problem
+    assert "hf download Qwen/Qwen2-VL-7B-Instruct --local-dir models" in problem
