@@ -3,8 +3,9 @@
 - ``frames`` (:class:`FrameAveragedReward`): any image reward on ``num_frames`` evenly spaced
   frames of every video, averaged per video. All ``B·K`` frames go to the image reward in **one**
   call (the trainer's ``reward.batch_size`` counts videos).
-- ``videoalign`` (:func:`videoalign_reward`): the hook for a learned video reward such as
-  VideoAlign (VQ / MQ / TA heads on Qwen2-VL), which this package does not ship. Either
+- ``videoalign`` (:func:`videoalign_reward`): with a checkpoint and neither option below,
+  VideoAlign's VideoReward itself (VQ / MQ / TA heads on Qwen2-VL-2B,
+  :mod:`branchgrpo.rewards.videoalign`). Otherwise the hook for any learned video reward, either
 
   * ``url``: a reward server you run, spoken to with the remote client
     (:mod:`branchgrpo.rewards.remote`, retries and all); the request's ``images`` tensor is the
@@ -16,6 +17,7 @@
   Nothing is downloaded and no remote code is trusted: only the module you name is imported.
 
     reward = build_reward("frames", "hps.pt", image_reward="hps", num_frames=4)
+    reward = build_reward("videoalign", "/ckpt/VideoReward/checkpoint-1/model.pth", dimension="MQ")
     reward = build_reward("videoalign", "/ckpt/VideoAlign", entry_point="my_rewards.videoalign:load_mq")
     scores = reward(videos, prompts)        # videos [B, F, 3, H, W] -> [B]
 """
