@@ -200,6 +200,11 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     forwards = {"rollout": counts.rollout_calls * prompts, "training": counts.training_forwards * prompts,
                 "reference": counts.training_forwards * prompts if method.update.kl_coef > 0 else 0}
     rollout_mb, train_mb = method.engine.rollout_micro_batch, method.engine.train_micro_batch
+    for field_name, value in (("rollout_micro_batch", rollout_mb), ("train_micro_batch", train_mb)):
+        if value == "auto":
+            notes.append(f"engine.{field_name}=auto is chosen at startup from free GPU memory; counted here as 1")
+    rollout_mb = 1 if rollout_mb == "auto" else rollout_mb
+    train_mb = 1 if train_mb == "auto" else train_mb
 
     # -- persistent: weights and optimizer state (1/N each under FSDP; on the host with offload) -
     def place(name: str, total: int) -> MemoryRow:

@@ -278,6 +278,9 @@ def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
         module.enable_gradient_checkpointing()
     if not bundle.train_prompts:
         raise ConfigError("data.train_prompts", f"model family {model.family} has no built-in prompts; give a prompt file")
+    from branchgrpo.resources.auto import resolve_micro_batches
+
+    resolve_micro_batches(config, device)  # engine.*_micro_batch=auto: once, now that the weights are resident
     return bundle
 
 

@@ -280,13 +280,17 @@ class UpdateSpec:
 class EngineSpec:
     """How the work is batched; changes speed and memory, never results (up to float rounding)."""
 
-    rollout_micro_batch: int = 64  # frontier rows per denoiser call during rollout
-    train_micro_batch: int = 16  # distinct parents (forwards with gradients) per training micro-batch
+    # auto: at startup, the largest power of two whose planned working set fits free CUDA memory (docs/plan.md)
+    rollout_micro_batch: int | Literal["auto"] = 64  # frontier rows per denoiser call during rollout (or auto)
+    train_micro_batch: int | Literal["auto"] = 16  # distinct parents (forwards with gradients) per training micro-batch (or auto)
 
     def __post_init__(self) -> None:
         for name in ("rollout_micro_batch", "train_micro_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"engine.{name}", f"must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value == "auto":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"engine.{name}", f"must be an integer >= 1 or 'auto', got {value!r}")
 
 
 @dataclass
