@@ -26,18 +26,11 @@ first 80 characters of the answer. No score is ever filled in.
 
 from __future__ import annotations
 
-import base64
 import http.client
-import io
-import itertools
 import json
 import math
 import os
 import random
-import re
-import socket
-import ssl
-import threading
 import time
 import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -47,103 +40,21 @@ import torch
 from torch import Tensor
 
 from branchgrpo.rewards.base import Reward, RewardError, RewardOutput
-
-POINTWISE_TEMPLATE = (
-    "You are judging an AI-generated image for the prompt: \"{prompt}\".\n"
-    "Rate how well the image matches the prompt and its visual quality on a scale from 1 to 10, "
-    "where 10 is best. Answer with only the number."
+from branchgrpo.rewards.vlm_http import _POLL_S, _Call, _Cancelled, _describe, post_once
+from branchgrpo.rewards.vlm_options import _flag, _number, _regex, _score_range
+from branchgrpo.rewards.vlm_prompts import (  # noqa: F401  (public names re-exported)
+    CHOICE_PATTERN,
+    PAIRWISE_TEMPLATE,
+    POINTWISE_TEMPLATE,
+    SCORE_PATTERN,
+    _FIRST_WINS,
+    _THINK,
+    _clip,
+    _groups,
+    _where,
+    pair_schedule,
+    png_data_url,
 )
-PAIRWISE_TEMPLATE = (
-    "You are comparing two AI-generated images for the prompt: \"{prompt}\".\n"
-    "The first image is Image 1, the second is Image 2. Which one matches the prompt better and has "
-    "higher visual quality? Answer with only 1 or 2."
-)
-SCORE_PATTERN = r"(-?\d+(?:\.\d+)?)"  # the first number
-CHOICE_PATTERN = r"(?<![\w.])([12AB])(?!\w|\.\d)"  # the first standalone 1, 2, A or B
-_FIRST_WINS = {"1": True, "A": True, "2": False, "B": False}
-_THINK = re.compile(r"^.*</think>", re.S)  # reasoning before the answer is not parsed
-_MAX_BODY = 16 * 2**20
-_POLL_S = 0.02  # how often the calling thread checks the deadlines
-
-
-class _Cancelled(Exception):
-    """The call was abandoned (another request failed or the deadline passed)."""
-
-
-def png_data_url(image: Tensor) -> str:
-    """``data:image/png;base64,...`` of one image ``[C, H, W]`` in [0, 1] (C = 1 or 3), 8-bit."""
-    from PIL import Image
-
-    pixels = (image.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    array = pixels.permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(buffer, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def pair_schedule(size: int, max_pairs_per_image: int | None, rng: random.Random) -> list[tuple[int, int]]:
-    """Pairs ``(i, j)``, ``i < j``, of positions ``0..size-1`` to compare within one group.
-
-    All ``size (size - 1) / 2`` pairs, or with ``k = max_pairs_per_image < size - 1`` a circulant
-    design on a random permutation: each image meets ``k`` others (``k + 1`` if ``k`` and ``size``
-    are both odd), ``size·k/2`` pairs.
-    """
-    if size < 2:
-        return []
-    k = size - 1 if max_pairs_per_image is None else min(max_pairs_per_image, size - 1)
-    if k == size - 1:
-        return list(itertools.combinations(range(size), 2))
-    order = list(range(size))
-    rng.shuffle(order)
-    offsets = list(range(1, k // 2 + 1))
-    if k % 2:
-        offsets.append(size // 2 if size % 2 == 0 else k // 2 + 1)
-    pairs = {tuple(sorted((order[p], order[(p + d) % size]))) for p in range(size) for d in offsets}
-    return sorted(pairs)
-
-
-def _clip(text: Any, limit: int = 80) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = str(text)
-    return repr(text[:limit] + ("…" if len(text) > limit else ""))
-
-
-class _Call:
-    """Shared state of one reward call: its deadline, the open sockets and when their attempts end."""
-
-    def __init__(self, deadline_s: float):
-        self.start = time.monotonic()
-        self.deadline = self.start + deadline_s
-        self.cancelled = threading.Event()
-        self.lock = threading.Lock()
-        self.open: dict[int, tuple[socket.socket, float]] = {}
-        self.attempts = 0
-        self.last_error = "none"
-
-    def register(self, key: int, sock: socket.socket, end: float) -> None:
-        with self.lock:
-            if self.cancelled.is_set():
-                raise _Cancelled
-            self.open[key] = (sock, end)
-
-    def unregister(self, key: int) -> None:
-        with self.lock:
-            self.open.pop(key, None)
-
-    def expire(self, now: float, everything: bool = False) -> None:
-        """Shut down the sockets whose attempt is over; blocked reads in other threads then return."""
-        with self.lock:
-            late = [sock for sock, end in self.open.values() if everything or end <= now]
-        for sock in late:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-        self.expire(0.0, everything=True)
 
 
 class VLMJudgeReward(Reward):
@@ -403,56 +314,9 @@ class VLMJudgeReward(Reward):
         )
 
     def _attempt(self, call: _Call, payload: bytes) -> tuple[int, bytes, float | None]:
-        """One POST; the calling thread shuts the socket down when the attempt's time is up."""
-        now = time.monotonic()
-        end = min(now + self.timeout, call.deadline)
-        if end <= now:
-            raise TimeoutError("total deadline reached")
-        with call.lock:
-            call.attempts += 1
-        if self._scheme == "https":
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=end - now,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=end - now)
-        key = id(conn)
-        try:
-            try:
-                conn.connect()  # bounded by the socket timeout
-                sock = conn.sock  # kept: the connection drops it once the answer says "close"
-                call.register(key, sock, end)
-                conn.request("POST", self._path, body=payload, headers=self._headers)
-                response = conn.getresponse()
-                chunks, size = [], 0
-                while True:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    sock.settimeout(left)
-                    chunk = response.read1(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > _MAX_BODY:
-                        raise http.client.HTTPException(f"answer larger than {_MAX_BODY} bytes")
-                if time.monotonic() >= end:  # the socket was shut down under the read
-                    raise TimeoutError
-                if not response.chunked and response.length:  # the server closed before the end
-                    raise http.client.IncompleteRead(b"".join(chunks), response.length)
-            except (OSError, http.client.HTTPException):
-                if time.monotonic() >= end - 1e-3:
-                    raise TimeoutError(f"timed out after {end - now:.2g} s") from None
-                raise
-            retry_after = response.getheader("Retry-After")
-            try:
-                retry_s = float(retry_after) if retry_after is not None else None
-            except ValueError:
-                retry_s = None
-            return response.status, b"".join(chunks), retry_s
-        finally:
-            call.unregister(key)
-            conn.close()
+        """One POST (:func:`~branchgrpo.rewards.vlm_http.post_once`) to this judge's endpoint."""
+        return post_once(call, payload, scheme=self._scheme, host=self._host, port=self._port, path=self._path,
+                         headers=self._headers, timeout=self.timeout)
 
     # ------------------------------------------------------------------ answers
 
@@ -508,88 +372,3 @@ class VLMJudgeReward(Reward):
 
     def _who(self) -> str:
         return f"reward 'vlm' (judge {self.model!r} at {self.url})"
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _groups(prompts: list[str], group_ids: Tensor | Sequence[int] | None) -> list[list[int]]:
-    """Indices of each group, in order of first appearance: images with the same prompt and, when
-    given, the same group id (a pair is always judged against one prompt)."""
-    if group_ids is None:
-        keys: list[Any] = list(prompts)
-    else:
-        ids = torch.as_tensor(group_ids).reshape(-1)
-        if ids.numel() != len(prompts) or ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"reward 'vlm': group_ids must be {len(prompts)} integers (one per image), "
-                             f"got {tuple(ids.shape)} {ids.dtype}")
-        keys = list(zip(ids.tolist(), prompts))
-    groups: dict[Any, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
-
-
-def _where(job: tuple[tuple[int, ...], str]) -> str:
-    images, prompt = job
-    which = f"image {images[0]}" if len(images) == 1 else f"images {images[0]} vs {images[1]}"
-    return f"{which} (prompt {_clip(prompt, 60)})"
-
-
-def _describe(err: BaseException) -> str:
-    if isinstance(err, TimeoutError) and str(err):
-        return str(err)
-    if isinstance(err, (TimeoutError, socket.timeout)):
-        return "timed out"
-    return f"{type(err).__name__}: {err}"
-
-
-def _regex(field: str, pattern: Any) -> re.Pattern:
-    try:
-        compiled = re.compile(pattern)
-    except (re.error, TypeError) as err:
-        raise RewardError(f"reward 'vlm': {field} {pattern!r} is not a regular expression ({err})") from None
-    if compiled.groups != 1:
-        raise RewardError(f"reward 'vlm': {field} {pattern!r} must have exactly one group (...), "
-                          f"it has {compiled.groups}")
-    return compiled
-
-
-def _number(field: str, value: Any, kind: type, minimum: float | None) -> Any:
-    """``value`` as ``kind`` (numeric strings from the command line accepted), ``>= minimum``."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = kind(value) if not isinstance(value, str) else kind(float(value) if kind is float else int(value))
-        if kind is int and isinstance(value, float) and value != number:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise RewardError(f"reward 'vlm': {field} must be {'an integer' if kind is int else 'a number'}, "
-                          f"got {value!r}") from None
-    if not math.isfinite(number) or (minimum is not None and number < minimum):
-        bound = "" if minimum is None else f" >= {minimum:g}"
-        raise RewardError(f"reward 'vlm': {field} must be a finite number{bound}, got {value!r}")
-    return number
-
-
-def _flag(field: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise RewardError(f"reward 'vlm': {field} must be true or false, got {value!r}")
-
-
-def _score_range(value: Any) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        lo, hi = (float(v) for v in items)
-    except (TypeError, ValueError):
-        raise RewardError(
-            f"reward 'vlm': score_range must be two numbers [lo, hi] such as [1, 10], got {value!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise RewardError(f"reward 'vlm': score_range must be [lo, hi] with finite lo < hi, got {value!r}")
-    return lo, hi
