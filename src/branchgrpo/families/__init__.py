@@ -21,12 +21,13 @@ from branchgrpo.families.flux2 import Flux2Family, Flux2KleinFamily
 from branchgrpo.families.qwenimage import QwenImageFamily
 from branchgrpo.families.qwenimage_edit import QwenImageEditFamily
 from branchgrpo.families.sd3 import SD3Family
+from branchgrpo.families.shapes import ShapesFamily
 from branchgrpo.families.registry import available_families, get_family, register_family, registered_family
 from branchgrpo.families.wan import WanFamily
 from branchgrpo.families.wan22 import Wan22Family
 from branchgrpo.families.zimage import ZImageFamily
 
-for _family in (DigitsFamily(), FluxFamily(), FluxKontextFamily(), Flux2Family(), Flux2KleinFamily(), HunyuanVideo15Family(), QwenImageFamily(), QwenImageEditFamily(), SD3Family(), WanFamily(), Wan22Family(), ZImageFamily()):
+for _family in (DigitsFamily(), FluxFamily(), FluxKontextFamily(), Flux2Family(), Flux2KleinFamily(), HunyuanVideo15Family(), QwenImageFamily(), QwenImageEditFamily(), SD3Family(), ShapesFamily(), WanFamily(), Wan22Family(), ZImageFamily()):
     register_family(_family)
 
 __all__ = [

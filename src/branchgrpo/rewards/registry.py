@@ -27,6 +27,7 @@ _REGISTRY: dict[str, tuple[str | Callable[..., Reward], str]] = {
     "ocr": ("branchgrpo.rewards.ocr:OCRReward", "Flow-GRPO text rendering: 1 - edit distance/len of the quoted text"),
     "geneval": ("branchgrpo.rewards.geneval:GenEvalReward", "GenEval composition (objects, counts, colours, positions): OWLv2 + CLIP"),
     "digits": ("branchgrpo.rewards.digits:DigitsReward", "digits world: p(prompted digit | 16x16 grey image)"),
+    "shapes": ("branchgrpo.rewards.shapes:ShapesReward", "shapes world: exact verifier of counts, colours, shapes, relations"),
     "remote": ("branchgrpo.rewards.remote:RemoteReward", "a reward served over HTTP by python -m branchgrpo.rewards.server"),
     "vlm": ("branchgrpo.rewards.vlm:VLMJudgeReward", "a VLM judge on an OpenAI-compatible server (vLLM, SGLang): pointwise or pairwise"),
     "frames": ("branchgrpo.rewards.video:FrameAveragedReward",
@@ -67,6 +68,7 @@ _META: dict[str, dict[str, Any]] = {
              "fetch": "hf download openai/clip-vit-large-patch14 --local-dir {folder}"},
     "geneval": {"fetch": "hf download google/owlv2-base-patch16-ensemble --local-dir {folder}"},
     "digits": {"modality": "image", "needs_checkpoint": False, "families": ("digits",)},
+    "shapes": {"modality": "image", "needs_checkpoint": False, "families": ("shapes",)},
     "remote": {"modality": "image", "needs_checkpoint": False},
     "frames": {"modality": "video", "needs_checkpoint": None},  # None: as its image_reward option's reward
     "videoalign": {"modality": "video", "needs_checkpoint": False,  # True without url/entry_point: checked in train
