@@ -3,7 +3,8 @@
 For judges that need their own GPU or environment (VLM judges such as UnifiedReward), or to share
 one reward model between trainers. The reference server is :mod:`branchgrpo.rewards.server`.
 
-Wire format (version ``branchgrpo-reward/1``):
+Wire format (version ``branchgrpo-reward/1``, encoded and decoded in
+:mod:`branchgrpo.rewards.remote_wire`; the socket helpers are in :mod:`branchgrpo.rewards.remote_http`):
 
 * ``POST /score``, ``Content-Type: application/octet-stream``, body = safetensors bytes with one
   tensor ``images`` ``[B, C, H, W]`` (``uint8`` 0-255, or ``float16``/``float32`` in [0, 1]) and
@@ -23,155 +24,50 @@ exactly ``B`` finite numbers within float32 range is an error at once. It never 
 from __future__ import annotations
 
 import http.client
-import io
-import ipaddress
 import json
 import math
 import os
 import re
 import socket
 import ssl
-import struct
-import threading
 import time
 import urllib.parse
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from branchgrpo.rewards.base import Reward, RewardError
+from branchgrpo.rewards.remote_http import (
+    _MAX_HEAD_BYTES,
+    _content_length,
+    _error_detail,
+    _Fail,
+    _one_line,
+    _parse_answer,
+    _resolve,
+    _send_all,
+    _time_left,
+)
+from branchgrpo.rewards.remote_wire import (  # noqa: F401  (the wire format's names, re-exported)
+    FLOAT32_MAX,
+    FORMAT,
+    WIRE_DTYPES,
+    WireFormatError,
+    _preview,
+    _safetensors_metadata,
+    decode_images,
+    decode_scores,
+    encode_images,
+)
 
-FORMAT = "branchgrpo-reward/1"
-WIRE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 TOKEN_ENV = "BRANCHGRPO_REWARD_TOKEN"  # the bearer token when ``token=`` is not given (client and server)
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are float32 [B]; larger scores are refused
 MAX_ANSWER_BYTES = 4 * 2**20  # default cap on an answer body (B scores are ~25 bytes each)
-_MAX_HEAD_BYTES = 64 * 2**10  # status line + headers of an answer
-_SEND_CHUNK = 2**20
 
 
 class RemoteRewardError(RewardError):
     """The remote reward gave no valid scores (server down, timing out, refusing, or garbage)."""
 
-
-class WireFormatError(ValueError):
-    """A request or answer body that does not follow the wire format."""
-
-
-def encode_images(images: Tensor, prompts: Sequence[str], wire_dtype: str = "uint8") -> bytes:
-    """Request body: safetensors bytes of ``images`` (quantised to ``wire_dtype``) + prompts."""
-    from safetensors.torch import save
-
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
-    images = images.detach().float().cpu().clamp(0.0, 1.0)
-    if wire_dtype == "uint8":
-        payload = (images * 255.0).round().to(torch.uint8)
-    else:
-        payload = images.to(WIRE_DTYPES[wire_dtype])
-    metadata = {"format": FORMAT, "prompts": json.dumps(list(prompts))}
-    return save({"images": payload.contiguous()}, metadata=metadata)
-
-
-def _safetensors_metadata(body: bytes) -> dict[str, str]:
-    if len(body) < 8:
-        raise WireFormatError("body too short for safetensors")
-    (header_len,) = struct.unpack("<Q", body[:8])
-    if header_len > len(body) - 8 or header_len > 100 * 2**20:
-        raise WireFormatError("safetensors header length is out of range")
-    try:
-        header = json.loads(body[8 : 8 + header_len])
-    except ValueError as err:
-        raise WireFormatError(f"safetensors header is not JSON: {err}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise WireFormatError("safetensors header has no __metadata__")
-    return meta
-
-
-def decode_images(body: bytes) -> tuple[Tensor, list[str]]:
-    """Inverse of :func:`encode_images`: float32 images in [0, 1] and the prompts."""
-    from safetensors.torch import load
-
-    meta = _safetensors_metadata(body)
-    if meta.get("format") != FORMAT:
-        raise WireFormatError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    try:
-        prompts = json.loads(meta["prompts"])
-    except (KeyError, ValueError):
-        raise WireFormatError("metadata 'prompts' is missing or not JSON") from None
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise WireFormatError("metadata 'prompts' must be a JSON list of strings")
-    try:
-        tensors = load(body)
-    except Exception as err:
-        raise WireFormatError(f"body is not valid safetensors: {err}") from None
-    if set(tensors) != {"images"}:
-        raise WireFormatError(f"expected one tensor 'images', got {sorted(tensors)}")
-    images = tensors["images"]
-    if images.ndim != 4:
-        raise WireFormatError(f"images must be [B, C, H, W], got {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        images = images.float() / 255.0
-    elif images.dtype in (torch.float16, torch.float32):
-        images = images.float()
-    else:
-        raise WireFormatError(f"images dtype {images.dtype} is not uint8, float16 or float32")
-    if images.shape[0] != len(prompts):
-        raise WireFormatError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    return images, prompts
-
-
-
-def decode_scores(body: bytes, expected: int) -> list[float]:
-    """The ``scores`` of an answer body: exactly ``expected`` finite numbers within float32 range.
-
-    Rewards are used as float32 (a :class:`~branchgrpo.rewards.base.Reward` returns ``[B]``
-    float32), so a score whose float32 cast overflows (``|s| > 3.4e38``, e.g. ``1e300``) is refused
-    here instead of turning into inf and then NaN downstream. :class:`WireFormatError` names the
-    first bad score.
-    """
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise WireFormatError(f"answer is not JSON: {_preview(body)}") from None
-    if not isinstance(data, dict) or "scores" not in data:
-        raise WireFormatError(f"answer has no 'scores': {_preview(data)}")
-    scores = data["scores"]
-    if not isinstance(scores, list) or len(scores) != expected:
-        got = len(scores) if isinstance(scores, list) else type(scores).__name__
-        raise WireFormatError(f"answer has {got} scores for {expected} images")
-    values = []
-    for index, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise WireFormatError(f"score {index} is {_preview(score)}, not a finite number")
-        try:
-            value = float(score)
-        except OverflowError:  # a JSON integer beyond float64
-            value = math.inf
-        if not math.isfinite(value):
-            raise WireFormatError(f"score {index} is {_preview(score)}, not a finite number")
-        if abs(value) > FLOAT32_MAX:
-            raise WireFormatError(
-                f"score {index} is {value:g}, outside the float32 range ±{FLOAT32_MAX:.4g} rewards are used in"
-            )
-        values.append(value)
-    return values
-
-
-class _Fail(Exception):
-    """An attempt failed in a way another attempt would not fix; the message follows the URL."""
-
-
-class _Replay:
-    """A socket stand-in that lets :class:`http.client.HTTPResponse` parse bytes already received."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def makefile(self, mode: str) -> io.BytesIO:
-        return io.BytesIO(self.data)
 
 
 class RemoteReward(Reward):
@@ -440,87 +336,3 @@ class RemoteReward(Reward):
         if isinstance(err, socket.gaierror):
             return f"cannot resolve host {self._host!r}: {err.strerror}"
         return _one_line(f"{type(err).__name__}: {err}")
-
-
-def _time_left(deadline: float) -> float:
-    """Seconds until ``deadline``; :class:`TimeoutError` once it has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    return left
-
-
-def _resolve(host: str, port: int, deadline: float) -> list:
-    """``getaddrinfo`` by ``deadline``: the OS resolver has no timeout, so a name is looked up in a thread."""
-    try:
-        ipaddress.ip_address(host)
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # a literal: no lookup
-    except ValueError:
-        pass
-    found: dict[str, Any] = {}
-
-    def lookup() -> None:
-        try:
-            found["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as err:
-            found["error"] = err
-
-    worker = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
-    worker.start()
-    worker.join(_time_left(deadline))
-    if worker.is_alive():
-        raise TimeoutError(f"resolving {host} took past the deadline")
-    if "error" in found:
-        raise found["error"]
-    return found["infos"]
-
-
-def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
-    view = memoryview(data)
-    sent = 0
-    while sent < len(view):
-        sock.settimeout(_time_left(deadline))
-        sent += sock.send(view[sent : sent + _SEND_CHUNK])
-
-
-def _content_length(head: bytes) -> int | None:
-    match = re.search(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*(?:\r\n|$)", head, re.IGNORECASE)
-    return int(match.group(1)) if match else None
-
-
-def _parse_answer(raw: bytes) -> tuple[int, bytes]:
-    """``(status, body)`` of a complete HTTP answer; retryable errors for a cut one, :class:`_Fail` for junk."""
-    if not raw:
-        raise http.client.RemoteDisconnected("connection closed without an answer")
-    if b"\r\n\r\n" not in raw:
-        raise http.client.IncompleteRead(raw)
-    response = http.client.HTTPResponse(_Replay(raw))  # type: ignore[arg-type]
-    try:
-        response.begin()
-    except http.client.HTTPException:
-        raise _Fail(f"answered garbage: not an HTTP answer: {_preview(raw)}") from None
-    return response.status, response.read()  # IncompleteRead when the body was cut off
-
-
-def _preview(value: Any, limit: int = 120) -> str:
-    """A one-line, bounded ``repr`` for error messages."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return f"an integer of {len(str(value))} digits"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(text: str, limit: int = 500) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _error_detail(body: bytes) -> str:
-    """The ``error`` of a JSON error answer, else a short preview of the body; one line."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return _preview(body) if body else "(no body)"
-    if isinstance(data, dict) and "error" in data:
-        return _one_line(str(data["error"]))
-    return _preview(data)
