@@ -1,0 +1,250 @@
+"""The GPU suite's measurement of one case: rollout, reward and update timed and counted (seconds,
+peak memory, FLOPs, NFE, |ρ − 1|), and the seconds a case is predicted to take (benchmarks/gpu/run_suite.py)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator
+
+from suite_cases import CONFIG, Case, Scale, build_transformer, prepare_training
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+class Clock:
+    """Phase times (device-synchronised) and peak allocated memory per phase."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.peak_bytes: dict[str, int | None] = {}
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        import torch
+
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[name] = time.perf_counter() - start
+        self.peak_bytes[name] = torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+
+
+@contextmanager
+def counted_flops(enabled: bool, into: dict[str, int], key: str) -> Iterator[None]:
+    """With ``enabled``: count the FLOPs of the block with ``FlopCounterMode``, attention as
+    matmuls it sees (the math SDPA backend), into ``into[key]``."""
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        yield
+    into[key] = int(counter.get_total_flops())
+
+
+def plan_estimate(case: Case, scale: Scale, steps: int) -> dict[str, Any] | None:
+    """``branchgrpo plan``'s per-phase memory for the LoRA cases (it does not model a partial
+    fine-tune)."""
+    if case.training != "lora":
+        return None
+    from branchgrpo.resources import estimate_job
+    from branchgrpo.train.config import load_train_config
+
+    dtype = "float32" if scale.weights_dtype == "float32" else "auto"
+    config = load_train_config(CONFIG, case.preset, [
+        f"model.lora.rank={scale.lora_rank}", "run.parallel=ddp", f"model.dtype={dtype}",
+        f"model.options.height={case.size}", f"model.options.width={case.size}",
+        f"model.options.max_sequence_length={scale.text_tokens}", *job_overrides(scale, steps)])
+    estimate = estimate_job(config, scale.config, processes=1)
+    return {"phase_peak_bytes": {k: estimate.phase_peak(k) for k in estimate.phases},
+            "peak_bytes": estimate.peak, "peak_phase": estimate.peak_phase}
+
+
+def job_overrides(scale: Scale, steps: int) -> list[str]:
+    """What the suite changes in ``configs/flux-dev-hps.yaml``: steps and (tiny) micro-batches."""
+    out = [f"method.tree.steps={steps}"]
+    if scale.micro_batches:
+        out += [f"method.engine.rollout_micro_batch={scale.micro_batches[0]}",
+                f"method.engine.train_micro_batch={scale.micro_batches[1]}"]
+    return out
+
+
+def method_for(case: Case, scale: Scale, steps: int):
+    """``configs/flux-dev-hps.yaml``'s method with ``case.preset`` (as ``train --config ... --preset``)."""
+    from branchgrpo.train.config import load_train_config
+
+    return load_train_config(CONFIG, case.preset, job_overrides(scale, steps)).method
+
+
+def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
+             compile_mode: str = "off") -> dict[str, Any]:
+    """One training iteration of ``case``, wired as ``Trainer.step`` (one prompt, one process)."""
+    import torch
+
+    from branchgrpo.families import PolicyBundle
+    from branchgrpo.models.flux import FluxVelocity
+    from branchgrpo.rewards.base import RewardOutput
+    from branchgrpo.train.components import use_master_weights
+    from branchgrpo.train.distributed import DistributedContext
+    from branchgrpo.train.metrics import iteration_metrics, phase_flops, row_flops
+    from branchgrpo.train.trainer import RandomStream, iteration_generator
+    from branchgrpo.tree.rollout import rollout
+    from branchgrpo.tree.scoring import score_tree
+    from branchgrpo.update import gather_training_edges, policy_update
+
+    device = torch.device(scale.device)
+    weights_dtype = getattr(torch, scale.weights_dtype)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    method = method_for(case, scale, steps)
+    clock = Clock(device)
+    record: dict[str, Any] = {"case": case.name, "preset": case.preset, "resolution": case.size,
+                              "training": case.training, "compile": compile_mode}
+
+    with clock.phase("build"):
+        transformer = build_transformer(scale.config, device, weights_dtype, seed)
+        prepare_training(transformer, case, scale)
+        if compile_mode == "blocks":  # model.compile=blocks: compiled during the warm-up, not the phases
+            from branchgrpo.models.speed import compile_blocks
+
+            compile_blocks(transformer)
+        latent = case.size // 8  # VAE factor 8; packed 2×2 → (size/16)² tokens
+        policy = FluxVelocity(transformer, latent, latent, guidance_scale=3.5).to(device)
+        tokens, channels = (latent // 2) ** 2, int(scale.config["in_channels"])
+        bundle = PolicyBundle(family="flux", policy=policy, trainable=transformer, latent_shape=(tokens, channels),
+                              encode_prompts=lambda prompts: {}, decode=lambda x: x)
+        use_master_weights(bundle, compute)  # trained tensors in float32, forward under bf16 autocast on CUDA
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=method.update.learning_rate,
+                                      weight_decay=method.update.weight_decay)
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        conditioning = {  # T5 [P, L, 4096] and CLIP pooled [P, 768] in the full model
+            "prompt_embeds": torch.randn(1, scale.text_tokens, scale.config["joint_attention_dim"], generator=g,
+                                         device=device),
+            "pooled_prompt_embeds": torch.randn(1, scale.config["pooled_projection_dim"], generator=g, device=device),
+        }
+    record["parameters"] = sum(p.numel() for p in transformer.parameters())
+    record["trained_parameters"] = sum(p.numel() for p in params)
+    row = row_flops(transformer, tokens, scale.text_tokens)
+
+    with clock.phase("warmup"):  # kernels, cuBLAS handles and autotuning: one row without and with gradients
+        x = torch.randn(1, tokens, channels, generator=g, device=device)
+        sigma = torch.full((1,), 0.5, device=device)
+        with torch.no_grad():
+            policy(x, sigma, conditioning)
+        policy.train()
+        policy(x, sigma, conditioning).square().mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+        policy.eval()
+
+    counted: dict[str, int] = {}
+    it = 0
+    with clock.phase("rollout"), counted_flops(check_flops, counted, "rollout"):
+        tree = rollout(
+            policy, conditioning, method.tree, 1, (tokens, channels),
+            generator=[iteration_generator(seed, it, RandomStream.ROLLOUT, 0)], iteration=it,
+            micro_batch=method.engine.rollout_micro_batch, device=device,
+        )
+    with clock.phase("reward"):  # stand-in: the mean of each leaf's x̂0 latent, no VAE decode
+        rewards = tree.leaf_x0.float().mean(dim=tuple(range(1, tree.leaf_x0.ndim)))
+        scored = RewardOutput(total=rewards.cpu(), components={"latent_mean": rewards.cpu()})
+    with clock.phase("update"), counted_flops(check_flops, counted, "update"):
+        scores = score_tree(tree, scored.total.to(torch.float64), method,
+                            generator=[iteration_generator(seed, it, RandomStream.SELECTION, 0)])
+        edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
+        policy.train()
+        stats = policy_update(policy, optimizer, edges, conditioning, method,
+                              generator=iteration_generator(seed, it, RandomStream.UPDATE, 0))
+        policy.eval()
+
+    times = {"rollout": clock.seconds["rollout"], "reward": clock.seconds["reward"], "train": clock.seconds["update"]}
+    metrics = iteration_metrics(scored, tree, scores, edges, stats, times, method, DistributedContext(),
+                                lr=method.update.learning_rate, device=device, reward_name="latent_mean",
+                                policy=policy, conditioning=conditioning)
+    model_flops = phase_flops(policy, conditioning, tree, stats, method)
+    flops = {"rollout": model_flops["rollout"], "update": model_flops["train"],
+             "update_recompute": stats.training_forwards * row.recompute}
+    peak = _peak_tflops(device, compute)
+    seconds = {"build": clock.seconds["build"], "warmup": clock.seconds["warmup"], "rollout": times["rollout"],
+               "reward": times["reward"], "update": times["train"]}
+
+    def rate(value: float, secs: float) -> float | None:
+        return value / secs / 1e12 if secs > 0 else None
+
+    def mfu(value: float, secs: float) -> float | None:
+        return rate(value, secs) / peak if peak and secs > 0 else None
+
+    record.update({
+        "tokens": {"image": tokens, "text": scale.text_tokens},
+        "seconds": seconds,
+        "peak_memory_bytes": {k: clock.peak_bytes.get(k) for k in ("rollout", "reward", "update")},
+        "plan_estimate": plan_estimate(case, scale, steps),
+        "flops_per_row": asdict(row),
+        "flops": flops,
+        "tflops": {"rollout": rate(flops["rollout"], seconds["rollout"]),
+                   "update": rate(flops["update"], seconds["update"]),
+                   "update_with_recompute": rate(flops["update"] + flops["update_recompute"], seconds["update"])},
+        "mfu": {"rollout": mfu(flops["rollout"], seconds["rollout"]),
+                "update": mfu(flops["update"], seconds["update"])},
+        "nfe": {"rollout_calls": tree.rollout_calls, "training_forwards": stats.training_forwards,
+                "trained_edges": stats.trained_edges, **{f"plan_{k}": v for k, v in asdict(scores.nfe).items()}},
+        "ratio_max_deviation_first_step": stats.ratio_max_deviation_first_step,
+        "clip_range": method.update.clip_range,
+        "optimizer_steps": stats.optimizer_steps,
+        "skipped_steps": stats.skipped_steps,
+        "nonfinite_micro_batches": stats.nonfinite_micro_batches,
+        "grad_norm": stats.grad_norms[-1] if stats.grad_norms else None,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "trainer_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+    })
+    if check_flops:
+        record["flops_counted"] = counted
+    return record
+
+
+def _peak_tflops(device, compute) -> float | None:
+    import torch
+
+    from branchgrpo.train.metrics import peak_tflops
+
+    return peak_tflops(device) if compute in (torch.bfloat16, torch.float16) else None
+
+
+def predicted_seconds(case: Case, scale: Scale, steps: int, rate: float | None) -> float | None:
+    """Seconds the case's rollout and update should take at ``rate`` FLOP/s (recomputation
+    included), from ``branchgrpo plan``'s counts and the architecture; None without a rate."""
+    if not rate:
+        return None
+    from branchgrpo.models.lora import DEFAULT_TARGET_MODULES
+    from branchgrpo.resources import FluxArchitecture, Tokens, Training
+    from branchgrpo.train.metrics import PartialTraining, flux_row_flops
+    from branchgrpo.tree.nfe import plan
+
+    arch = FluxArchitecture(scale.config)
+    if case.training == "lora":
+        train = Training(scale.lora_rank, DEFAULT_TARGET_MODULES)
+    else:
+        train = PartialTraining(weights=frozenset(x.name for x in arch.linears() if x.name.startswith(
+            tuple(prefix + "." for prefix in scale.blocks))))
+    row = flux_row_flops(arch, Tokens(arch.image_tokens(case.size, case.size), scale.text_tokens), train, True)
+    counts = plan(method_for(case, scale, steps)).counts
+    return (counts.rollout_calls * row.forward
+            + counts.training_forwards * (row.forward + row.backward + row.recompute)) / rate
