@@ -1,7 +1,9 @@
 """Qwen-Image adapter: the velocity call of a diffusers ``QwenImageTransformer2DModel`` with Qwen's
 true classifier-free guidance behind the :class:`~branchgrpo.models.protocol.VelocityModel`
 protocol, and :class:`QwenImageAdapter` (the Qwen2.5-VL text encoder with the on-disk prompt cache,
-``AutoencoderKLQwenImage`` decoding, loading).
+``AutoencoderKLQwenImage`` decoding, loading). The parts live beside it and are re-exported here:
+the schedule, true CFG and the velocity call in :mod:`~branchgrpo.models.qwenimage_transformer`,
+loading in :mod:`~branchgrpo.models.qwenimage_loading`.
 
 Conventions match diffusers' ``QwenImagePipeline``:
 
@@ -30,172 +32,37 @@ and then stretches the grid so its last non-zero σ is ``shift_terminal = 0.02``
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from branchgrpo.models.base import DiffusersAdapter, GuidedVelocity, autocast_context, latent_statistics
+from branchgrpo.models.base import DiffusersAdapter, latent_statistics
 from branchgrpo.models.base import text_encoder_config as _encoder_fingerprint
 from branchgrpo.models.flux import pack_latents, unpack_latents
-from branchgrpo.models.loading import ModelFiles, ModelFilesNotFoundError, PretrainedFolder
-from branchgrpo.models.pretrained import build_adapter, diffusers_layout, download_patterns
 from branchgrpo.models.prompt_cache import PromptEmbeddingCache
-from branchgrpo.models.protocol import Conditioning
+from branchgrpo.models.qwenimage_loading import (
+    QWEN_IMAGE_FILES,
+    QWEN_IMAGE_HUB_ID,
+    QWEN_IMAGE_LAYOUT,
+    QWEN_IMAGE_LAYOUT_TEXT,
+    QwenImageFilesNotFoundError,
+    load_qwenimage_adapter,
+)
+from branchgrpo.models.qwenimage_transformer import (  # noqa: F401  (re-exported)
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    QwenImageVelocity,
+    _mu,
+    diffusers_qwenimage_sigmas,
+    image_tokens,
+    pad_text,
+    qwenimage_dynamic_shift,
+    trim_text,
+    true_cfg,
+)
 
-QWEN_IMAGE_HUB_ID = "Qwen/Qwen-Image"
 MAX_SEQUENCE_LENGTH_LIMIT = 1024  # QwenImagePipeline.check_inputs refuses more
-
-# Qwen/Qwen-Image scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
-QWEN_IMAGE_SCHEDULER_CONFIG: Mapping[str, Any] = {
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 0.9,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 8192,
-    "shift_terminal": 0.02,
-    "time_shift_type": "exponential",
-}
-
-
-def image_tokens(height: int, width: int, vae_scale_factor: int = 8) -> int:
-    """Packed latent tokens of a ``height × width`` image (``QwenImagePipeline``'s ``image_seq_len``)."""
-    return (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
-
-
-def qwenimage_dynamic_shift(height: int, width: int, vae_scale_factor: int = 8,
-                            scheduler_config: Mapping[str, Any] = QWEN_IMAGE_SCHEDULER_CONFIG) -> float:
-    """The ``shift`` of Qwen-Image's resolution-dependent schedule at ``height × width``: ``e^μ``.
-
-    ``μ`` is the pipeline's ``calculate_shift`` of the packed token count with the scheduler's
-    anchors (``base_shift``/``max_shift`` at ``base_image_seq_len``/``max_image_seq_len``, not
-    clamped); the exponential time shift ``e^μ / (e^μ + 1/σ − 1)`` is docs/method.md §2's with
-    ``shift = e^μ``: 2.00 at 1024², 2.30 at 1328² (the model card's 1:1 size).
-    """
-    return math.exp(_mu(height, width, vae_scale_factor, scheduler_config))
-
-
-def _mu(height: int, width: int, vae_scale_factor: int, scheduler_config: Mapping[str, Any]) -> float:
-    """``QwenImagePipeline``'s ``μ = calculate_shift(image_seq_len, ...)`` with the scheduler's anchors."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-    return calculate_shift(
-        image_tokens(height, width, vae_scale_factor),
-        scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096),
-        scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15),
-    )
-
-
-def diffusers_qwenimage_sigmas(steps: int, height: int, width: int, vae_scale_factor: int = 8,
-                               scheduler_config: Mapping[str, Any] = QWEN_IMAGE_SCHEDULER_CONFIG) -> Tensor:
-    """The σ grid ``QwenImagePipeline`` samples on by default (``[T + 1]``, float64), for comparison.
-
-    It is ``sigma_schedule(T, qwenimage_dynamic_shift(h, w))`` stretched so that the last σ before 0
-    is ``shift_terminal`` (0.02): ``σ' = 1 − (1 − σ)·(1 − 0.02)/(1 − σ_{T−1})``. Our trees keep
-    ``sigma_schedule`` (the stretch would move every σ but the first).
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(**dict(scheduler_config))
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps),
-                            mu=_mu(height, width, vae_scale_factor, scheduler_config))
-    return scheduler.sigmas.double()
-
-
-def true_cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Qwen-Image's guided prediction: ``c = u + g·(v − u)`` rescaled to ``‖v‖`` over the last axis.
-
-    ``QwenImagePipeline``'s ``comb_pred * (‖noise_pred‖ / ‖comb_pred‖)`` with norms over the
-    packed channels of each token (``dim=-1``), so every token keeps the conditional magnitude.
-    """
-    combined = uncond + scale * (cond - uncond)
-    return combined * (torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
-                       / torch.linalg.vector_norm(combined, dim=-1, keepdim=True))
-
-
-def pad_text(embeds: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Zero-pad ``[B, L, D]`` embeddings and their ``[B, L]`` mask to ``length`` tokens."""
-    extra = length - embeds.shape[1]
-    if extra < 0:
-        raise ValueError(f"cannot pad {embeds.shape[1]} tokens to {length}")
-    if extra == 0:
-        return embeds, mask
-    return (torch.cat([embeds, embeds.new_zeros(embeds.shape[0], extra, embeds.shape[2])], dim=1),
-            torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1))
-
-
-def trim_text(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop the trailing tokens that no row attends to (they change nothing: the transformer masks
-    them out of every attention and the text RoPE positions of the others do not move)."""
-    used = mask.bool().any(dim=0)
-    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
-    return embeds[:, :length], mask[:, :length]
-
-
-class QwenImageVelocity(GuidedVelocity):
-    """``vθ(x, σ, c)`` of a ``QwenImageTransformer2DModel`` on packed latents ``[B, N, 64]``, with true CFG.
-
-    Conditioning keys: ``prompt_embeds [B, L, D]``, ``prompt_embeds_mask [B, L]`` (1 = token,
-    0 = padding) and, when ``guidance_scale > 1``, ``negative_prompt_embeds`` /
-    ``negative_prompt_embeds_mask``. With guidance the transformer is called **once** on ``[x; x]``
-    with ``[negative; positive]`` texts padded to one length, and the result is :func:`true_cfg`
-    (the pipeline's norm-preserving mix); ``guidance_scale <= 1`` is one plain call. Trailing
-    padding that no row uses is dropped first, and an all-ones mask is passed as ``None`` (as the
-    pipeline does). Timestep ``σ`` (float32); outputs float32.
-    """
-
-    transformer_inputs = {"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"}
-    default_guidance_scale = 4.0  # the model card's true_cfg_scale
-    adapter_name = "QwenImageAdapter"
-
-    def __init__(self, transformer: torch.nn.Module, latent_height: int, latent_width: int,
-                 guidance_scale: float | None = None, compute_dtype: torch.dtype | None = None):
-        if getattr(transformer.config, "guidance_embeds", False):
-            raise ValueError("guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported; "
-                             "Qwen-Image uses true classifier-free guidance")
-        super().__init__(transformer, guidance_scale, compute_dtype, timestep_scale=1.0)
-        self.latent_height, self.latent_width = int(latent_height), int(latent_width)
-
-    def _image_tokens(self, x: Tensor, conditioning: Conditioning, doubled: bool) -> tuple[Tensor, list]:
-        """The transformer's image-stream input for latents ``x`` (``[x; x]`` when ``doubled``) and its
-        ``img_shapes`` (the packed grid per row, for RoPE)."""
-        return x, [[(1, self.latent_height // 2, self.latent_width // 2)]] * x.shape[0]
-
-    def forward(self, latents: Tensor, sigmas: Tensor, conditioning: Conditioning) -> Tensor:
-        param = self._base_param()
-        device = latents.device
-        embeds = conditioning["prompt_embeds"].to(device)
-        mask = conditioning["prompt_embeds_mask"].to(device)
-        x = latents
-        timestep = sigmas.to(device=device, dtype=torch.float32) * self.timestep_scale
-        if self.uses_cfg:
-            self._require_negatives(conditioning)
-            negative = conditioning["negative_prompt_embeds"].to(device)
-            negative_mask = conditioning["negative_prompt_embeds_mask"].to(device)
-            length = max(embeds.shape[1], negative.shape[1])
-            negative, negative_mask = pad_text(negative, negative_mask, length)
-            embeds, mask = pad_text(embeds, mask, length)
-            embeds, mask = torch.cat([negative, embeds], dim=0), torch.cat([negative_mask, mask], dim=0)
-            x = torch.cat([latents, latents], dim=0)
-            timestep = torch.cat([timestep, timestep], dim=0)
-        embeds, mask = trim_text(embeds, mask)
-        attention_mask = None if bool(mask.bool().all()) else mask.bool()
-        hidden, img_shapes = self._image_tokens(x, conditioning, doubled=self.uses_cfg)
-        with autocast_context(device, self.compute_dtype):
-            out = self.transformer(
-                hidden_states=hidden.to(param.dtype), timestep=timestep, encoder_hidden_states=embeds.to(param.dtype),
-                encoder_hidden_states_mask=attention_mask, img_shapes=img_shapes, return_dict=False,
-            )[0]
-        out = out[:, : latents.shape[1]].float()  # the generated image's tokens (an edit model appends others)
-        return self._guide(*out.chunk(2)) if self.uses_cfg else out
-
-    def _guide(self, uncond: Tensor, cond: Tensor) -> Tensor:
-        return true_cfg(cond, uncond, self.guidance_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,85 +320,6 @@ class QwenImageAdapter(DiffusersAdapter):
             packed_latents, batch_size, vae_input=vae_input,
             postprocess=lambda video: processor.postprocess(video[:, :, 0], output_type="pt"),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Loading from a diffusers-layout folder or the hub.
-# --------------------------------------------------------------------------------------------
-
-QWEN_IMAGE_LAYOUT = diffusers_layout(["transformer", "vae", "text_encoder"],
-                                     {"tokenizer": ("tokenizer.json", "vocab.json")})
-
-QWEN_IMAGE_LAYOUT_TEXT = """\
-  <folder>/
-    model_index.json
-    scheduler/        scheduler_config.json         (FlowMatchEulerDiscreteScheduler, dynamic shift; not used)
-    transformer/      config.json, diffusion_pytorch_model-000{01..09}-of-00009.safetensors,
-                      diffusion_pytorch_model.safetensors.index.json       (QwenImageTransformer2DModel)
-    vae/              config.json, diffusion_pytorch_model.safetensors     (AutoencoderKLQwenImage)
-    text_encoder/     config.json, model-0000{1..4}-of-00004.safetensors,
-                      model.safetensors.index.json                         (Qwen2.5-VL-7B-Instruct)
-    tokenizer/        vocab.json, merges.txt, tokenizer_config.json, ...   (Qwen2Tokenizer)"""
-
-
-class QwenImageFilesNotFoundError(ModelFilesNotFoundError):
-    """Qwen-Image weights or configs are missing (a ``ModelFilesNotFoundError``; its family is
-    :data:`QWEN_IMAGE_FILES`)."""
-
-
-QWEN_IMAGE_FILES = ModelFiles(
-    title="Qwen-Image", hub_id=QWEN_IMAGE_HUB_ID, layout=QWEN_IMAGE_LAYOUT, layout_text=QWEN_IMAGE_LAYOUT_TEXT,
-    download_patterns=download_patterns(QWEN_IMAGE_LAYOUT), placeholder="/path/to/Qwen-Image",
-    gated=False, error_class=QwenImageFilesNotFoundError,
-)
-
-
-def load_qwenimage_adapter(
-    path_or_hub_id: str | os.PathLike,
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str | None = None,
-    *,
-    vae_dtype: torch.dtype = torch.float32,
-    text_encoders: Literal["load", "lazy", "none"] = "lazy",
-    load_transformer: bool = True,
-    load_vae: bool = True,
-    local_files_only: bool | None = None,
-    revision: str | None = None,
-    **adapter_kwargs: Any,
-) -> QwenImageAdapter:
-    """Build a :class:`QwenImageAdapter` from pretrained Qwen-Image weights (diffusers layout).
-
-    Args:
-        path_or_hub_id: a diffusers-layout folder (see ``QWEN_IMAGE_LAYOUT_TEXT``) or the hub id
-            ``Qwen/Qwen-Image``.
-        dtype: weights dtype of the transformer and the Qwen2.5-VL encoder.
-        vae_dtype: VAE weights dtype (float32 by default).
-        text_encoders: ``"load"`` now; ``"lazy"`` on the first prompt not in the cache (config and
-            tokenizer are read now, for the cache identity); ``"none"`` never (cache only).
-        load_transformer, load_vae: skip parts a job does not need.
-        local_files_only: ``None`` = only for folders or when the hub is offline.
-        adapter_kwargs: passed to :class:`QwenImageAdapter` (guidance_scale, negative_prompt, height, …).
-    Raises:
-        QwenImageFilesNotFoundError (a ``ModelFilesNotFoundError``): files missing or not fetchable.
-    """
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-    needed = ["tokenizer", "text_encoder"] + ["transformer"] * load_transformer + ["vae"] * load_vae
-    folder = PretrainedFolder(path_or_hub_id, QWEN_IMAGE_FILES, needed, text_encoders=text_encoders,
-                              local_files_only=local_files_only, revision=revision, device=device)
-
-    with folder.errors():
-        tokenizer = folder.config(Qwen2Tokenizer, "tokenizer")
-        max_sequence_length = adapter_kwargs.pop("max_sequence_length", 512)
-        encoder_config = qwenimage_encoder_config(folder.config(Qwen2_5_VLConfig, "text_encoder"), tokenizer,
-                                                  max_sequence_length, dtype)
-    return build_adapter(
-        folder, QwenImageAdapter, dtype=dtype, text_encoders={"text_encoder": Qwen2_5_VLForConditionalGeneration},
-        models={"transformer": (QwenImageTransformer2DModel, dtype) if load_transformer else None,
-                "vae": (AutoencoderKLQwenImage, vae_dtype) if load_vae else None},
-        encoder_config=encoder_config, max_sequence_length=max_sequence_length, tokenizer=tokenizer, **adapter_kwargs,
-    )
 
 
 __all__ = [
