@@ -165,3 +165,13 @@ def test_digits_config_file_equals_the_builtin_defaults():
 
     shipped = load_train_config(Path(__file__).parents[1] / "configs" / "digits-branchgrpo.yaml")
     assert shipped == load_train_config()
+
+
+def test_auto_micro_batches_resolve_with_a_ready_model(tmp_path):
+    """A Trainer given a ready model (no build_policy) still turns ``auto`` into numbers: on CPU the
+    defaults, so the rollout never sees the string."""
+    trainer = make_trainer(tmp_path, "branchgrpo", "split_plan=0:2,2:2", "method.engine.rollout_micro_batch=auto",
+                           "method.engine.train_micro_batch=auto")
+    engine = trainer.config.method.engine
+    assert (engine.rollout_micro_batch, engine.train_micro_batch) == (64, 16)
+    trainer.run()

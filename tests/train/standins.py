@@ -92,7 +92,7 @@ def standin_key(config) -> str | None:
     family = config.model.family
     if family == "wan22":
         return f"wan22/{config.model.options['variant']}"
-    if family == "digits":
+    if family in ("digits", "shapes"):  # embedded worlds ship their weights
         return None
     if family not in STANDINS:
         raise KeyError(f"no stand-in for model.family={family}: add one to tests/train/standins.py")
@@ -141,7 +141,7 @@ def tiny_overrides(path: Path) -> list[str]:
     out += ["method.tree.split_plan={0: 2, 1: 2}"] if tree.split_plan else ["method.tree.roots_per_prompt=2"]
     out += ["data.prompts_per_process=1", "eval.samples_per_prompt=1", "eval.max_prompts=1",
             "run.iterations=1", "run.checkpoint_every=1", "run.progress=false"]
-    if config.reward.name != "digits":  # the digits world's own classifier needs no checkpoint
+    if config.reward.name not in ("digits", "shapes"):  # the embedded worlds' own rewards need no checkpoint
         modality = get_family(config.model.family).modality
         out += [f"imports=[{REWARD_MODULE}]", f"reward.name={STANDIN_REWARD[modality]}"]
     return out

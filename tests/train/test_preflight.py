@@ -24,7 +24,7 @@ from branchgrpo.train.components import read_prompt_file, validate_job
 from branchgrpo.train.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("digits"))
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith(("digits", "shapes")))  # embedded worlds: nothing to download
 
 
 @pytest.fixture
@@ -228,7 +228,7 @@ def shipped_families() -> list[str]:
     from branchgrpo.families import available_families
 
     names = [n for n in available_families() if type(get_family(n)).__module__.startswith("branchgrpo.families.")]
-    return [n for n in names if n not in ("digits", "wan22")] + ["wan22:t2v-a14b", "wan22:ti2v-5b"]
+    return [n for n in names if n not in ("digits", "shapes", "wan22")] + ["wan22:t2v-a14b", "wan22:ti2v-5b"]
 
 
 FAMILIES = shipped_families()

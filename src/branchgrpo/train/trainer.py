@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from branchgrpo.resources.auto import resolve_micro_batches
 from branchgrpo.families import PolicyBundle
 from branchgrpo.models.protocol import select_conditioning
 from branchgrpo.rewards.base import Reward, RewardOutput, as_reward
@@ -126,6 +127,7 @@ class Trainer:
         # a busy or protected run folder fails now, before minutes of model loading
         self._on_main(lambda: check_run_folder(config.run.output_dir, config.run.resume, config.run.overwrite))
         self.model: PolicyBundle = model or build_policy(config, self.device)
+        resolve_micro_batches(config, self.device)  # a ready model skips build_policy; a no-op once resolved
         apply_speed_settings(config.model, self.model)
         self.reward: Reward = reward if reward is not None else build_reward(config, self.model, self.device)
         self.compute_dtype = compute_dtype(config, self.device)
