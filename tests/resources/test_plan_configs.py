@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from branchgrpo.cli import main
+from branchgrpo.resources.families import PLAN_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-COVERED = {"flux", "digits"}
+COVERED = set(PLAN_FAMILIES)
 
 
 def _family(name: str) -> str:

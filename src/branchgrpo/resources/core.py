@@ -44,13 +44,21 @@ class Tokens:
 
 
 class Architecture(Protocol):
-    """What the counting functions need from an architecture."""
+    """What the counting functions and ``branchgrpo plan`` need from an architecture."""
+
+    dim: int  # the hidden size (attention FLOPs are ``4·L²·dim``)
 
     def linears(self) -> list[Linear]: ...
 
     def block_linears(self) -> list[list[Linear]]: ...
 
     def other_parameters(self) -> int: ...
+
+    def saved(self, tokens: Tokens, train: "Training", checkpointing: bool) -> "Saved": ...
+
+    def inference_peak(self, tokens: Tokens) -> "Saved": ...
+
+    def gradient_buffer(self, tokens: Tokens) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,13 @@ class Saved:
     recompute: "Saved | None" = None
     uses: list[LinearUse] = field(default_factory=list)
     attention: list[tuple[int, bool]] = field(default_factory=list)  # (tokens, needs a gradient) per block
+    # cross-attention calls: (query rows, key/value rows, needs a gradient), e.g. Wan's image→text
+    cross_attention: list[tuple[int, int, bool]] = field(default_factory=list)
 
     def add_flops(self, other: "Saved") -> None:
         self.uses += other.uses
         self.attention += other.attention
+        self.cross_attention += other.cross_attention
 
     def add(self, other: "Saved") -> None:
         self.act += other.act
@@ -203,14 +214,16 @@ def autocast_weight_copies(arch: Architecture, train: Training, outside_blocks_o
 
 def forward_flops(trace: Saved, dim: int, rank: int = 0) -> int:
     """FLOPs of one sample's forward: ``2·rows·in·out`` per linear (plus ``2·rows·r·(in + out)``
-    per LoRA adapter) and ``4·L²·D`` per joint attention (``QKᵀ`` and ``AV``)."""
+    per LoRA adapter), ``4·L²·D`` per joint attention (``QKᵀ`` and ``AV``) and ``4·Lq·Lkv·D`` per
+    cross-attention."""
     total = 0
     for use in trace.uses:
         x = use.linear
         total += 2 * use.rows * x.in_features * x.out_features
         if use.lora:
             total += 2 * use.rows * rank * (x.in_features + x.out_features)
-    return total + sum(4 * rows * rows * dim for rows, _ in trace.attention)
+    return (total + sum(4 * rows * rows * dim for rows, _ in trace.attention)
+            + sum(4 * q * kv * dim for q, kv, _ in trace.cross_attention))
 
 
 def backward_flops(trace: Saved, dim: int, rank: int = 0) -> int:
@@ -227,7 +240,8 @@ def backward_flops(trace: Saved, dim: int, rank: int = 0) -> int:
         if use.lora:  # B: input and weight gradients; A: weight gradient and, when needed, input gradient
             total += 2 * (2 * rows * rank * x.out_features) + 2 * rows * x.in_features * rank
             total += 2 * rows * x.in_features * rank if use.input_grad else 0
-    return total + sum(8 * rows * rows * dim for rows, grad in trace.attention if grad)
+    return (total + sum(8 * rows * rows * dim for rows, grad in trace.attention if grad)
+            + sum(8 * q * kv * dim for q, kv, grad in trace.cross_attention if grad))
 
 
 def parameter_count(arch: Architecture) -> int:

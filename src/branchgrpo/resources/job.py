@@ -12,21 +12,10 @@ from typing import Any, Mapping
 from branchgrpo.resources.core import (
     Tokens, Training, autocast_weight_copies, backward_flops, forward_flops, lora_parameter_count, parameter_count,
 )
-from branchgrpo.resources.flux import FluxArchitecture
+from branchgrpo.resources.families import PLAN_FAMILIES, plan_family
 
-# --------------------------------------------------------------------------------------------
-# Known transformer configs (the hub's transformer/config.json, used when model.path is absent)
-# --------------------------------------------------------------------------------------------
-
-HUB_CONFIGS: dict[str, dict[str, Any]] = {
-    # black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters)
-    "flux-dev": {
-        "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
-        "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
-        "num_layers": 19, "num_single_layers": 38, "out_channels": None, "patch_size": 1, "pooled_projection_dim": 768,
-    },
-}
-FAMILY_HUB_CONFIG = {"flux": "flux-dev"}  # the config a family falls back to without a local folder
+HUB_CONFIGS: dict[str, dict[str, Any]] = {  # the hub's transformer/config.json, used when model.path has none
+    f.hub_name: f.hub_config for f in PLAN_FAMILIES.values() if f.hub_name and f.hub_config}
 DIGITS_CONFIG = Path(__file__).parent.parent / "assets" / "digits" / "transformer" / "config.json"
 
 
@@ -42,11 +31,11 @@ def transformer_config(family: str, model_path: str | None) -> tuple[dict[str, A
         local = Path(model_path) / "transformer" / "config.json"
         if local.is_file():
             return json.loads(local.read_text()), str(local)
-    if family not in FAMILY_HUB_CONFIG:
+    entry = plan_family(family)
+    if entry.hub_config is None:
         raise ValueError(f"no architecture config for model.family={family}: put the model's diffusers folder "
                          f"at model.path (transformer/config.json); built-in configs: {', '.join(HUB_CONFIGS)}")
-    name = FAMILY_HUB_CONFIG[family]
-    return dict(HUB_CONFIGS[name]), f"built-in {name} (model.path has no transformer/config.json)"
+    return dict(entry.hub_config), f"built-in {entry.hub_name} (model.path has no transformer/config.json)"
 
 
 def parse_memory(text: str) -> int:
@@ -134,26 +123,6 @@ class JobEstimate:
         }
 
 
-def latent_elements(family: str, arch: FluxArchitecture, height: int, width: int) -> int:
-    """Elements of one stored latent (the packed tokens × channels the transformer reads)."""
-    if family == "digits":
-        from branchgrpo.worlds.digits.generator import LATENT_SHAPE
-
-        return math.prod(LATENT_SHAPE)
-    return arch.image_tokens(height, width) * arch.in_channels
-
-
-def sequence_tokens(family: str, arch: FluxArchitecture, height: int, width: int, text_tokens: int) -> Tokens:
-    """Tokens of one transformer row: the digits world's 64 image and 12 text tokens, FLUX's
-    ``(H/16)·(W/16)`` latent patches and ``model.max_sequence_length`` T5 tokens."""
-    if family == "digits":
-        from branchgrpo.worlds.digits.generator import LATENT_SHAPE
-        from branchgrpo.worlds.digits.text import MAX_TOKENS
-
-        return Tokens(LATENT_SHAPE[0], MAX_TOKENS)
-    return Tokens(arch.image_tokens(height, width), text_tokens)
-
-
 def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1, gpu_memory: int | None = None,
                  source: str = "", iteration: int = 0) -> JobEstimate:
     """Per-process memory by phase and FLOPs per iteration of ``config`` (a ``TrainConfig``) on
@@ -170,10 +139,8 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     if processes < 1:
         raise ValueError(f"--processes: must be >= 1, got {processes}")
     model, method, run = config.model, config.method, config.run
-    if model.family not in ("flux", "digits"):
-        raise ValueError(f"model.family: the resource estimate covers the FluxTransformer2DModel families "
-                         f"(flux, digits); got {model.family}")
-    arch = FluxArchitecture(dict(arch_config))
+    entry = plan_family(model.family)
+    arch = entry.architecture(dict(arch_config))
     cb = 4 if model.dtype == "float32" else 2
     dtype = "float32" if cb == 4 else "bfloat16"
     lora = model.lora
@@ -182,8 +149,7 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     fsdp, offload = run.parallel == "fsdp", run.cpu_offload
     shards = processes if fsdp else 1
     options = dict(model.options or {})
-    height, width = int(options.get("height", 0)), int(options.get("width", 0))
-    tokens = sequence_tokens(model.family, arch, height, width, int(options.get("max_sequence_length", 0)))
+    tokens = entry.tokens(arch, options)
     n_all = parameter_count(arch)
     n_train = n_all if train.full else lora_parameter_count(arch, train)
 
@@ -231,7 +197,7 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     elif train.low_precision:  # autocast caches a cast of every float32 trained weight for the forward
         shared.append(MemoryRow(f"autocast {dtype} casts of fp32 weights", autocast_weight_copies(arch, train) * cb))
     tree = MemoryRow(f"tree latents (fp32, {counts.nodes + counts.leaves} per prompt)",
-                     (counts.nodes + counts.leaves) * latent_elements(model.family, arch, height, width) * 4 * prompts)
+                     (counts.nodes + counts.leaves) * entry.latent_elements(arch, options) * 4 * prompts)
     update = [gradients] + shared + [
         tree, MemoryRow(f"saved activations (micro-batch {train_mb})", no_casts(trace))]
     if trace.recompute is not None:

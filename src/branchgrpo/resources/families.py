@@ -1,0 +1,77 @@
+"""Which families ``branchgrpo plan`` can size, and how it reads each one's geometry.
+
+A family's entry says which architecture class describes its transformer's ``config.json``, how
+many tokens one transformer row has for a job's ``model.options`` (resolution, frames, text
+length), how many elements one stored latent has, and the hub config to fall back on when
+``model.path`` holds no ``transformer/config.json``. Adding a family to ``plan`` is one entry here
+plus its architecture module in this package (a ``saved`` walk checked against autograd's saved
+tensors on a tiny real model, as ``flux.py`` is).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from branchgrpo.resources.core import Architecture, Tokens
+from branchgrpo.resources.flux import FluxArchitecture
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters)
+FLUX_DEV: dict[str, Any] = {
+    "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
+    "num_layers": 19, "num_single_layers": 38, "out_channels": None, "patch_size": 1, "pooled_projection_dim": 768,
+}
+
+
+@dataclass(frozen=True)
+class PlanFamily:
+    """How ``plan`` reads one family (see the module docstring)."""
+
+    architecture: Callable[[dict[str, Any]], Architecture]
+    tokens: Callable[[Any, Mapping[str, Any]], Tokens]  # (architecture, model.options) -> one row's tokens
+    latent_elements: Callable[[Any, Mapping[str, Any]], int]  # (architecture, model.options) -> one latent
+    hub_name: str | None = None  # a key of HUB_CONFIGS, used when model.path has no transformer/config.json
+    hub_config: dict[str, Any] | None = None
+
+
+def _size(options: Mapping[str, Any]) -> tuple[int, int]:
+    return int(options.get("height", 0)), int(options.get("width", 0))
+
+
+def _flux_tokens(arch: FluxArchitecture, options: Mapping[str, Any]) -> Tokens:
+    """FLUX's ``(H/16)·(W/16)`` latent patches and ``model.max_sequence_length`` T5 tokens."""
+    return Tokens(arch.image_tokens(*_size(options)), int(options.get("max_sequence_length", 0)))
+
+
+def _flux_latent(arch: FluxArchitecture, options: Mapping[str, Any]) -> int:
+    return arch.image_tokens(*_size(options)) * arch.in_channels
+
+
+def _digits_tokens(arch: FluxArchitecture, options: Mapping[str, Any]) -> Tokens:
+    """The digits world's 64 image and 12 text tokens, whatever the options say."""
+    from branchgrpo.worlds.digits.generator import LATENT_SHAPE
+    from branchgrpo.worlds.digits.text import MAX_TOKENS
+
+    return Tokens(LATENT_SHAPE[0], MAX_TOKENS)
+
+
+def _digits_latent(arch: FluxArchitecture, options: Mapping[str, Any]) -> int:
+    from branchgrpo.worlds.digits.generator import LATENT_SHAPE
+
+    return math.prod(LATENT_SHAPE)
+
+
+PLAN_FAMILIES: dict[str, PlanFamily] = {
+    "flux": PlanFamily(FluxArchitecture, _flux_tokens, _flux_latent, "flux-dev", FLUX_DEV),
+    "digits": PlanFamily(FluxArchitecture, _digits_tokens, _digits_latent),
+}
+
+
+def plan_family(family: str) -> PlanFamily:
+    """The entry for ``model.family``, or one line naming the families ``plan`` covers."""
+    if family not in PLAN_FAMILIES:
+        raise ValueError(f"model.family={family}: the resource estimate covers "
+                         f"{', '.join(sorted(PLAN_FAMILIES))}")
+    return PLAN_FAMILIES[family]
