@@ -34,6 +34,8 @@ class PlanFamily:
     latent_elements: Callable[[Any, Mapping[str, Any]], int]  # (architecture, model.options) -> one latent
     hub_name: str | None = None  # a key of HUB_CONFIGS, used when model.path has no transformer/config.json
     hub_config: dict[str, Any] | None = None
+    # transformer rows per sample in every call: 2 under true classifier-free guidance ([negative; positive])
+    rows_per_sample: Callable[[Mapping[str, Any]], int] = lambda options: 1
 
 
 def _size(options: Mapping[str, Any]) -> tuple[int, int]:
@@ -63,9 +65,25 @@ def _digits_latent(arch: FluxArchitecture, options: Mapping[str, Any]) -> int:
     return math.prod(LATENT_SHAPE)
 
 
+def _kontext_tokens(arch: FluxArchitecture, options: Mapping[str, Any]) -> Tokens:
+    """FLUX.1 Kontext: the source image's packed tokens follow the generated ones in every row.
+    Sources are resized to the preferred Kontext resolution nearest their aspect ratio (about a
+    megapixel, like the 1024² output), so the source is counted at the output's size."""
+    image = arch.image_tokens(*_size(options))
+    return Tokens(2 * image, int(options.get("max_sequence_length", 512)))
+
+
+def true_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.true_cfg_scale > 1`` (one call on ``[negative; positive]``), else 1."""
+    return 2 if float(options.get("true_cfg_scale", 1.0) or 1.0) > 1.0 else 1
+
+
 PLAN_FAMILIES: dict[str, PlanFamily] = {
     "flux": PlanFamily(FluxArchitecture, _flux_tokens, _flux_latent, "flux-dev", FLUX_DEV),
     "digits": PlanFamily(FluxArchitecture, _digits_tokens, _digits_latent),
+    # FLUX.1-Kontext-dev has FLUX.1-dev's 12 B transformer; the tree stores the generated latent alone
+    "flux-kontext": PlanFamily(FluxArchitecture, _kontext_tokens, _flux_latent, "flux-kontext-dev", FLUX_DEV,
+                               true_cfg_rows),
 }
 
 

@@ -171,6 +171,11 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
             notes.append(f"engine.{field_name}=auto is chosen at startup from free GPU memory; counted here as 1")
     rollout_mb = 1 if rollout_mb == "auto" else rollout_mb
     train_mb = 1 if train_mb == "auto" else train_mb
+    cfg = entry.rows_per_sample(options)  # true CFG: the negative prompt's row beside every sample's
+    if cfg > 1:
+        forwards = {k: v * cfg for k, v in forwards.items()}
+        notes.append(f"true classifier-free guidance: {cfg} transformer rows per sample in every call")
+    rollout_rows, train_rows = rollout_mb * cfg, train_mb * cfg
 
     # -- persistent: weights and optimizer state (1/N each under FSDP; on the host with offload) -
     def place(name: str, total: int) -> MemoryRow:
@@ -186,10 +191,10 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
 
     # -- working sets ---------------------------------------------------------------------
     trace = arch.saved(tokens, train, model.gradient_checkpointing)
-    no_casts = lambda t: t.bytes(train_mb, train) - t.casts * cb  # noqa: E731  (casts: their own row)
+    no_casts = lambda t: t.bytes(train_rows, train) - t.casts * cb  # noqa: E731  (casts: their own row)
     plain, checkpointed = arch.saved(tokens, train, False), arch.saved(tokens, train, True)
     activations = {"saved_no_checkpointing": no_casts(plain),
-                   "saved_checkpointing": no_casts(checkpointed) + checkpointed.recompute.bytes(train_mb, train)}
+                   "saved_checkpointing": no_casts(checkpointed) + checkpointed.recompute.bytes(train_rows, train)}
     shared = []
     if fsdp:  # FSDP2: the current block all-gathered in the compute dtype, the next prefetched, the root kept
         blocks = [sum(x.parameters for x in b) for b in arch.block_linears()]
@@ -201,8 +206,8 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     update = [gradients] + shared + [
         tree, MemoryRow(f"saved activations (micro-batch {train_mb})", no_casts(trace))]
     if trace.recompute is not None:
-        update.append(MemoryRow("block recomputed by checkpointing", trace.recompute.bytes(train_mb, train)))
-    update.append(MemoryRow("backward gradient buffers", arch.gradient_buffer(tokens) * cb * train_mb))
+        update.append(MemoryRow("block recomputed by checkpointing", trace.recompute.bytes(train_rows, train)))
+    update.append(MemoryRow("backward gradient buffers", arch.gradient_buffer(tokens) * cb * train_rows))
     if fsdp:  # one block's unsharded gradients, compute dtype then fp32 for the reduce-scatter
         trained = [sum(x.parameters if train.full else train.rank * (x.in_features + x.out_features)
                        for x in b if train.trains(x.name)) for b in arch.block_linears()]
@@ -211,7 +216,7 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     if processes > 1 and not fsdp:
         step.append(MemoryRow("all-reduce buffer (fp32 gradients)", n_train * 4))
     rollout = shared + [tree, MemoryRow(f"forward working set (micro-batch {rollout_mb}, no grad)",
-                                        arch.inference_peak(tokens).bytes(rollout_mb, train))]
+                                        arch.inference_peak(tokens).bytes(rollout_rows, train))]
     phases = {"rollout": rollout, "update": update, "optimizer step": step}
 
     # -- FLOPs per iteration per process --------------------------------------------------
