@@ -1,19 +1,27 @@
 """Qwen-Image's MMDiT (diffusers ``QwenImageTransformer2DModel``, also Qwen-Image-Edit's): its
-parameters and forward FLOPs from ``config.json``. Not yet wired into ``branchgrpo plan``.
+parameters, FLOPs and the tensors its forward saves for backward, block by block, from
+``config.json`` (``branchgrpo plan`` families ``qwenimage`` and ``qwenimage-edit``).
 
 Structure (``diffusers/models/transformers/transformer_qwenimage.py``): ``img_in`` on the packed
 2×2 latent patches, ``txt_norm`` (RMSNorm) and ``txt_in`` on the Qwen2.5-VL states, a timestep
 MLP, then dual-stream blocks (``img_mod``/``txt_mod`` 6 vectors each, one joint attention with
 q/k RMSNorm on both streams, GELU MLPs), ``norm_out`` and ``proj_out``. For Qwen-Image-Edit the
 source image's patches join the image stream: pass them in ``image`` tokens.
+
+The saved-tensor walk mirrors the diffusers forward op by op, as ``flux.py`` does for FLUX's
+double blocks (the block here is the same dual-stream block with its own module names; RoPE is a
+complex product per stream, which keeps only the frequency tables). True CFG runs the transformer
+on ``[x; x]``: :class:`QwenTokens` ``.copies`` = 2 counts both rows of a sample.
+``tests/resources/test_qwenimage_resources.py`` checks it byte for byte against
+``torch.autograd.graph.saved_tensors_hooks`` on real tiny models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from branchgrpo.resources.core import Linear
+from branchgrpo.resources.core import Linear, Saved, Tokens, Training
 
 # Qwen/Qwen-Image (and Qwen/Qwen-Image-Edit), transformer/config.json
 QWEN_IMAGE: dict[str, Any] = {
@@ -21,6 +29,18 @@ QWEN_IMAGE: dict[str, Any] = {
     "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24,
     "num_layers": 60, "out_channels": 16, "patch_size": 2,
 }
+
+ROPE_POSITIONS = 4096  # QwenEmbedRope's table: 4096 positions × head_dim/2 complex64; text RoPE is a view of it
+
+
+@dataclass(frozen=True)
+class QwenTokens(Tokens):
+    """One sample's tokens and the transformer rows it takes: ``copies`` 2 under true CFG (the
+    adapter's ``[x; x]`` call with ``[negative; positive]`` texts padded to one length), and
+    whether the call passes a text mask (``masked``: any padded text, e.g. CFG's short negative)."""
+
+    copies: int = 1
+    masked: bool = False
 
 
 @dataclass
@@ -85,3 +105,146 @@ class QwenImageArchitecture:
         rows = {"image": image, "text": text, "sample": 1}
         linear = sum(2 * rows[x.stream] * x.in_features * x.out_features for x in self.linears())
         return linear + self.layers * 4 * (image + text) ** 2 * self.dim
+
+    # -- what autograd keeps for backward ----------------------------------------------------
+    def saved(self, tokens: Tokens, train: Training, checkpointing: bool) -> Saved:
+        """Tensors saved for backward by one forward of one sample (see :class:`Saved`); with
+        :class:`QwenTokens` ``copies`` = 2 (true CFG) every per-sample count and FLOP is twice one row's."""
+        one = self._saved_row(tokens, train, checkpointing)
+        copies = getattr(tokens, "copies", 1)
+        if copies == 1:
+            return one
+        out = Saved(act=one.act * copies, ln=one.ln * copies, f32=one.f32 * copies, shared_f32=one.shared_f32,
+                    casts=one.casts, uses=[replace(u, rows=u.rows * copies) for u in one.uses],
+                    attention=one.attention * copies, cross_attention=one.cross_attention * copies)
+        if one.recompute is not None:
+            r = one.recompute
+            out.recompute = Saved(act=r.act * copies, ln=r.ln * copies, f32=r.f32 * copies)
+        return out
+
+    def _saved_row(self, tokens: Tokens, train: Training, checkpointing: bool) -> Saved:
+        s = Saved()
+        d, ti, ta = self.dim, tokens.image, tokens.all
+        first, second, img_in, txt_in = self.top_linears()
+        # timestep MLP: linear_1 → SiLU → linear_2 (its input, the sinusoidal projection, needs no gradient)
+        s.linear_input(first, tokens, train, input_grad=False)
+        if train.trains(first.name):
+            s.act += d  # the SiLU keeps its input
+        s.linear_input(second, tokens, train, input_grad=train.trains(first.name))
+        temb_grad = train.trains(first.name) or train.trains(second.name)
+        # txt_norm (RMSNorm, float32 statistics) → txt_in; its weight is trained only in a full fine-tune
+        if train.full:
+            s.f32 += tokens.text * self.joint_dim  # x·rstd (float32), for the norm weight's gradient
+        s.linear_input(txt_in, tokens, train, input_grad=train.full)
+        s.linear_input(img_in, tokens, train, input_grad=False)
+        grad_img, grad_txt = train.trains(img_in.name), train.trains(txt_in.name) or train.full
+        blocks: list[Saved] = []
+        for i in range(self.layers):
+            block, grad_img, grad_txt = self._block(i, tokens, train, grad_img, grad_txt, temb_grad)
+            blocks.append(block)
+        for block in blocks:
+            s.add_flops(block)
+            if not checkpointing:
+                s.add(block)
+        if checkpointing:  # each block keeps only its inputs: image + text streams
+            s.act += self.layers * ta * d
+            s.recompute = max(blocks, key=lambda b: b.act + b.ln + b.f32, default=None)
+        # norm_out (AdaLayerNormContinuous) and proj_out on the image tokens
+        norm, proj = self.end_linears()
+        grad = grad_img
+        s.linear_input(norm, tokens, train, input_grad=temb_grad)
+        if grad:  # the LayerNorm keeps the last block's image output and its statistics; (1 + scale)
+            s.ln += ti * d + 2 * ti
+            s.act += d
+        mod_grad = temb_grad or train.trains(norm.name)
+        if mod_grad:
+            s.ln += ti * d
+        s.linear_input(proj, tokens, train, input_grad=grad or mod_grad, normed=True)
+        # RoPE: the image frequencies [L_image, head_dim/2] complex64, made per forward, and the text ones,
+        # a view of the 4096-position table; one copy for the batch
+        s.shared_f32 += (ti + ROPE_POSITIONS) * self.head_dim
+        if temb_grad or checkpointing:  # temb: kept by every modulation SiLU, or as a checkpointed block input
+            s.act += d
+        return s
+
+    def _modulated(self, s: Saved, rows: int, grad: bool, mod_grad: bool) -> bool:
+        """``LayerNorm(x)·(1 + scale) + shift`` (no affine weights); whether it needs a gradient."""
+        if grad:  # the LayerNorm keeps its input and statistics, the product keeps (1 + scale)
+            s.ln += rows * self.dim + 2 * rows
+            s.act += self.dim
+        if mod_grad:  # the product keeps the normalised tensor for the gradient of scale
+            s.ln += rows * self.dim
+        return grad or mod_grad
+
+    def _qk(self, s: Saved, rows: int, grad: bool, train: Training) -> None:
+        """A q or k projection's output through its RMSNorm (weight: trained in a full fine-tune)."""
+        if grad:  # RMSNorm computes in float32 (its input copy and 1/rms) ...
+            s.f32 += rows * self.dim + rows * self.heads
+            if train.low_precision:  # ... and ``x · rstd`` keeps x itself too, when that is not the float32 copy
+                s.act += rows * self.dim
+        if train.full:
+            s.f32 += rows * self.dim  # x·rstd, for the norm weight's gradient
+
+    def _block(self, i: int, tokens: Tokens, train: Training, grad_img: bool, grad_txt: bool,
+               temb_grad: bool) -> tuple[Saved, bool, bool]:
+        """``QwenImageTransformerBlock``: image and text streams, one joint attention."""
+        s, d, f = Saved(), self.dim, 4 * self.dim
+        lin = {x.name.split(".", 2)[2]: x for x in self.block_linears_of(i)}
+        text_live = i < self.layers - 1  # the last block's text output is discarded: no gradient reaches it
+        streams = (("img_mod.1", tokens.image, grad_img, ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.to_out.0",
+                    "img_mlp", True),
+                   ("txt_mod.1", tokens.text, grad_txt, ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                    "attn.to_add_out", "txt_mlp", text_live))
+        attn_grad = False
+        for mod, rows, grad, qkv, _, _, _ in streams:
+            mod_grad = temb_grad or train.trains(lin[mod].name)
+            s.linear_input(lin[mod], tokens, train, input_grad=temb_grad)  # SiLU(temb) → 6 modulation vectors
+            x_grad = self._modulated(s, rows, grad, mod_grad)
+            s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
+            for n in qkv[:2]:
+                self._qk(s, rows, x_grad or train.trains(lin[n].name), train)
+            attn_grad = attn_grad or x_grad or any(train.trains(lin[n].name) for n in qkv)
+        s.attention.append((tokens.all, attn_grad))
+        if attn_grad:  # joint q, k, v (after RoPE), output: [B, L, H, hd]; log-sum-exp [B, H, L]
+            s.act += 4 * tokens.all * d
+            s.f32 += self.heads * tokens.all
+            if getattr(tokens, "masked", False):
+                s.act += tokens.all  # the joint mask, as an additive bias in the compute dtype [B, 1, 1, L]
+        out_grads = []
+        for mod, rows, grad, _, out, mlp, live in streams:
+            mod_grad = temb_grad or train.trains(lin[mod].name)
+            s.linear_input(lin[out], tokens, train, input_grad=attn_grad, live=live)
+            gated_grad = attn_grad or train.trains(lin[out].name)
+            if mod_grad:
+                s.act += rows * d  # attention output, for the gate's gradient
+            hidden_grad = grad or gated_grad or mod_grad
+            x_grad = self._modulated(s, rows, hidden_grad, mod_grad)
+            up, down = lin[f"{mlp}.net.0.proj"], lin[f"{mlp}.net.2"]
+            s.linear_input(up, tokens, train, input_grad=x_grad, normed=True, live=live)
+            gelu_grad = x_grad or train.trains(up.name)
+            if gelu_grad:
+                s.act += rows * f  # GELU input
+            s.linear_input(down, tokens, train, input_grad=gelu_grad, live=live)
+            mlp_grad = gelu_grad or train.trains(down.name)
+            if mod_grad:
+                s.act += rows * d  # MLP output, for the gate's gradient
+            if gated_grad or mlp_grad:
+                s.act += 6 * d  # the modulation vector (its gates are views of it)
+            out_grads.append(hidden_grad or mlp_grad or mod_grad)
+        return s, out_grads[0], out_grads[1]
+
+    def inference_peak(self, tokens: Tokens) -> Saved:
+        """What a no-grad forward of one sample holds at its peak inside a block, the larger of two
+        moments of the forward code (derived, not measured). At the joint attention: the block's
+        inputs, each stream's q, k, v and the joint q, k, v and output (``8·L·D``), the normalised and
+        modulated inputs (LayerNorm class, ``2·L·D``). At the image MLP's GELU: the block's inputs,
+        the attention outputs, the updated streams (``3·L·D``), the MLP's ``[L_image, 4D]`` input and
+        output, and both streams' first and the image's second normalised/modulated tensors."""
+        copies, ta, ti, d = getattr(tokens, "copies", 1), tokens.all, tokens.image, self.dim
+        attention = Saved(act=8 * ta * d * copies, ln=2 * ta * d * copies)
+        mlp = Saved(act=(3 * ta * d + 8 * ti * d) * copies, ln=(2 * ta * d + 2 * ti * d) * copies)
+        return max(attention, mlp, key=lambda x: x.act + 2 * x.ln)  # LayerNorm class: float32 under CUDA autocast
+
+    def gradient_buffer(self, tokens: Tokens) -> int:
+        """Elements of the widest activation gradient in backward: the image MLP's ``[L_image, 4D]``."""
+        return getattr(tokens, "copies", 1) * tokens.image * 4 * self.dim
