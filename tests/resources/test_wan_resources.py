@@ -1,16 +1,22 @@
-"""Wan 2.1's parameter count and forward FLOPs (branchgrpo.resources.wan) against diffusers'
-``WanTransformer3DModel``: built on the meta device for the hub config, tiny and random for the
-FLOP counter."""
+"""Wan's resource estimate (branchgrpo.resources.wan) against diffusers' ``WanTransformer3DModel``:
+parameters on the meta device for the hub config; on tiny random models, the tensors autograd
+saves for backward (``saved_tensors_hooks``) and torch's FLOP counter, as the trainer runs them
+(float32, or bf16 autocast over float32 masters / a bf16 base loaded as diffusers loads it; the
+family's LoRA targets or a full fine-tune; with and without gradient checkpointing)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
-from branchgrpo.resources import parameter_count
+from branchgrpo.models.lora import WAN_TARGET_MODULES, LoraSpec, add_lora
+from branchgrpo.resources import Tokens, Training, backward_flops, forward_flops, parameter_count
 from branchgrpo.resources.wan import WAN21_T2V_1_3B, WanArchitecture
 
 diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
 
 TINY = {
     "w16-1": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -52,3 +58,119 @@ def test_forward_flops_match_torch_flop_counter(name, frames, height, width, tex
     image = arch.image_tokens(frames, height, width)
     assert image == latent_frames * (height // 16) * (width // 16)
     assert counter.get_total_flops() == arch.forward_flops(image, text)
+
+
+# (batch, latent frames, latent height, latent width, text tokens): image tokens F·H·W/4
+SHAPES = [(2, 2, 4, 10, 7), (3, 1, 6, 4, 5)]
+
+
+def tiny_wan(name: str, lora_rank: int | None, bf16_base: bool, tmp_path) -> torch.nn.Module:
+    """The trainer's setup: every weight trained (float32 masters), or a LoRA base loaded in bf16
+    by diffusers (its ``_keep_in_fp32_modules`` stay float32) with float32 adapters on the wan
+    family's targets (``WAN_TARGET_MODULES``)."""
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**TINY[name])
+    if bf16_base:
+        model.save_pretrained(tmp_path / name)
+        model = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / name, torch_dtype=torch.bfloat16)
+    if lora_rank:
+        add_lora(model, LoraSpec(rank=lora_rank, target_modules=list(WAN_TARGET_MODULES)))
+    else:
+        model.requires_grad_(True)
+    return model
+
+
+def training(lora_rank: int | None, compute_bytes: int = 4) -> Training:
+    return Training(lora_rank, WAN_TARGET_MODULES if lora_rank else (), compute_bytes=compute_bytes)
+
+
+def forward(model, batch: int, frames: int, height: int, width: int, text: int, bf16: bool = False):
+    """As ``GuidedVelocity`` calls it: inputs in the base weights' dtype, autocast around the call."""
+    c = model.config
+    gen = torch.Generator().manual_seed(1)
+    dtype = next(p for n, p in model.named_parameters() if "lora_" not in n).dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(hidden_states=torch.randn(batch, c.in_channels, frames, height, width, generator=gen).to(dtype),
+                     timestep=1000 * torch.rand(batch, generator=gen),
+                     encoder_hidden_states=torch.randn(batch, text, c.text_dim, generator=gen).to(dtype),
+                     return_dict=False)[0]
+
+
+def measured_saved_bytes(model, shape, checkpointing: bool, bf16: bool = False) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (parameters excluded). Under
+    checkpointing the RoPE tables are held by the checkpoint as a non-tensor argument instead."""
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    hook = model.rope.register_forward_hook(lambda m, i, out: [pack(t) for t in out] if checkpointing else None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward(model, *shape, bf16=bf16)
+    hook.remove()
+    return sum(storages.values())
+
+
+def _tokens(shape) -> Tokens:
+    _, frames, height, width, text = shape
+    return Tokens(frames * height * width // 4, text)
+
+
+@pytest.mark.parametrize("name,shape,lora,checkpointing",
+                         list(itertools.product(TINY, SHAPES, [None, 4], [False, True])))
+def test_saved_activations_match_autograd_exactly_in_fp32(name, shape, lora, checkpointing, tmp_path):
+    train = training(lora)
+    estimate = WanArchitecture(TINY[name]).saved(_tokens(shape), train, checkpointing)
+    model = tiny_wan(name, lora, False, tmp_path)
+    assert estimate.bytes(shape[0], train) == measured_saved_bytes(model, shape, checkpointing)
+
+
+@pytest.mark.parametrize("name,shape,lora,checkpointing",
+                         list(itertools.product(TINY, SHAPES, [None, 4], [False, True])))
+def test_saved_activations_match_autograd_exactly_under_bf16_autocast(name, shape, lora, checkpointing, tmp_path):
+    """bf16 autocast over float32 masters (full) or a bf16 base with float32 adapters (LoRA):
+    the float32 LayerNorms, modulation and RMSNorm copies, weight casts and per-adapter input casts."""
+    train = training(lora, compute_bytes=2)
+    estimate = WanArchitecture(TINY[name]).saved(_tokens(shape), train, checkpointing)
+    model = tiny_wan(name, lora, lora is not None, tmp_path)
+    assert estimate.bytes(shape[0], train) == measured_saved_bytes(model, shape, checkpointing, bf16=True)
+
+
+def test_checkpointing_keeps_less_and_recomputes_one_block():
+    arch, train = WanArchitecture(WAN21_T2V_1_3B), training(None, compute_bytes=2)
+    tokens = Tokens(arch.image_tokens(33, 480, 832), 512)
+    plain, checkpointed = arch.saved(tokens, train, False), arch.saved(tokens, train, True)
+    assert tokens.image == 9 * 30 * 52
+    assert checkpointed.bytes(1, train) < plain.bytes(1, train) / 10
+    assert checkpointed.recompute is not None and plain.recompute is None
+    assert 30 * checkpointed.recompute.act < plain.act  # one block of 30, less the text states kept once
+
+
+@pytest.mark.parametrize("name,lora", list(itertools.product(TINY, [None, 4])))
+def test_training_flops_match_torch_flop_counter(name, lora, tmp_path):
+    """Forward and backward FLOPs, cross-attention (image→text) included, against FlopCounterMode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = SHAPES[0]
+    model = tiny_wan(name, lora, False, tmp_path)
+    with sdpa_kernel(SDPBackend.MATH):  # attention as matmuls the counter sees (QKᵀ, AV and their gradients)
+        with FlopCounterMode(display=False) as counter:
+            out = forward(model, *shape)
+        forward_counted = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            out.square().sum().backward()
+        backward_counted = counter.get_total_flops()
+    arch, train = WanArchitecture(TINY[name]), training(lora)
+    trace = arch.saved(_tokens(shape), train, False)
+    assert len(trace.cross_attention) == arch.layers
+    assert shape[0] * forward_flops(trace, arch.dim, train.rank) == forward_counted
+    assert shape[0] * backward_flops(trace, arch.dim, train.rank) == backward_counted
+    if lora is None:
+        assert forward_flops(trace, arch.dim) == arch.forward_flops(_tokens(shape).image, _tokens(shape).text)
