@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from enum import IntEnum
 from functools import cached_property
 from pathlib import Path
 
@@ -36,51 +34,14 @@ from branchgrpo.train.distributed import DistributedContext, place_like
 from branchgrpo.train.evaluation import evaluate, save_image_grid
 from branchgrpo.train.logging import MetricsLogger, truncate_metrics
 from branchgrpo.train.reward_worker import RewardWorker, start_reward_worker
+from branchgrpo.train.signals import STOP_SIGNALS, StartupInterrupted, can_handle_signals, interrupt_on_stop_signals  # noqa: F401 (StartupInterrupted: re-exported)
+from branchgrpo.train.streams import PromptSampler, RandomStream, iteration_generator
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
 from branchgrpo.tree.scoring import score_tree
 from branchgrpo.update import gather_training_edges, policy_update
-
-
-class PromptSampler:
-    """Deterministic epochs over the training prompts: each epoch is a seeded permutation."""
-
-    def __init__(self, prompts: list[str], seed: int):
-        self.prompts = list(prompts)
-        self.seed = seed
-        self.position = 0  # prompts handed out so far (the data position a resume restores)
-
-    def next(self, count: int) -> list[str]:
-        out = []
-        for _ in range(count):
-            epoch, index = divmod(self.position, len(self.prompts))
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch))
-            out.append(self.prompts[int(order[index])])
-            self.position += 1
-        return out
-
-
-class RandomStream(IntEnum):
-    """What an iteration's random numbers are for; each purpose has its own stream."""
-
-    ROLLOUT = 0  # root and split noise of each prompt's tree
-    SELECTION = 1  # random edge subsets (timestep_fraction) of each prompt's tree
-    UPDATE = 2  # micro-batch order of each process's update
-
-
-def iteration_generator(
-    seed: int, iteration: int, stream: int, index: int = 0, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """Independent, reproducible random stream per (seed, iteration, :class:`RandomStream`, prompt
-    group or rank).
-
-    All randomness of an iteration comes from these, so a resumed run and a run on any number
-    of processes draw exactly the same noise for the same prompt.
-    """
-    key = (((seed * 1_000_003 + iteration) * 16 + int(stream)) * 1_000_033 + index) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(key)
 
 
 @dataclass
@@ -105,7 +66,7 @@ class Trainer:
         Nothing is written here: the job and its run folder are checked before any model loads
         (:func:`validate_job`, :func:`check_run_folder`), and SIGTERM/SIGUSR1 during this start-up
         raise :class:`StartupInterrupted` at once."""
-        with _interrupt_on_stop_signals():
+        with interrupt_on_stop_signals():
             self._build(config, model, reward)
 
     def _build(self, config: TrainConfig, model: PolicyBundle | None, reward: Reward | None) -> None:
@@ -374,7 +335,7 @@ class Trainer:
         before anything holds them.
         """
         started = time.perf_counter()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS if _can_handle_signals()}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS if can_handle_signals()}
         try:
             folder = self._on_main(lambda: RunFolder.claim(self.output_dir), share=False)  # None on other ranks
             try:
@@ -473,41 +434,6 @@ class Trainer:
         if stop and self._stop_signal is None:
             self._stop_signal = "SIGTERM"
         return stop
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class StartupInterrupted(Exception):
-    """SIGTERM/SIGUSR1 arrived while a training was starting (checking, loading models): it stops
-    before writing anything, so starting it again is always safe."""
-
-    def __init__(self, signal_name: str):
-        self.signal_name = signal_name
-        super().__init__(f"stopped by {signal_name} during start-up, before anything was written; start it again "
-                         "(run.resume=auto continues from the newest checkpoint)")
-
-
-def _can_handle_signals() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextmanager
-def _interrupt_on_stop_signals():
-    """SIGTERM/SIGUSR1 raise :class:`StartupInterrupted` inside the block (model loading may take
-    minutes and has nothing to finish); the previous handlers come back after it."""
-
-    def interrupt(signum, frame):  # noqa: ARG001
-        raise StartupInterrupted(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS if _can_handle_signals()}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _warn(text: str) -> None:
