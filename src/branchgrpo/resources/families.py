@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 from branchgrpo.resources.core import Architecture, Tokens
 from branchgrpo.resources.flux import FluxArchitecture
+from branchgrpo.resources.wan import WAN21_T2V_1_3B as _WAN21_T2V_1_3B
+from branchgrpo.resources.wan import WanArchitecture as _wan_architecture
 
 # black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters)
 FLUX_DEV: dict[str, Any] = {
@@ -78,12 +80,45 @@ def true_cfg_rows(options: Mapping[str, Any]) -> int:
     return 2 if float(options.get("true_cfg_scale", 1.0) or 1.0) > 1.0 else 1
 
 
+def _wan_video(options: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(num_frames, height, width)``, the wan family's defaults where unset (33 frames at 480×832)."""
+    from branchgrpo.families.wan import WanOptions as defaults
+
+    return (int(options.get("num_frames", defaults.num_frames)), int(options.get("height", defaults.height)),
+            int(options.get("width", defaults.width)))
+
+
+def _wan_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+    """Wan: latent ``((F − 1)/4 + 1) × H/8 × W/8`` cut into ``patch_size`` patches (``(1, 2, 2)``) and
+    ``max_sequence_length`` UMT5 tokens (512: the states are zero-padded to it, no mask)."""
+    from branchgrpo.families.wan import WanOptions as defaults
+
+    return Tokens(arch.image_tokens(*_wan_video(options)),
+                  int(options.get("max_sequence_length", defaults.max_sequence_length)))
+
+
+def _wan_latent(arch: Any, options: Mapping[str, Any]) -> int:
+    """One video latent ``[16, (F − 1)/4 + 1, H/8, W/8]``."""
+    frames, height, width = _wan_video(options)
+    return arch.in_channels * ((frames - 1) // 4 + 1) * (height // 8) * (width // 8)
+
+
+def _wan_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.guidance_scale`` (WanPipeline's CFG, default 5.0) is > 1: the negative
+    and positive rows in one call, rollout and training forward alike (``models/base.py`` ``GuidedVelocity``)."""
+    from branchgrpo.families.wan import WanOptions as defaults
+
+    return 2 if float(options.get("guidance_scale", defaults.guidance_scale)) > 1.0 else 1
+
+
 PLAN_FAMILIES: dict[str, PlanFamily] = {
     "flux": PlanFamily(FluxArchitecture, _flux_tokens, _flux_latent, "flux-dev", FLUX_DEV),
     "digits": PlanFamily(FluxArchitecture, _digits_tokens, _digits_latent),
     # FLUX.1-Kontext-dev has FLUX.1-dev's 12 B transformer; the tree stores the generated latent alone
     "flux-kontext": PlanFamily(FluxArchitecture, _kontext_tokens, _flux_latent, "flux-kontext-dev", FLUX_DEV,
                                true_cfg_rows),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers (resources/wan.py WAN21_T2V_1_3B); the 14B T2V is the same class
+    "wan": PlanFamily(_wan_architecture, _wan_tokens, _wan_latent, "wan2.1-t2v-1.3b", _WAN21_T2V_1_3B, _wan_cfg_rows),
 }
 
 
