@@ -147,18 +147,69 @@ def test_saved_activations_match_autograd_exactly_under_bf16_autocast(name, shap
                                                                 bf16=True)
 
 
-@pytest.mark.parametrize("lora,checkpointing", [(None, False), (4, True)])
-def test_true_cfg_copies_count_the_doubled_call(lora, checkpointing):
-    """Under true CFG one sample is two transformer rows (``[x; x]``): ``copies=2`` at batch ``b``
-    is the real model's saved tensors at batch ``2b``, and twice the FLOPs of one row."""
-    grids, text, train = [(4, 4)], 5, training(lora)
-    arch = QwenImageArchitecture(TINY["w16-2"])
-    doubled = arch.saved(QwenTokens(16, text, copies=2, masked=True), train, checkpointing)
-    measured = measured_saved_bytes(tiny_qwen("w16-2", lora), 2, grids, text, True, checkpointing)
-    assert doubled.bytes(1, train) == measured
-    single = arch.saved(QwenTokens(16, text, masked=True), train, checkpointing)
-    for count in (forward_flops, backward_flops):
-        assert count(doubled, arch.dim, train.rank) == 2 * count(single, arch.dim, train.rank)
+@pytest.mark.parametrize("edit", [False, True])
+def test_the_adapters_true_cfg_call_is_two_masked_rows_per_sample(edit):
+    """The real adapter call (QwenImageVelocity / QwenImageEditVelocity, guidance 4): one sample
+    is a transformer batch of two rows ([negative; positive], the short negative padded, so a text
+    mask), and for the edit model the source's packed tokens join each row's image stream; the
+    saved tensors inside the transformer are ``saved(...).bytes(2)`` (what ``plan`` counts with 2
+    rows per sample)."""
+    from branchgrpo.models.qwenimage_edit import QwenImageEditVelocity
+    from branchgrpo.models.qwenimage_transformer import QwenImageVelocity
+
+    model, gen = tiny_qwen("w16-2", 4), torch.Generator().manual_seed(2)
+    c, text = model.config, 5
+    conditioning = {"prompt_embeds": torch.randn(1, text, c.joint_attention_dim, generator=gen),
+                    "prompt_embeds_mask": torch.ones(1, text),
+                    "negative_prompt_embeds": torch.randn(1, 3, c.joint_attention_dim, generator=gen),
+                    "negative_prompt_embeds_mask": torch.ones(1, 3)}
+    image = 4 * 4  # latent 8×8 → 4×4 packed tokens
+    if edit:  # a source seen as a 2×3 packed grid
+        conditioning |= {"image_latents": torch.randn(1, 6, c.in_channels, generator=gen),
+                         "image_latent_shape": torch.tensor([[2.0, 3.0]])}
+        image += 6
+    policy = (QwenImageEditVelocity if edit else QwenImageVelocity)(model, 8, 8, guidance_scale=4.0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    inside = []
+
+    def pack(tensor):
+        if inside and tensor.untyped_storage().data_ptr() not in params:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.register_forward_pre_hook(lambda *_: inside.append(True))
+    model.register_forward_hook(lambda *_: inside.clear())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        policy(torch.randn(1, 16, c.in_channels, generator=gen), torch.tensor([0.5]), conditioning)
+    train = training(4)
+    row = QwenImageArchitecture(TINY["w16-2"]).saved(QwenTokens(image, text, masked=True), train, False)
+    assert row.bytes(2, train) == sum(storages.values())
+
+
+def test_plan_counts_qwen_images_rows_and_tokens():
+    """``plan``'s reading of the two families: true CFG doubles every call's rows (guidance_scale
+    > 1; 1 turns it off), Qwen-Image-Edit adds the source's tokens at ``condition_area`` (1024² →
+    64×64 packed), the tree stores only the generated latent ``[(H/16)·(W/16), 64]``."""
+    from branchgrpo.resources import estimate_job
+    from branchgrpo.resources.families import PLAN_FAMILIES
+    from branchgrpo.train.config import load_train_config
+
+    arch = QwenImageArchitecture(QWEN_IMAGE)
+    qwen, edit = PLAN_FAMILIES["qwenimage"], PLAN_FAMILIES["qwenimage-edit"]
+    assert qwen.tokens(arch, {"height": 1328, "width": 1328}) == QwenTokens(83 * 83, 512, masked=True)
+    assert qwen.tokens(arch, {"guidance_scale": 1.0, "max_sequence_length": 300}) == QwenTokens(83 * 83, 300)
+    assert edit.tokens(arch, {"height": 1024, "width": 1024}) == QwenTokens(2 * 64 * 64, 1024, masked=True)
+    # a 512×1024 output: its source at 1024² pixels with that aspect is 1440×736 (multiples of 32)
+    assert edit.tokens(arch, {"height": 1024, "width": 512}).image == 64 * 32 + (1440 // 16) * (736 // 16)
+    assert edit.latent_elements(arch, {}) == 64 * 64 * 64 and qwen.latent_elements(arch, {}) == 83 * 83 * 64
+    assert [f.rows_per_sample({"guidance_scale": g}) for f in (qwen, edit) for g in (4.0, 1.0)] == [2, 1, 2, 1]
+    config = load_train_config("configs/qwenimage-branchgrpo.yaml", None, [])
+    off = load_train_config("configs/qwenimage-branchgrpo.yaml", None, ["model.options.guidance_scale=1.0"])
+    on, plain = (estimate_job(x, QWEN_IMAGE, processes=8) for x in (config, off))
+    assert on.parameters == 20_430_401_088
+    assert {k: 2 * v for k, v in plain.forwards.items()} == on.forwards
+    assert on.flops["forward_per_row"] == plain.flops["forward_per_row"] == arch.forward_flops(83 * 83, 512)
 
 
 def test_lora_count_matches_peft_on_the_family_targets():

@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 
 from branchgrpo.resources.core import Architecture, Tokens
 from branchgrpo.resources.flux import FluxArchitecture
-from branchgrpo.resources.wan import WAN21_T2V_1_3B as _WAN21_T2V_1_3B
-from branchgrpo.resources.wan import WanArchitecture as _wan_architecture
+from branchgrpo.resources.qwenimage import QWEN_IMAGE as _QWEN_IMAGE
+from branchgrpo.resources.qwenimage import QwenImageArchitecture as _qwen_architecture
 
 # black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters)
 FLUX_DEV: dict[str, Any] = {
@@ -80,35 +80,44 @@ def true_cfg_rows(options: Mapping[str, Any]) -> int:
     return 2 if float(options.get("true_cfg_scale", 1.0) or 1.0) > 1.0 else 1
 
 
-def _wan_video(options: Mapping[str, Any]) -> tuple[int, int, int]:
-    """``(num_frames, height, width)``, the wan family's defaults where unset (33 frames at 480×832)."""
-    from branchgrpo.families.wan import WanOptions as defaults
-
-    return (int(options.get("num_frames", defaults.num_frames)), int(options.get("height", defaults.height)),
-            int(options.get("width", defaults.width)))
-
-
-def _wan_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
-    """Wan: latent ``((F − 1)/4 + 1) × H/8 × W/8`` cut into ``patch_size`` patches (``(1, 2, 2)``) and
-    ``max_sequence_length`` UMT5 tokens (512: the states are zero-padded to it, no mask)."""
-    from branchgrpo.families.wan import WanOptions as defaults
-
-    return Tokens(arch.image_tokens(*_wan_video(options)),
-                  int(options.get("max_sequence_length", defaults.max_sequence_length)))
+def _qwen_size(options: Mapping[str, Any], source: bool) -> tuple[int, int]:
+    """``(height, width)`` in pixels, the family's defaults where unset (1328² Qwen-Image, 1024² Edit)."""
+    if source:
+        from branchgrpo.families.qwenimage_edit import QwenImageEditOptions as defaults
+    else:
+        from branchgrpo.families.qwenimage import QwenImageOptions as defaults
+    return int(options.get("height", defaults.height)), int(options.get("width", defaults.width))
 
 
-def _wan_latent(arch: Any, options: Mapping[str, Any]) -> int:
-    """One video latent ``[16, (F − 1)/4 + 1, H/8, W/8]``."""
-    frames, height, width = _wan_video(options)
-    return arch.in_channels * ((frames - 1) // 4 + 1) * (height // 8) * (width // 8)
+def _qwen_tokens(arch: Any, options: Mapping[str, Any], source: bool) -> Tokens:
+    """Qwen-Image: ``(H/16)·(W/16)`` packed latent tokens; text up to ``max_sequence_length``
+    (the family's 512; Qwen-Image-Edit's adapter keeps up to 1024, vision tokens included), an upper
+    bound: the adapter trims padding no row uses. Under true CFG the negative row is padded to the
+    prompt's length, so the call carries a text mask. ``source``: Qwen-Image-Edit, whose source
+    image's tokens follow the generated ones in every row, counted at ``condition_area`` with the
+    output's aspect ratio (the pipeline keeps the source's own aspect; sizes are from
+    ``models/qwenimage_edit.py``'s ``condition_size``)."""
+    from branchgrpo.resources.qwenimage import QwenTokens
+
+    height, width = _qwen_size(options, source)
+    image = arch.image_tokens(height, width)
+    text = int(options.get("max_sequence_length", 1024 if source else 512))
+    if source:
+        from branchgrpo.models.qwenimage_edit import CONDITION_AREA, condition_size
+
+        src_w, src_h = condition_size(width, height, int(options.get("condition_area", CONDITION_AREA)))
+        image += arch.image_tokens(src_h, src_w)
+    return QwenTokens(image, text, masked=_qwen_cfg_rows(options) > 1)
 
 
-def _wan_cfg_rows(options: Mapping[str, Any]) -> int:
-    """2 when ``model.options.guidance_scale`` (WanPipeline's CFG, default 5.0) is > 1: the negative
-    and positive rows in one call, rollout and training forward alike (``models/base.py`` ``GuidedVelocity``)."""
-    from branchgrpo.families.wan import WanOptions as defaults
+def _qwen_latent(arch: Any, options: Mapping[str, Any], source: bool) -> int:
+    """The generated image's packed latent ``[(H/16)·(W/16), 64]`` (an edit's source is not stored)."""
+    return arch.image_tokens(*_qwen_size(options, source)) * arch.in_channels
 
-    return 2 if float(options.get("guidance_scale", defaults.guidance_scale)) > 1.0 else 1
+
+def _qwen_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.guidance_scale`` (Qwen-Image's true CFG, default 4.0) is > 1, else 1."""
+    return 2 if float(options.get("guidance_scale", 4.0)) > 1.0 else 1
 
 
 PLAN_FAMILIES: dict[str, PlanFamily] = {
@@ -117,8 +126,12 @@ PLAN_FAMILIES: dict[str, PlanFamily] = {
     # FLUX.1-Kontext-dev has FLUX.1-dev's 12 B transformer; the tree stores the generated latent alone
     "flux-kontext": PlanFamily(FluxArchitecture, _kontext_tokens, _flux_latent, "flux-kontext-dev", FLUX_DEV,
                                true_cfg_rows),
-    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers (resources/wan.py WAN21_T2V_1_3B); the 14B T2V is the same class
-    "wan": PlanFamily(_wan_architecture, _wan_tokens, _wan_latent, "wan2.1-t2v-1.3b", _WAN21_T2V_1_3B, _wan_cfg_rows),
+    # Qwen/Qwen-Image and Qwen/Qwen-Image-Edit share one transformer config (resources/qwenimage.py QWEN_IMAGE)
+    "qwenimage": PlanFamily(_qwen_architecture, lambda arch, o: _qwen_tokens(arch, o, False),
+                            lambda arch, o: _qwen_latent(arch, o, False), "qwen-image", _QWEN_IMAGE, _qwen_cfg_rows),
+    "qwenimage-edit": PlanFamily(_qwen_architecture, lambda arch, o: _qwen_tokens(arch, o, True),
+                                 lambda arch, o: _qwen_latent(arch, o, True), "qwen-image-edit", _QWEN_IMAGE,
+                                 _qwen_cfg_rows),
 }
 
 

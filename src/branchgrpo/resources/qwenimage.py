@@ -11,14 +11,14 @@ source image's patches join the image stream: pass them in ``image`` tokens.
 The saved-tensor walk mirrors the diffusers forward op by op, as ``flux.py`` does for FLUX's
 double blocks (the block here is the same dual-stream block with its own module names; RoPE is a
 complex product per stream, which keeps only the frequency tables). True CFG runs the transformer
-on ``[x; x]``: :class:`QwenTokens` ``.copies`` = 2 counts both rows of a sample.
+on ``[x; x]``: ``plan`` counts two rows per sample (``families.py``'s ``rows_per_sample``).
 ``tests/resources/test_qwenimage_resources.py`` checks it byte for byte against
 ``torch.autograd.graph.saved_tensors_hooks`` on real tiny models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from branchgrpo.resources.core import Linear, Saved, Tokens, Training
@@ -35,11 +35,9 @@ ROPE_POSITIONS = 4096  # QwenEmbedRope's table: 4096 positions × head_dim/2 com
 
 @dataclass(frozen=True)
 class QwenTokens(Tokens):
-    """One sample's tokens and the transformer rows it takes: ``copies`` 2 under true CFG (the
-    adapter's ``[x; x]`` call with ``[negative; positive]`` texts padded to one length), and
-    whether the call passes a text mask (``masked``: any padded text, e.g. CFG's short negative)."""
+    """One row's tokens and whether the call passes a text mask (``masked``: some row's text is
+    padded, e.g. true CFG's short negative prompt beside the prompt; an all-ones mask is passed as None)."""
 
-    copies: int = 1
     masked: bool = False
 
 
@@ -108,21 +106,7 @@ class QwenImageArchitecture:
 
     # -- what autograd keeps for backward ----------------------------------------------------
     def saved(self, tokens: Tokens, train: Training, checkpointing: bool) -> Saved:
-        """Tensors saved for backward by one forward of one sample (see :class:`Saved`); with
-        :class:`QwenTokens` ``copies`` = 2 (true CFG) every per-sample count and FLOP is twice one row's."""
-        one = self._saved_row(tokens, train, checkpointing)
-        copies = getattr(tokens, "copies", 1)
-        if copies == 1:
-            return one
-        out = Saved(act=one.act * copies, ln=one.ln * copies, f32=one.f32 * copies, shared_f32=one.shared_f32,
-                    casts=one.casts, uses=[replace(u, rows=u.rows * copies) for u in one.uses],
-                    attention=one.attention * copies, cross_attention=one.cross_attention * copies)
-        if one.recompute is not None:
-            r = one.recompute
-            out.recompute = Saved(act=r.act * copies, ln=r.ln * copies, f32=r.f32 * copies)
-        return out
-
-    def _saved_row(self, tokens: Tokens, train: Training, checkpointing: bool) -> Saved:
+        """Tensors saved for backward by one forward of one transformer row (see :class:`Saved`)."""
         s = Saved()
         d, ti, ta = self.dim, tokens.image, tokens.all
         first, second, img_in, txt_in = self.top_linears()
@@ -240,11 +224,11 @@ class QwenImageArchitecture:
         modulated inputs (LayerNorm class, ``2·L·D``). At the image MLP's GELU: the block's inputs,
         the attention outputs, the updated streams (``3·L·D``), the MLP's ``[L_image, 4D]`` input and
         output, and both streams' first and the image's second normalised/modulated tensors."""
-        copies, ta, ti, d = getattr(tokens, "copies", 1), tokens.all, tokens.image, self.dim
-        attention = Saved(act=8 * ta * d * copies, ln=2 * ta * d * copies)
-        mlp = Saved(act=(3 * ta * d + 8 * ti * d) * copies, ln=(2 * ta * d + 2 * ti * d) * copies)
+        ta, ti, d = tokens.all, tokens.image, self.dim
+        attention = Saved(act=8 * ta * d, ln=2 * ta * d)
+        mlp = Saved(act=3 * ta * d + 8 * ti * d, ln=2 * ta * d + 2 * ti * d)
         return max(attention, mlp, key=lambda x: x.act + 2 * x.ln)  # LayerNorm class: float32 under CUDA autocast
 
     def gradient_buffer(self, tokens: Tokens) -> int:
         """Elements of the widest activation gradient in backward: the image MLP's ``[L_image, 4D]``."""
-        return getattr(tokens, "copies", 1) * tokens.image * 4 * self.dim
+        return tokens.image * 4 * self.dim
