@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from branchgrpo.models.lora import WAN_TARGET_MODULES, LoraSpec, add_lora
-from branchgrpo.resources import Tokens, Training, backward_flops, forward_flops, parameter_count
-from branchgrpo.resources.wan import WAN21_T2V_1_3B, WanArchitecture
+from branchgrpo.resources import (
+    Tokens, Training, backward_flops, forward_flops, lora_parameter_count, parameter_count,
+)
+from branchgrpo.resources.wan import (
+    WAN21_T2V_1_3B, WAN22_T2V_A14B_EXPERT, WAN22_TI2V_5B, WanArchitecture, WanExpertsArchitecture,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -36,7 +40,8 @@ def _meta_count(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("config", [WAN21_T2V_1_3B, *TINY.values()], ids=["wan2.1-1.3b", *TINY])
+@pytest.mark.parametrize("config", [WAN21_T2V_1_3B, WAN22_T2V_A14B_EXPERT, WAN22_TI2V_5B, *TINY.values()],
+                         ids=["wan2.1-1.3b", "wan2.2-a14b-expert", "wan2.2-ti2v-5b", *TINY])
 def test_parameter_count_equals_the_diffusers_class(config):
     assert parameter_count(WanArchitecture(dict(config))) == _meta_count(config)
 
@@ -174,3 +179,23 @@ def test_training_flops_match_torch_flop_counter(name, lora, tmp_path):
     assert shape[0] * backward_flops(trace, arch.dim, train.rank) == backward_counted
     if lora is None:
         assert forward_flops(trace, arch.dim) == arch.forward_flops(_tokens(shape).image, _tokens(shape).text)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_two_experts_count_both_and_save_one(name, tmp_path):
+    """Wan2.2-T2V-A14B's ``WanExperts``: parameters and LoRA adapters of both experts (peft's count
+    through ``add_lora`` on the experts module); a row runs one expert, so what it saves for
+    backward is one expert's, measured on that expert inside the module."""
+    from branchgrpo.models.wan22_experts import WanExperts
+
+    experts = WanExperts(tiny_wan(name, None, True, tmp_path), tiny_wan(name, None, True, tmp_path))
+    arch = WanExpertsArchitecture(TINY[name])
+    assert parameter_count(arch) == sum(p.numel() for p in experts.parameters()) == 2 * _meta_count(TINY[name])
+    add_lora(experts, LoraSpec(rank=4, target_modules=list(WAN_TARGET_MODULES)))
+    train = training(4, compute_bytes=2)
+    lora = [p for n, p in experts.named_parameters() if "lora_" in n]
+    assert {n.split(".")[0] for n, p in experts.named_parameters() if "lora_" in n} == {"transformer", "transformer_2"}
+    assert lora_parameter_count(arch, train) == sum(p.numel() for p in lora) > 0
+    shape = SHAPES[0]
+    estimate = arch.saved(_tokens(shape), train, False)
+    assert estimate.bytes(shape[0], train) == measured_saved_bytes(experts.transformer_2, shape, False, bf16=True)

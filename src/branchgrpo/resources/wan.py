@@ -32,12 +32,27 @@ WAN21_T2V_1_3B: dict[str, Any] = {
     "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
 }
 
+# Wan2.2 (Wan-Video/Wan2.2, wan/configs/wan_t2v_A14B.py and wan_ti2v_5B.py: dim, ffn_dim, freq_dim,
+# num_heads, num_layers, patch_size, in_dim; text_dim 4096 is UMT5-XXL's, as in Wan2.1) in diffusers' names.
+# T2V-A14B: each of its two experts (high-noise ``transformer``, low-noise ``transformer_2``).
+WAN22_T2V_A14B_EXPERT: dict[str, Any] = {
+    "_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "num_attention_heads": 40,
+    "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
+    "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+    "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+}
+# TI2V-5B: one transformer on the 48-channel Wan2.2 VAE latents
+WAN22_TI2V_5B: dict[str, Any] = {**WAN22_T2V_A14B_EXPERT, "num_attention_heads": 24, "in_channels": 48,
+                                 "out_channels": 48, "ffn_dim": 14336, "num_layers": 30}
+
 
 @dataclass
 class WanArchitecture:
-    """``WanTransformer3DModel`` (text-to-video: no image embedder, no added k/v projections)."""
+    """``WanTransformer3DModel`` (text-to-video: no image embedder, no added k/v projections).
+    ``prefix``: put before every module name (``"transformer_2."`` for an expert inside ``WanExperts``)."""
 
     config: dict[str, Any]
+    prefix: str = ""
 
     def __post_init__(self) -> None:
         c = self.config
@@ -56,16 +71,17 @@ class WanArchitecture:
         self.cross_norm = bool(c.get("cross_attn_norm", True))
 
     def top_linears(self) -> list[Linear]:
-        d, p = self.dim, math.prod(self.patch)
-        return [Linear("patch_embedding", self.in_channels * p, d, True, "image"),  # Conv3d, stride = kernel
-                Linear("condition_embedder.time_embedder.linear_1", self.freq_dim, d, True, "sample"),
-                Linear("condition_embedder.time_embedder.linear_2", d, d, True, "sample"),
-                Linear("condition_embedder.time_proj", d, 6 * d, True, "sample"),
-                Linear("condition_embedder.text_embedder.linear_1", self.text_dim, d, True, "text"),
-                Linear("condition_embedder.text_embedder.linear_2", d, d, True, "text")]
+        d, p, c = self.dim, math.prod(self.patch), f"{self.prefix}condition_embedder."
+        # the patch embedding is a Conv3d with stride = kernel: a linear on each patch
+        return [Linear(f"{self.prefix}patch_embedding", self.in_channels * p, d, True, "image"),
+                Linear(c + "time_embedder.linear_1", self.freq_dim, d, True, "sample"),
+                Linear(c + "time_embedder.linear_2", d, d, True, "sample"),
+                Linear(c + "time_proj", d, 6 * d, True, "sample"),
+                Linear(c + "text_embedder.linear_1", self.text_dim, d, True, "text"),
+                Linear(c + "text_embedder.linear_2", d, d, True, "text")]
 
     def block_linears_of(self, i: int) -> list[Linear]:
-        d, p = self.dim, f"blocks.{i}."
+        d, p = self.dim, f"{self.prefix}blocks.{i}."
         rows = [(f"attn1.{n}", d, d, "image") for n in ("to_q", "to_k", "to_v", "to_out.0")]
         rows += [("attn2.to_q", d, d, "image"), ("attn2.to_k", d, d, "text"), ("attn2.to_v", d, d, "text"),
                  ("attn2.to_out.0", d, d, "image"),
@@ -73,7 +89,7 @@ class WanArchitecture:
         return [Linear(p + n, i_, o, True, s) for n, i_, o, s in rows]
 
     def end_linears(self) -> list[Linear]:
-        return [Linear("proj_out", self.dim, self.out_channels * math.prod(self.patch), True, "image")]
+        return [Linear(f"{self.prefix}proj_out", self.dim, self.out_channels * math.prod(self.patch), True, "image")]
 
     def linears(self) -> list[Linear]:
         out = self.top_linears()
@@ -113,7 +129,7 @@ class WanArchitecture:
         RoPE tables as a non-tensor argument."""
         s = Saved()
         d, ti, tt = self.dim, tokens.image, tokens.text
-        lin = {x.name: x for x in self.top_linears()}
+        lin = {x.name[len(self.prefix):]: x for x in self.top_linears()}
         # patch embedding, a Conv3d: its backward keeps the input and (autocast's cast of) the weight
         patch = lin["patch_embedding"]
         if train.lora(patch.name):
@@ -199,7 +215,7 @@ class WanArchitecture:
         Returns the block's set, whether its output needs a gradient, and whether it keeps the text
         states themselves (counted once for all blocks)."""
         s, d, f, ti, tt = Saved(), self.dim, self.ffn, tokens.image, tokens.text
-        lin = {x.name.split(".", 2)[2]: x for x in self.block_linears_of(i)}
+        lin = {x.name[len(f"{self.prefix}blocks.{i}."):]: x for x in self.block_linears_of(i)}
         trains = lambda n: train.trains(lin[n].name)  # noqa: E731
         mod_grad = proj_grad or train.full  # scale_shift_table + temb: trained in a full fine-tune
         # self-attention
@@ -269,3 +285,46 @@ class WanArchitecture:
     def gradient_buffer(self, tokens: Tokens) -> int:
         """Elements of the widest activation gradient in backward: the feed-forward's ``[L, ffn]``."""
         return tokens.image * max(self.ffn, self.dim)
+
+
+@dataclass
+class WanExpertsArchitecture:
+    """Wan2.2-T2V-A14B as the trainer holds it (``models/wan22_experts.py`` ``WanExperts``): two
+    experts of one ``config`` (``transformer`` for high noise, ``transformer_2`` for low noise), both
+    resident, both trained (full or LoRA in each), both sharded under FSDP (each expert's blocks).
+
+    Parameters, LoRA adapters, optimizer state, autocast weight casts and FSDP units count both
+    experts. A transformer row runs one expert (``Wan22Velocity`` splits a micro-batch that mixes
+    steps on both sides of the boundary into one call per expert, each on its own rows), so what one
+    row saves for backward, computes and holds in a forward is one expert's: :meth:`saved`,
+    :meth:`inference_peak` and :meth:`gradient_buffer` are the high-noise expert's (the same
+    architecture as the other)."""
+
+    config: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        from branchgrpo.models.wan22_experts import EXPERT_NAMES
+
+        self.experts = [WanArchitecture(self.config, prefix=f"{name}.") for name in EXPERT_NAMES]
+        self.dim = self.experts[0].dim
+
+    def linears(self) -> list[Linear]:
+        return [x for expert in self.experts for x in expert.linears()]
+
+    def block_linears(self) -> list[list[Linear]]:
+        return [block for expert in self.experts for block in expert.block_linears()]
+
+    def other_parameters(self) -> int:
+        return sum(expert.other_parameters() for expert in self.experts)
+
+    def image_tokens(self, frames: int, height: int, width: int) -> int:
+        return self.experts[0].image_tokens(frames, height, width)
+
+    def saved(self, tokens: Tokens, train: Training, checkpointing: bool) -> Saved:
+        return self.experts[0].saved(tokens, train, checkpointing)
+
+    def inference_peak(self, tokens: Tokens) -> Saved:
+        return self.experts[0].inference_peak(tokens)
+
+    def gradient_buffer(self, tokens: Tokens) -> int:
+        return self.experts[0].gradient_buffer(tokens)
