@@ -66,6 +66,6 @@ def test_kontext_rows_carry_the_source_tokens_and_true_cfg_doubles_them():
     train = Training(None, (), compute_bytes=2, cuda=True)
     trace = FluxArchitecture(HUB_CONFIGS["flux-kontext-dev"]).saved(plain.tokens, train, True)
     b = plain.micro_batches["training"]
-    saved = {r.name: r.device for r in cfg.phases["update"]}[f"saved activations (micro-batch {b})"]
+    saved = {r.name: r.device for r in cfg.phases["update"]}[f"saved activations (micro-batch {b} × 2 CFG rows)"]
     assert saved == trace.bytes(2 * b, train) - trace.casts * 2
     assert "true classifier-free guidance" in " ".join(cfg.notes)

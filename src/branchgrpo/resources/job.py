@@ -176,6 +176,7 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
         forwards = {k: v * cfg for k, v in forwards.items()}
         notes.append(f"true classifier-free guidance: {cfg} transformer rows per sample in every call")
     rollout_rows, train_rows = rollout_mb * cfg, train_mb * cfg
+    cfg_rows = f" × {cfg} CFG rows" if cfg > 1 else ""
 
     # -- persistent: weights and optimizer state (1/N each under FSDP; on the host with offload) -
     def place(name: str, total: int) -> MemoryRow:
@@ -204,7 +205,7 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     tree = MemoryRow(f"tree latents (fp32, {counts.nodes + counts.leaves} per prompt)",
                      (counts.nodes + counts.leaves) * entry.latent_elements(arch, options) * 4 * prompts)
     update = [gradients] + shared + [
-        tree, MemoryRow(f"saved activations (micro-batch {train_mb})", no_casts(trace))]
+        tree, MemoryRow(f"saved activations (micro-batch {train_mb}{cfg_rows})", no_casts(trace))]
     if trace.recompute is not None:
         update.append(MemoryRow("block recomputed by checkpointing", trace.recompute.bytes(train_rows, train)))
     update.append(MemoryRow("backward gradient buffers", arch.gradient_buffer(tokens) * cb * train_rows))
@@ -215,7 +216,7 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     step = [gradients, place("AdamW step temporaries (fp32)", n_train * 4)]  # with offload, the step runs on the CPU
     if processes > 1 and not fsdp:
         step.append(MemoryRow("all-reduce buffer (fp32 gradients)", n_train * 4))
-    rollout = shared + [tree, MemoryRow(f"forward working set (micro-batch {rollout_mb}, no grad)",
+    rollout = shared + [tree, MemoryRow(f"forward working set (micro-batch {rollout_mb}{cfg_rows}, no grad)",
                                         arch.inference_peak(tokens).bytes(rollout_rows, train))]
     phases = {"rollout": rollout, "update": update, "optimizer step": step}
 
