@@ -89,19 +89,22 @@ def training(lora_rank: int | None, compute_bytes: int = 4) -> Training:
     return Training(lora_rank, WAN_TARGET_MODULES if lora_rank else (), compute_bytes=compute_bytes)
 
 
-def forward(model, batch: int, frames: int, height: int, width: int, text: int, bf16: bool = False):
-    """As ``GuidedVelocity`` calls it: inputs in the base weights' dtype, autocast around the call."""
+def forward(model, batch: int, frames: int, height: int, width: int, text: int, bf16: bool = False,
+            per_token: bool = False):
+    """As ``GuidedVelocity`` calls it: inputs in the base weights' dtype, autocast around the call;
+    ``per_token``: one timestep per latent token ``[B, L]`` (TI2V-5B's ``expand_timesteps``)."""
     c = model.config
     gen = torch.Generator().manual_seed(1)
     dtype = next(p for n, p in model.named_parameters() if "lora_" not in n).dtype
+    steps = (batch, frames * height * width // 4) if per_token else (batch,)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return model(hidden_states=torch.randn(batch, c.in_channels, frames, height, width, generator=gen).to(dtype),
-                     timestep=1000 * torch.rand(batch, generator=gen),
+                     timestep=1000 * torch.rand(*steps, generator=gen),
                      encoder_hidden_states=torch.randn(batch, text, c.text_dim, generator=gen).to(dtype),
                      return_dict=False)[0]
 
 
-def measured_saved_bytes(model, shape, checkpointing: bool, bf16: bool = False) -> int:
+def measured_saved_bytes(model, shape, checkpointing: bool, bf16: bool = False, per_token: bool = False) -> int:
     """Bytes of the distinct storages autograd keeps for backward (parameters excluded). Under
     checkpointing the RoPE tables are held by the checkpoint as a non-tensor argument instead."""
     if checkpointing:
@@ -117,7 +120,7 @@ def measured_saved_bytes(model, shape, checkpointing: bool, bf16: bool = False) 
 
     hook = model.rope.register_forward_hook(lambda m, i, out: [pack(t) for t in out] if checkpointing else None)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward(model, *shape, bf16=bf16)
+        forward(model, *shape, bf16=bf16, per_token=per_token)
     hook.remove()
     return sum(storages.values())
 
@@ -199,3 +202,37 @@ def test_two_experts_count_both_and_save_one(name, tmp_path):
     shape = SHAPES[0]
     estimate = arch.saved(_tokens(shape), train, False)
     assert estimate.bytes(shape[0], train) == measured_saved_bytes(experts.transformer_2, shape, False, bf16=True)
+
+
+@pytest.mark.parametrize("name,lora,bf16,checkpointing",
+                         list(itertools.product(TINY, [None, 4], [False, True], [False, True])))
+def test_per_token_timesteps_saved_activations_match_autograd_exactly(name, lora, bf16, checkpointing, tmp_path):
+    """TI2V-5B's pipeline gives every latent token its own timestep: the timestep MLP runs on every
+    token and each block keeps ``[L, 6·D]`` float32 modulation vectors."""
+    shape, train = SHAPES[0], training(lora, compute_bytes=2 if bf16 else 4)
+    arch = WanArchitecture(TINY[name], per_token_timesteps=True)
+    estimate = arch.saved(_tokens(shape), train, checkpointing)
+    model = tiny_wan(name, lora, bf16 and lora is not None, tmp_path)
+    assert estimate.bytes(shape[0], train) == measured_saved_bytes(model, shape, checkpointing, bf16, per_token=True)
+    per_sample = WanArchitecture(TINY[name]).saved(_tokens(shape), train, checkpointing)
+    assert estimate.bytes(1, train) > per_sample.bytes(1, train)
+
+
+@pytest.mark.parametrize("name,lora", list(itertools.product(TINY, [None, 4])))
+def test_per_token_timesteps_flops_match_torch_flop_counter(name, lora, tmp_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = SHAPES[1]
+    model = tiny_wan(name, lora, False, tmp_path)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
+            out = forward(model, *shape, per_token=True)
+        forward_counted = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            out.square().sum().backward()
+        backward_counted = counter.get_total_flops()
+    arch, train = WanArchitecture(TINY[name], per_token_timesteps=True), training(lora)
+    trace = arch.saved(_tokens(shape), train, False)
+    assert shape[0] * forward_flops(trace, arch.dim, train.rank) == forward_counted
+    assert shape[0] * backward_flops(trace, arch.dim, train.rank) == backward_counted

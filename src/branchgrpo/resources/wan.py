@@ -49,10 +49,14 @@ WAN22_TI2V_5B: dict[str, Any] = {**WAN22_T2V_A14B_EXPERT, "num_attention_heads":
 @dataclass
 class WanArchitecture:
     """``WanTransformer3DModel`` (text-to-video: no image embedder, no added k/v projections).
-    ``prefix``: put before every module name (``"transformer_2."`` for an expert inside ``WanExperts``)."""
+    ``prefix``: put before every module name (``"transformer_2."`` for an expert inside ``WanExperts``).
+    ``per_token_timesteps``: the transformer gets one timestep per latent token (TI2V-5B's pipeline,
+    ``expand_timesteps``), so the timestep MLP runs on every token and every block's modulation is
+    ``[L, 6·D]`` instead of ``[6·D]``."""
 
     config: dict[str, Any]
     prefix: str = ""
+    per_token_timesteps: bool = False
 
     def __post_init__(self) -> None:
         c = self.config
@@ -74,11 +78,16 @@ class WanArchitecture:
         d, p, c = self.dim, math.prod(self.patch), f"{self.prefix}condition_embedder."
         # the patch embedding is a Conv3d with stride = kernel: a linear on each patch
         return [Linear(f"{self.prefix}patch_embedding", self.in_channels * p, d, True, "image"),
-                Linear(c + "time_embedder.linear_1", self.freq_dim, d, True, "sample"),
-                Linear(c + "time_embedder.linear_2", d, d, True, "sample"),
-                Linear(c + "time_proj", d, 6 * d, True, "sample"),
+                Linear(c + "time_embedder.linear_1", self.freq_dim, d, True, self._time),
+                Linear(c + "time_embedder.linear_2", d, d, True, self._time),
+                Linear(c + "time_proj", d, 6 * d, True, self._time),
                 Linear(c + "text_embedder.linear_1", self.text_dim, d, True, "text"),
                 Linear(c + "text_embedder.linear_2", d, d, True, "text")]
+
+    @property
+    def _time(self) -> str:
+        """The rows of the timestep MLP and modulation: one per sample, or one per image token."""
+        return "image" if self.per_token_timesteps else "sample"
 
     def block_linears_of(self, i: int) -> list[Linear]:
         d, p = self.dim, f"{self.prefix}blocks.{i}."
@@ -129,6 +138,7 @@ class WanArchitecture:
         RoPE tables as a non-tensor argument."""
         s = Saved()
         d, ti, tt = self.dim, tokens.image, tokens.text
+        m = tokens.rows(self._time)  # rows of temb and of the modulation vectors
         lin = {x.name[len(self.prefix):]: x for x in self.top_linears()}
         # patch embedding, a Conv3d: its backward keeps the input and (autocast's cast of) the weight
         patch = lin["patch_embedding"]
@@ -144,14 +154,14 @@ class WanArchitecture:
             "time_embedder.linear_1", "time_embedder.linear_2", "time_proj"))
         s.linear_input(first, tokens, train, input_grad=False)
         if train.trains(first.name):
-            s.act += d  # the SiLU keeps linear_1's output
+            s.act += m * d  # the SiLU keeps linear_1's output
         s.linear_input(second, tokens, train, input_grad=train.trains(first.name))
         temb_grad = train.trains(first.name) or train.trains(second.name)
         if temb_grad:  # SiLU(temb) keeps temb, cast to the inputs' dtype (float32 masters in a full fine-tune)
             if train.full:
-                s.f32 += d
+                s.f32 += m * d
             else:
-                s.act += d
+                s.act += m * d
         s.linear_input(proj, tokens, train, input_grad=temb_grad)
         proj_grad = temb_grad or train.trains(proj.name)
         # text: linear_1 → GELU(tanh) → linear_2
@@ -174,21 +184,22 @@ class WanArchitecture:
             if not checkpointing:
                 s.add(block)
         if checkpointing:  # the checkpoint keeps each block's image input, the text and the modulation once
-            s.act += self.layers * ti * d + tt * d + 6 * d
+            s.act += self.layers * ti * d + tt * d + 6 * m * d
             s.recompute = max(blocks, key=lambda b: b.act + b.ln + b.f32, default=None)
         elif text_kept:  # the text states every cross-attention's k/v read: one tensor for all blocks
             s.act += tt * d
         # norm_out (FP32LayerNorm, scale_shift_table + temb) and proj_out
         out = self.end_linears()[0]
-        x_grad = self._modulated(s, ti, grad, temb_grad or train.full)
+        x_grad = self._modulated(s, ti, m, grad, temb_grad or train.full)
         s.linear_input(out, tokens, train, input_grad=x_grad)
         s.shared_f32 += 2 * ti * self.head_dim  # RoPE cos and sin [L, head_dim], one copy for the batch
         return s
 
-    def _modulated(self, s: Saved, rows: int, grad: bool, mod_grad: bool) -> bool:
-        """``FP32LayerNorm(x.float())·(1 + scale) + shift`` (no affine weights, float32); whether it needs a gradient."""
+    def _modulated(self, s: Saved, rows: int, mod_rows: int, grad: bool, mod_grad: bool) -> bool:
+        """``FP32LayerNorm(x.float())·(1 + scale) + shift`` (no affine weights, float32; ``mod_rows``
+        rows of scale and shift); whether it needs a gradient."""
         if grad:  # the LayerNorm keeps its float32 input and statistics, the product keeps (1 + scale)
-            s.f32 += rows * self.dim + 2 * rows + self.dim
+            s.f32 += rows * self.dim + 2 * rows + mod_rows * self.dim
         if mod_grad:  # the product keeps the normalised tensor for the gradient of scale
             s.f32 += rows * self.dim
         return grad or mod_grad
@@ -215,11 +226,12 @@ class WanArchitecture:
         Returns the block's set, whether its output needs a gradient, and whether it keeps the text
         states themselves (counted once for all blocks)."""
         s, d, f, ti, tt = Saved(), self.dim, self.ffn, tokens.image, tokens.text
+        m = tokens.rows(self._time)
         lin = {x.name[len(f"{self.prefix}blocks.{i}."):]: x for x in self.block_linears_of(i)}
         trains = lambda n: train.trains(lin[n].name)  # noqa: E731
         mod_grad = proj_grad or train.full  # scale_shift_table + temb: trained in a full fine-tune
         # self-attention
-        x_grad = self._modulated(s, ti, grad, mod_grad)
+        x_grad = self._modulated(s, ti, m, grad, mod_grad)
         qkv = [lin[f"attn1.to_{n}"] for n in "qkv"]
         s.shared_input(qkv, tokens, train, input_grad=x_grad)
         for n in ("attn1.to_q", "attn1.to_k"):
@@ -257,7 +269,7 @@ class WanArchitecture:
         self._out(s, lin["attn2.to_out.0"], tokens, train, cross_grad)
         grad = grad or cross_grad or trains("attn2.to_out.0")
         # feed-forward: norm3 modulated, GELU(tanh) MLP, gated residual
-        x_grad = self._modulated(s, ti, grad, mod_grad)
+        x_grad = self._modulated(s, ti, m, grad, mod_grad)
         up, down = lin["ffn.net.0.proj"], lin["ffn.net.2"]
         s.linear_input(up, tokens, train, input_grad=x_grad)
         gelu_grad = x_grad or train.trains(up.name)
@@ -268,7 +280,7 @@ class WanArchitecture:
         if mod_grad:
             s.f32 += ti * d  # ff_output.float(), for the gate's gradient
         if gated_grad or ff_grad:
-            s.f32 += 6 * d  # the float32 modulation vectors (the gates are views of them)
+            s.f32 += 6 * m * d  # the float32 modulation vectors (the gates are views of them)
         return s, grad or ff_grad or mod_grad, kept
 
     def inference_peak(self, tokens: Tokens) -> Saved:
