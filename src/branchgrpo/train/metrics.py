@@ -128,44 +128,97 @@ class RowFlops:
     reference: int
 
 
-def row_flops(transformer: torch.nn.Module, image_tokens: int, text_tokens: int) -> RowFlops | None:
-    """:class:`RowFlops` of a diffusers ``FluxTransformer2DModel`` (FLUX.1, the digits world) from
-    its config (:mod:`branchgrpo.resources`); None for other architectures."""
-    if "FluxTransformer2DModel" not in {cls.__name__ for cls in type(transformer).__mro__}:
+def architecture_of(transformer: torch.nn.Module):
+    """The :mod:`branchgrpo.resources` architecture of a diffusers transformer, from its config:
+    FLUX.1 (also Kontext and the digits/shapes worlds), Qwen-Image(-Edit), Wan 2.1/2.2 text-to-video,
+    FLUX.2 when its walk is available; None otherwise."""
+    names = {cls.__name__ for cls in type(transformer).__mro__}
+    config = dict(getattr(transformer, "config", {}) or {})
+    try:
+        if "FluxTransformer2DModel" in names:
+            return FluxArchitecture(config)
+        if "QwenImageTransformer2DModel" in names:
+            from branchgrpo.resources.qwenimage import QwenImageArchitecture
+
+            return QwenImageArchitecture(config)
+        if "WanTransformer3DModel" in names:
+            from branchgrpo.resources.wan import WanArchitecture
+
+            return WanArchitecture(config)
+        if "Flux2Transformer2DModel" in names:
+            from branchgrpo.resources import flux2
+
+            return flux2.Flux2Architecture(config)
+    except (ImportError, AttributeError, ValueError):  # a variant the walk does not cover (e.g. Wan I2V)
         return None
-    arch = FluxArchitecture(dict(transformer.config))
+    return None
+
+
+def row_flops(transformer: torch.nn.Module, image_tokens: int, text_tokens: int) -> RowFlops | None:
+    """:class:`RowFlops` of one row of a diffusers transformer with ``image_tokens`` (everything in
+    the image stream: generated and source tokens) and ``text_tokens``; None for architectures
+    :func:`architecture_of` does not know."""
+    arch = architecture_of(transformer)
+    if arch is None:
+        return None
     checkpointing = bool(getattr(transformer, "gradient_checkpointing", False))
-    return flux_row_flops(arch, Tokens(image_tokens, text_tokens), module_training(transformer, arch), checkpointing)
+    return architecture_row_flops(arch, Tokens(image_tokens, text_tokens), module_training(transformer, arch),
+                                  checkpointing)
 
 
-def flux_row_flops(arch: FluxArchitecture, tokens: Tokens, train: Training, checkpointing: bool) -> RowFlops:
-    """:class:`RowFlops` of one row of ``arch`` with ``tokens`` when ``train`` is trained."""
+def architecture_row_flops(arch: Any, tokens: Tokens, train: Training, checkpointing: bool) -> RowFlops:
+    """:class:`RowFlops` of one row of ``arch`` with ``tokens`` when ``train`` is trained; the
+    recomputation under checkpointing is every block's forward (linears and attention)."""
     trace = arch.saved(tokens, train, checkpointing)
     forward = forward_flops(trace, arch.dim, train.rank)
-    blocks = [u for u in trace.uses if u.linear.name.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    in_block = {x.name for block in arch.block_linears() for x in block}
+    blocks = [u for u in trace.uses if u.linear.name in in_block]
     in_blocks = (sum(2 * u.rows * u.linear.in_features * u.linear.out_features
                      + (2 * u.rows * train.rank * (u.linear.in_features + u.linear.out_features) if u.lora else 0)
-                     for u in blocks) + sum(4 * rows * rows * arch.dim for rows, _ in trace.attention))
+                     for u in blocks) + sum(4 * rows * rows * arch.dim for rows, _ in trace.attention)
+                 + sum(4 * q * kv * arch.dim for q, kv, _ in trace.cross_attention))
     return RowFlops(forward, backward_flops(trace, arch.dim, train.rank), in_blocks if checkpointing else 0,
                     forward_flops(trace, arch.dim, 0))
+
+
+flux_row_flops = architecture_row_flops  # the name the GPU suite imports
+
+
+def image_stream_tokens(arch: Any, latents: torch.Tensor, conditioning: Mapping[str, Any]) -> int:
+    """Tokens of the image stream of one row: the packed latent's ``[B, L, C]`` length (a video
+    latent ``[B, C, F, H, W]`` in patches) plus an editing source's ``image_latents`` tokens."""
+    if latents.dim() == 5:
+        pt, ph, pw = arch.patch
+        f, h, w = latents.shape[-3:]
+        tokens = (f // pt) * (h // ph) * (w // pw)
+    else:
+        tokens = int(latents.shape[1])
+    source = conditioning.get("image_latents")
+    return tokens + (int(source.shape[1]) if isinstance(source, torch.Tensor) and source.dim() == 3 else 0)
 
 
 def phase_flops(policy: torch.nn.Module, conditioning: Mapping[str, Any] | None, tree, stats,
                 method) -> dict[str, int] | None:
     """Model FLOPs of one process's iteration by phase: ``rollout`` (rollout rows × forward) and
-    ``train`` (training forwards × (forward + backward), + reference forwards with the KL term);
+    ``train`` (training forwards × (forward + backward), + reference forwards with the KL term),
+    doubled under true classifier-free guidance (``policy.uses_cfg``: negative and positive rows);
     gradient checkpointing's recomputation is not counted. None when the policy's architecture
-    is not known (a transformer other than FLUX.1's, or no ``prompt_embeds``)."""
+    is not known (:func:`architecture_of`) or there are no ``prompt_embeds``."""
     transformer = getattr(policy, "transformer", None)
     if transformer is None or conditioning is None or "prompt_embeds" not in conditioning:
         return None
-    row = row_flops(transformer, int(tree.latents[0].shape[1]), int(conditioning["prompt_embeds"].shape[1]))
+    arch = architecture_of(transformer)
+    if arch is None:
+        return None
+    image = image_stream_tokens(arch, tree.latents[0], conditioning)
+    row = row_flops(transformer, image, int(conditioning["prompt_embeds"].shape[1]))
     if row is None:
         return None
+    cfg = 2 if bool(getattr(policy, "uses_cfg", False)) else 1
     train = stats.training_forwards * (row.forward + row.backward)
     if method.update.kl_coef > 0:
         train += stats.training_forwards * row.reference
-    return {"rollout": tree.rollout_calls * row.forward, "train": train}
+    return {"rollout": cfg * tree.rollout_calls * row.forward, "train": cfg * train}
 
 
 def throughput_metrics(flops: Mapping[str, float], times: Mapping[str, float], device: torch.device,
