@@ -236,3 +236,29 @@ def test_per_token_timesteps_flops_match_torch_flop_counter(name, lora, tmp_path
     trace = arch.saved(_tokens(shape), train, False)
     assert shape[0] * forward_flops(trace, arch.dim, train.rank) == forward_counted
     assert shape[0] * backward_flops(trace, arch.dim, train.rank) == backward_counted
+
+
+@pytest.mark.parametrize("options", [{}, {"height": 256, "width": 512, "num_frames": 1, "guidance_scale": 1.0},
+                                     {"height": 720, "width": 1280, "num_frames": 81, "max_sequence_length": 226}])
+def test_plan_reads_a_wan_row_as_the_adapter_builds_it(options):
+    """``plan``'s wan entry against the real adapter: image tokens are the latent ``(F', H, W)`` cut
+    into ``(1, 2, 2)`` patches, the stored latent is ``latent_shape``, and a call has 2 rows per
+    sample exactly when the velocity runs CFG (``uses_cfg``); the family's defaults where unset."""
+    import math
+
+    from branchgrpo.families.wan import WanOptions
+    from branchgrpo.models.wan import WanAdapter, WanVelocity
+    from branchgrpo.resources.families import PLAN_FAMILIES
+
+    entry = PLAN_FAMILIES["wan"]
+    arch = entry.architecture(dict(entry.hub_config))
+    settings = {**WanOptions().__dict__, **options}
+    adapter = WanAdapter(height=settings["height"], width=settings["width"], num_frames=settings["num_frames"],
+                         guidance_scale=settings["guidance_scale"])
+    frames, height, width = adapter.latent_size()
+    tokens = entry.tokens(arch, options)
+    assert tokens.image == frames * (height // 2) * (width // 2)
+    assert tokens.text == settings["max_sequence_length"]
+    assert entry.latent_elements(arch, options) == math.prod(adapter.latent_shape())
+    velocity = WanVelocity(torch.nn.Identity(), **adapter._velocity_options(None, None))  # what velocity_model builds
+    assert entry.rows_per_sample(options) == (2 if velocity.uses_cfg else 1)
