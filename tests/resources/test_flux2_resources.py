@@ -171,3 +171,59 @@ def test_flops_match_torch_flop_counter(name, lora):
     trace = arch.saved(Tokens(image, text), train, False)
     assert batch * forward_flops(trace, arch.dim, train.rank) == forward_counted
     assert batch * backward_flops(trace, arch.dim, train.rank) == backward_counted
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_plan_entry_uses_the_family_lora_targets(name):
+    """``plan``'s flux2 entry names the targets the trainer puts adapters on (the family's
+    ``lora_target_modules`` on the built transformer), so its LoRA count is peft's."""
+    from branchgrpo.resources.families import PLAN_FAMILIES
+
+    model, arch = tiny_flux2(name), Flux2Architecture(TINY[name])
+    targets = PLAN_FAMILIES["flux2"].lora_targets(arch)
+    assert targets == tuple(flux2_lora_target_modules(model))
+    assert lora_parameter_count(arch, Training(3, targets)) == sum(
+        p.numel() for n, p in tiny_flux2(name, lora_rank=3).named_parameters() if "lora_" in n)
+
+
+def test_plan_entry_reads_the_flux2_config():
+    """configs/flux2-dev-branchgrpo.yaml at 1024² with 512 Mistral tokens: (1024/16)² = 4096 image
+    tokens of 128 channels; one row per sample (guidance-distilled); the built-in FLUX.2 [dev] config."""
+    from branchgrpo.resources import estimate_job, transformer_config
+    from branchgrpo.resources.families import PLAN_FAMILIES
+    from branchgrpo.train.config import load_train_config
+
+    entry, arch = PLAN_FAMILIES["flux2"], Flux2Architecture(dict(FLUX2_DEV))
+    options = {"height": 1024, "width": 768, "max_sequence_length": 300}
+    assert entry.tokens(arch, options) == Tokens(64 * 48, 300) and entry.latent_elements(arch, options) == 64 * 48 * 128
+    assert entry.tokens(arch, {}) == Tokens(4096, 512) and entry.rows_per_sample(options) == 1
+    config, source = transformer_config("flux2", "data/no-such-folder")
+    assert config == FLUX2_DEV and "built-in flux2-dev" in source
+    job = estimate_job(load_train_config("configs/flux2-dev-branchgrpo.yaml", None, []), config, processes=8)
+    assert job.parameters == 32_223_281_152 and (job.tokens.image, job.tokens.text) == (4096, 512)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradient_buffer_is_the_widest_tensor_of_a_lora_backward(name, shape):
+    """With LoRA (adapter gradients are narrow) the widest tensor any backward op makes is the
+    single block's fused projection gradient ``[B·L, 3D + 2F]`` (without single blocks: the
+    SwiGLU input's ``[B·L_image, 2F]``), as :meth:`gradient_buffer` counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Widest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    batch, image, text = shape
+    out = forward(tiny_flux2(name, 4), batch, image, text)
+    widest = Widest()
+    with widest:
+        out.square().sum().backward()
+    assert widest.numel == batch * Flux2Architecture(TINY[name]).gradient_buffer(Tokens(image, text))

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 from branchgrpo.resources.core import Architecture, Tokens
 from branchgrpo.resources.flux import FluxArchitecture
+from branchgrpo.resources.flux2 import FLUX2_DEV as _FLUX2_DEV
+from branchgrpo.resources.flux2 import Flux2Architecture as _flux2_architecture
 from branchgrpo.resources.qwenimage import QWEN_IMAGE as _QWEN_IMAGE
 from branchgrpo.resources.qwenimage import QwenImageArchitecture as _qwen_architecture
 
@@ -38,6 +40,9 @@ class PlanFamily:
     hub_config: dict[str, Any] | None = None
     # transformer rows per sample in every call: 2 under true classifier-free guidance ([negative; positive])
     rows_per_sample: Callable[[Mapping[str, Any]], int] = lambda options: 1
+    # (architecture) -> the family's LoRA targets when model.lora.target_modules is unset (the trainer's
+    # ``family.lora_target_modules``); None: FLUX.1's attention projections (models/lora.py DEFAULT_TARGET_MODULES)
+    lora_targets: Callable[[Any], tuple[str, ...]] | None = None
 
 
 def _size(options: Mapping[str, Any]) -> tuple[int, int]:
@@ -120,8 +125,36 @@ def _qwen_cfg_rows(options: Mapping[str, Any]) -> int:
     return 2 if float(options.get("guidance_scale", 4.0)) > 1.0 else 1
 
 
+def _flux2_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+    """FLUX.2: ``(H/16)·(W/16)`` packed latent tokens and ``max_sequence_length`` Mistral tokens
+    (the prompt cache pads to it), the family's defaults where unset (1024², 512)."""
+    from branchgrpo.families.flux2 import Flux2Options as defaults
+
+    height, width = int(options.get("height", defaults.height)), int(options.get("width", defaults.width))
+    text = int(options.get("max_sequence_length", defaults.max_sequence_length))
+    return Tokens(arch.image_tokens(height, width), text)
+
+
+def _flux2_latent(arch: Any, options: Mapping[str, Any]) -> int:
+    """One packed latent ``[(H/16)·(W/16), 4·32]`` (``Flux2Adapter.latent_shape``)."""
+    return _flux2_tokens(arch, options).image * arch.in_channels
+
+
+def _flux2_lora_targets(arch: Any) -> tuple[str, ...]:
+    """The flux2 family's LoRA targets (``flux2_lora_target_modules``, which reads only the number of
+    single blocks): the double blocks' attention projections, every single block's fused projection and output."""
+    from types import SimpleNamespace
+
+    from branchgrpo.models.flux2_transformer import flux2_lora_target_modules
+
+    return tuple(flux2_lora_target_modules(SimpleNamespace(single_transformer_blocks=range(arch.single))))
+
+
 PLAN_FAMILIES: dict[str, PlanFamily] = {
     "flux": PlanFamily(FluxArchitecture, _flux_tokens, _flux_latent, "flux-dev", FLUX_DEV),
+    # black-forest-labs/FLUX.2-dev (guidance-distilled: one row per sample; resources/flux2.py FLUX2_DEV)
+    "flux2": PlanFamily(_flux2_architecture, _flux2_tokens, _flux2_latent, "flux2-dev", _FLUX2_DEV,
+                        lora_targets=_flux2_lora_targets),
     "digits": PlanFamily(FluxArchitecture, _digits_tokens, _digits_latent),
     # FLUX.1-Kontext-dev has FLUX.1-dev's 12 B transformer; the tree stores the generated latent alone
     "flux-kontext": PlanFamily(FluxArchitecture, _kontext_tokens, _flux_latent, "flux-kontext-dev", FLUX_DEV,

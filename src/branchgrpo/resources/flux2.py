@@ -105,11 +105,11 @@ class Flux2Architecture:
     def inference_peak(self, tokens: Tokens) -> Saved:
         """What a no-grad forward of one sample holds at its peak, inside a single block at its
         attention call: the block input, the modulated input (LayerNorm class), the fused projection
-        ``[L, 3D + 2F]``, q and k after RMSNorm and RoPE (float32) with their compute-dtype casts and
-        the attention output. Derived from the forward code, not measured (CPU kernels' workspace
-        differs from CUDA's)."""
+        ``[L, 3D + 2F]`` (v and the MLP halves are views of it), q and k after RMSNorm and RoPE
+        (float32) with their compute-dtype casts and the attention output. Derived from the forward
+        code, not measured (CPU kernels' workspace differs from CUDA's)."""
         rows, d = tokens.all, self.dim
-        return Saved(act=6 * rows * d + 2 * rows * self.mlp, ln=rows * d, f32=2 * rows * d)
+        return Saved(act=rows * (d + 3 * d + 2 * self.mlp + 2 * d + d), ln=rows * d, f32=2 * rows * d)
 
     def gradient_buffer(self, tokens: Tokens) -> int:
         """Elements of the widest activation gradient in backward: the single block's fused
