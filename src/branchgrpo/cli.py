@@ -84,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan(job.method, iteration=iteration, seed=args.seed)
     try:
         gpu_memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
-        arch_config, source = transformer_config(job.model.family, job.model.path)
+        arch_config, source = transformer_config(job.model.family, job.model.path, job.model.options)
         estimate = estimate_job(job, arch_config, args.processes, gpu_memory, source, iteration)
     except ValueError as err:
         raise CliError(str(err)) from None

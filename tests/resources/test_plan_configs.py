@@ -69,3 +69,33 @@ def test_kontext_rows_carry_the_source_tokens_and_true_cfg_doubles_them():
     saved = {r.name: r.device for r in cfg.phases["update"]}[f"saved activations (micro-batch {b} × 2 CFG rows)"]
     assert saved == trace.bytes(2 * b, train) - trace.casts * 2
     assert "true classifier-free guidance" in " ".join(cfg.notes)
+
+
+def test_variants_choose_their_architecture_and_families_their_lora_targets():
+    """wan22's ``model.options.variant`` picks the architecture and hub config (T2V-A14B: both
+    experts held; TI2V-5B: one transformer, 48 latent channels); an unset ``model.lora.target_modules``
+    means the family's targets, as in training (for Wan, FLUX's names would match nothing)."""
+    from branchgrpo.models.lora import WAN_TARGET_MODULES
+    from branchgrpo.resources import estimate_job, lora_parameter_count, transformer_config
+    from branchgrpo.resources.core import Training
+    from branchgrpo.resources.wan import WAN22_T2V_A14B_EXPERT, WAN22_TI2V_5B, WanExpertsArchitecture
+    from branchgrpo.train.config import load_train_config
+
+    def job(name, *overrides):
+        config = load_train_config(str(ROOT / "configs" / name), None, ["model.path=/nonexistent", *overrides])
+        arch_config, _ = transformer_config(config.model.family, config.model.path, config.model.options)
+        return config, arch_config, estimate_job(config, arch_config)
+
+    _, a14b_config, a14b = job("wan22-a14b-branchgrpo.yaml")
+    _, ti2v_config, ti2v = job("wan22-ti2v-5b-branchgrpo.yaml")
+    assert a14b_config == WAN22_T2V_A14B_EXPERT and ti2v_config == WAN22_TI2V_5B
+    experts = WanExpertsArchitecture(dict(WAN22_T2V_A14B_EXPERT))
+    rank = a14b.lora_rank
+    assert rank and a14b.trained_parameters == lora_parameter_count(
+        experts, Training(rank, tuple(WAN_TARGET_MODULES))) > 0
+    assert a14b.parameters == 28_576_983_168
+    assert ti2v.tokens.image == 13 * 22 * 40 and ti2v.trained_parameters > 0
+    with pytest.raises(ValueError, match="model.options.variant"):
+        from branchgrpo.resources.families import plan_family
+
+        plan_family("wan22", {"variant": "i2v-a14b"})

@@ -20,6 +20,8 @@ from branchgrpo.resources.flux2 import FLUX2_DEV as _FLUX2_DEV
 from branchgrpo.resources.flux2 import Flux2Architecture as _flux2_architecture
 from branchgrpo.resources.qwenimage import QWEN_IMAGE as _QWEN_IMAGE
 from branchgrpo.resources.qwenimage import QwenImageArchitecture as _qwen_architecture
+from branchgrpo.resources.wan import WAN21_T2V_1_3B as _WAN21_T2V_1_3B
+from branchgrpo.resources.wan import WanArchitecture as _wan_architecture
 
 # black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters)
 FLUX_DEV: dict[str, Any] = {
@@ -43,6 +45,9 @@ class PlanFamily:
     # (architecture) -> the family's LoRA targets when model.lora.target_modules is unset (the trainer's
     # ``family.lora_target_modules``); None: FLUX.1's attention projections (models/lora.py DEFAULT_TARGET_MODULES)
     lora_targets: Callable[[Any], tuple[str, ...]] | None = None
+    # families with variants of different architectures (wan22): model.options.variant -> its entry
+    variants: dict[str, "PlanFamily"] | None = None
+    default_variant: str | None = None
 
 
 def _size(options: Mapping[str, Any]) -> tuple[int, int]:
@@ -125,6 +130,37 @@ def _qwen_cfg_rows(options: Mapping[str, Any]) -> int:
     return 2 if float(options.get("guidance_scale", 4.0)) > 1.0 else 1
 
 
+def _wan_video(options: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(num_frames, height, width)``, the wan family's defaults where unset (33 frames at 480×832)."""
+    from branchgrpo.families.wan import WanOptions as defaults
+
+    return (int(options.get("num_frames", defaults.num_frames)), int(options.get("height", defaults.height)),
+            int(options.get("width", defaults.width)))
+
+
+def _wan_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+    """Wan: latent ``((F − 1)/4 + 1) × H/8 × W/8`` cut into ``patch_size`` patches (``(1, 2, 2)``) and
+    ``max_sequence_length`` UMT5 tokens (512: the states are zero-padded to it, no mask)."""
+    from branchgrpo.families.wan import WanOptions as defaults
+
+    return Tokens(arch.image_tokens(*_wan_video(options)),
+                  int(options.get("max_sequence_length", defaults.max_sequence_length)))
+
+
+def _wan_latent(arch: Any, options: Mapping[str, Any]) -> int:
+    """One video latent ``[16, (F − 1)/4 + 1, H/8, W/8]``."""
+    frames, height, width = _wan_video(options)
+    return arch.in_channels * ((frames - 1) // 4 + 1) * (height // 8) * (width // 8)
+
+
+def _wan_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.guidance_scale`` (WanPipeline's CFG, default 5.0) is > 1: the negative
+    and positive rows in one call, rollout and training forward alike (``models/base.py`` ``GuidedVelocity``)."""
+    from branchgrpo.families.wan import WanOptions as defaults
+
+    return 2 if float(options.get("guidance_scale", defaults.guidance_scale)) > 1.0 else 1
+
+
 def _flux2_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
     """FLUX.2: ``(H/16)·(W/16)`` packed latent tokens and ``max_sequence_length`` Mistral tokens
     (the prompt cache pads to it), the family's defaults where unset (1024², 512)."""
@@ -150,6 +186,74 @@ def _flux2_lora_targets(arch: Any) -> tuple[str, ...]:
     return tuple(flux2_lora_target_modules(SimpleNamespace(single_transformer_blocks=range(arch.single))))
 
 
+def _wan_lora_targets(arch: Any) -> tuple[str, ...]:
+    """The wan families' LoRA targets (``models/lora.py`` ``WAN_TARGET_MODULES``: both attentions' projections)."""
+    from branchgrpo.models.lora import WAN_TARGET_MODULES
+
+    return tuple(WAN_TARGET_MODULES)
+
+
+def _wan22_video(options: Mapping[str, Any]) -> tuple[int, int, int]:
+    from branchgrpo.families.wan22 import Wan22Options as defaults
+
+    return (int(options.get("num_frames", defaults.num_frames)), int(options.get("height", defaults.height)),
+            int(options.get("width", defaults.width)))
+
+
+def _wan22_geometry(vae: int, channels: int):
+    """Tokens and latent size of a Wan2.2 variant: VAE ``vae``× in space (8: T2V-A14B, 16: TI2V-5B),
+    4× in time plus the first frame, ``channels`` latent channels, then ``patch_size`` patches."""
+
+    def frames_and_grid(options: Mapping[str, Any]) -> tuple[int, int, int]:
+        frames, height, width = _wan22_video(options)
+        return (frames - 1) // 4 + 1, height // vae, width // vae
+
+    def tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+        from branchgrpo.families.wan22 import Wan22Options as defaults
+
+        f, h, w = frames_and_grid(options)
+        pt, ph, pw = (arch.experts[0] if hasattr(arch, "experts") else arch).patch
+        return Tokens((f // pt) * (h // ph) * (w // pw),
+                      int(options.get("max_sequence_length", defaults.max_sequence_length)))
+
+    def latent(arch: Any, options: Mapping[str, Any]) -> int:
+        f, h, w = frames_and_grid(options)
+        return channels * f * h * w
+
+    return tokens, latent
+
+
+def _wan22_cfg_rows(variant: str):
+    """2 when either expert's CFG scale (the authors' defaults where unset) is > 1: the larger call counts."""
+
+    def rows(options: Mapping[str, Any]) -> int:
+        from branchgrpo.families.wan22 import _DEFAULT_GUIDANCE
+
+        high, low = _DEFAULT_GUIDANCE[variant]
+        scales = [options.get("guidance_scale") or high, options.get("guidance_scale_2") or low]
+        return 2 if any(s is not None and float(s) > 1.0 for s in scales) else 1
+
+    return rows
+
+
+def _wan22_entries() -> dict[str, PlanFamily]:
+    """Wan2.2's variants: T2V-A14B (two 14 B experts, both held and trained, one per row) and TI2V-5B
+    (one transformer, per-token timesteps). Configs: resources/wan.py, from the authors' repository."""
+    from branchgrpo.resources.wan import WAN22_T2V_A14B_EXPERT, WAN22_TI2V_5B, WanArchitecture, WanExpertsArchitecture
+
+    a14b_tokens, a14b_latent = _wan22_geometry(8, 16)
+    ti2v_tokens, ti2v_latent = _wan22_geometry(16, 48)
+    return {
+        "t2v-a14b": PlanFamily(WanExpertsArchitecture, a14b_tokens, a14b_latent, "wan2.2-t2v-a14b",
+                               WAN22_T2V_A14B_EXPERT, _wan22_cfg_rows("t2v-a14b"), _wan_lora_targets),
+        "ti2v-5b": PlanFamily(lambda config: WanArchitecture(config, per_token_timesteps=True), ti2v_tokens,
+                              ti2v_latent, "wan2.2-ti2v-5b", WAN22_TI2V_5B, _wan22_cfg_rows("ti2v-5b"),
+                              _wan_lora_targets),
+    }
+
+
+_WAN22 = _wan22_entries()
+
 PLAN_FAMILIES: dict[str, PlanFamily] = {
     "flux": PlanFamily(FluxArchitecture, _flux_tokens, _flux_latent, "flux-dev", FLUX_DEV),
     # black-forest-labs/FLUX.2-dev (guidance-distilled: one row per sample; resources/flux2.py FLUX2_DEV)
@@ -165,12 +269,24 @@ PLAN_FAMILIES: dict[str, PlanFamily] = {
     "qwenimage-edit": PlanFamily(_qwen_architecture, lambda arch, o: _qwen_tokens(arch, o, True),
                                  lambda arch, o: _qwen_latent(arch, o, True), "qwen-image-edit", _QWEN_IMAGE,
                                  _qwen_cfg_rows),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers (resources/wan.py WAN21_T2V_1_3B); the 14B T2V is the same class
+    "wan": PlanFamily(_wan_architecture, _wan_tokens, _wan_latent, "wan2.1-t2v-1.3b", _WAN21_T2V_1_3B, _wan_cfg_rows,
+                      _wan_lora_targets),
+    "wan22": PlanFamily(**{**_WAN22["t2v-a14b"].__dict__, "variants": _WAN22, "default_variant": "t2v-a14b"}),
 }
 
 
-def plan_family(family: str) -> PlanFamily:
-    """The entry for ``model.family``, or one line naming the families ``plan`` covers."""
+def plan_family(family: str, options: Mapping[str, Any] | None = None) -> PlanFamily:
+    """The entry for ``model.family`` (and ``model.options.variant`` where the family has variants),
+    or one line naming the families ``plan`` covers."""
     if family not in PLAN_FAMILIES:
         raise ValueError(f"model.family={family}: the resource estimate covers "
                          f"{', '.join(sorted(PLAN_FAMILIES))}")
-    return PLAN_FAMILIES[family]
+    entry = PLAN_FAMILIES[family]
+    if entry.variants:
+        variant = (options or {}).get("variant") or entry.default_variant
+        if variant not in entry.variants:
+            raise ValueError(f"model.options.variant={variant}: the resource estimate covers "
+                             f"{', '.join(entry.variants)}")
+        entry = entry.variants[variant]
+    return entry

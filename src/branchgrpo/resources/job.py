@@ -15,11 +15,13 @@ from branchgrpo.resources.core import (
 from branchgrpo.resources.families import PLAN_FAMILIES, plan_family
 
 HUB_CONFIGS: dict[str, dict[str, Any]] = {  # the hub's transformer/config.json, used when model.path has none
-    f.hub_name: f.hub_config for f in PLAN_FAMILIES.values() if f.hub_name and f.hub_config}
+    f.hub_name: f.hub_config for family in PLAN_FAMILIES.values()
+    for f in (family, *(family.variants or {}).values()) if f.hub_name and f.hub_config}
 DIGITS_CONFIG = Path(__file__).parent.parent / "assets" / "digits" / "transformer" / "config.json"
 
 
-def transformer_config(family: str, model_path: str | None) -> tuple[dict[str, Any], str]:
+def transformer_config(family: str, model_path: str | None,
+                       options: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """The transformer's architecture config and where it came from.
 
     Reads ``model_path/transformer/config.json`` when that file exists (``digits``: the shipped
@@ -31,7 +33,7 @@ def transformer_config(family: str, model_path: str | None) -> tuple[dict[str, A
         local = Path(model_path) / "transformer" / "config.json"
         if local.is_file():
             return json.loads(local.read_text()), str(local)
-    entry = plan_family(family)
+    entry = plan_family(family, options)
     if entry.hub_config is None:
         raise ValueError(f"no architecture config for model.family={family}: put the model's diffusers folder "
                          f"at model.path (transformer/config.json); built-in configs: {', '.join(HUB_CONFIGS)}")
@@ -139,12 +141,13 @@ def estimate_job(config: Any, arch_config: Mapping[str, Any], processes: int = 1
     if processes < 1:
         raise ValueError(f"--processes: must be >= 1, got {processes}")
     model, method, run = config.model, config.method, config.run
-    entry = plan_family(model.family)
+    entry = plan_family(model.family, model.options)
     arch = entry.architecture(dict(arch_config))
     cb = 4 if model.dtype == "float32" else 2
     dtype = "float32" if cb == 4 else "bfloat16"
     lora = model.lora
-    targets = tuple(lora.target_modules or DEFAULT_TARGET_MODULES) if lora else ()
+    default_targets = entry.lora_targets(arch) if entry.lora_targets else DEFAULT_TARGET_MODULES
+    targets = tuple(lora.target_modules or default_targets) if lora else ()
     train = Training(lora.rank if lora else None, targets, compute_bytes=cb, cuda=True)
     fsdp, offload = run.parallel == "fsdp", run.cpu_offload
     shards = processes if fsdp else 1
