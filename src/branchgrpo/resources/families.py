@@ -77,6 +77,20 @@ def _digits_latent(arch: FluxArchitecture, options: Mapping[str, Any]) -> int:
     return math.prod(LATENT_SHAPE)
 
 
+def _shapes_tokens(arch: FluxArchitecture, options: Mapping[str, Any]) -> Tokens:
+    """The shapes world's 64 image tokens (4×4 patches of 32×32 RGB) and its padded prompt length."""
+    from branchgrpo.worlds.shapes.generator import LATENT_SHAPE
+    from branchgrpo.worlds.shapes.text import MAX_TOKENS
+
+    return Tokens(LATENT_SHAPE[0], MAX_TOKENS)
+
+
+def _shapes_latent(arch: FluxArchitecture, options: Mapping[str, Any]) -> int:
+    from branchgrpo.worlds.shapes.generator import LATENT_SHAPE
+
+    return math.prod(LATENT_SHAPE)
+
+
 def _kontext_tokens(arch: FluxArchitecture, options: Mapping[str, Any]) -> Tokens:
     """FLUX.1 Kontext: the source image's packed tokens follow the generated ones in every row.
     Sources are resized to the preferred Kontext resolution nearest their aspect ratio (about a
@@ -260,6 +274,7 @@ PLAN_FAMILIES: dict[str, PlanFamily] = {
     "flux2": PlanFamily(_flux2_architecture, _flux2_tokens, _flux2_latent, "flux2-dev", _FLUX2_DEV,
                         lora_targets=_flux2_lora_targets),
     "digits": PlanFamily(FluxArchitecture, _digits_tokens, _digits_latent),
+    "shapes": PlanFamily(FluxArchitecture, _shapes_tokens, _shapes_latent),
     # FLUX.1-Kontext-dev has FLUX.1-dev's 12 B transformer; the tree stores the generated latent alone
     "flux-kontext": PlanFamily(FluxArchitecture, _kontext_tokens, _flux_latent, "flux-kontext-dev", FLUX_DEV,
                                true_cfg_rows),

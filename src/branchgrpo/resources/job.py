@@ -17,7 +17,9 @@ from branchgrpo.resources.families import PLAN_FAMILIES, plan_family
 HUB_CONFIGS: dict[str, dict[str, Any]] = {  # the hub's transformer/config.json, used when model.path has none
     f.hub_name: f.hub_config for family in PLAN_FAMILIES.values()
     for f in (family, *(family.variants or {}).values()) if f.hub_name and f.hub_config}
-DIGITS_CONFIG = Path(__file__).parent.parent / "assets" / "digits" / "transformer" / "config.json"
+EMBEDDED_CONFIGS = {world: Path(__file__).parent.parent / "assets" / world / "transformer" / "config.json"
+                    for world in ("digits", "shapes")}
+DIGITS_CONFIG = EMBEDDED_CONFIGS["digits"]
 
 
 def transformer_config(family: str, model_path: str | None,
@@ -27,8 +29,9 @@ def transformer_config(family: str, model_path: str | None,
     Reads ``model_path/transformer/config.json`` when that file exists (``digits``: the shipped
     config), else the family's entry of :data:`HUB_CONFIGS`.
     """
-    if family == "digits":
-        return json.loads(DIGITS_CONFIG.read_text()), str(DIGITS_CONFIG)
+    if family in EMBEDDED_CONFIGS:  # the built-in worlds ship their transformer
+        path = EMBEDDED_CONFIGS[family]
+        return json.loads(path.read_text()), str(path)
     if model_path is not None:
         local = Path(model_path) / "transformer" / "config.json"
         if local.is_file():
