@@ -206,3 +206,52 @@ def test_gradient_buffer_is_the_widest_tensor_of_a_lora_backward(name, shape):
     with widest:
         out.square().sum().backward()
     assert widest.numel == batch * SD3Architecture(TINY[name]).gradient_buffer(tokens(name, height, width, text))
+
+
+def test_plan_entry_reads_a_row_as_the_sd3_adapter_builds_it():
+    """``plan``'s sd3 entry against what the family builds: image tokens are the transformer's own
+    patches of ``SD3Adapter.latent_shape()`` (run through the tiny model's ``pos_embed``), text is
+    CLIP's 77 tokens followed by ``max_sequence_length`` T5 tokens (``encode_prompt`` of diffusers'
+    pipeline, which the adapter calls), the latent is ``latent_shape``'s, ``guidance_scale > 1``
+    doubles the rows as ``SD3Velocity`` batches them, and the LoRA targets are the family's."""
+    import math
+    from types import SimpleNamespace
+
+    from branchgrpo.families.sd3 import SD3Family
+    from branchgrpo.models.sd3 import SD3Adapter, SD3Velocity
+    from branchgrpo.resources.families import PLAN_FAMILIES
+
+    entry, name = PLAN_FAMILIES["sd3"], "w24-2-plain"
+    model, arch = tiny_sd3(name), SD3Architecture(TINY[name])
+    options = {"height": 128, "width": 64, "max_sequence_length": 9}
+    latent = SD3Adapter(transformer=model, height=128, width=64).latent_shape()  # (C, H/8, W/8)
+    assert latent == (arch.in_channels, 16, 8)
+    with torch.no_grad():
+        patches = model.pos_embed(torch.zeros(1, *latent)).shape[1]
+    assert entry.tokens(arch, options) == Tokens(patches, 77 + 9)
+    assert entry.latent_elements(arch, options) == math.prod(latent)
+    defaults = entry.tokens(SD3Architecture(dict(SD35_MEDIUM)), {})
+    assert defaults == Tokens((512 // 16) ** 2, 77 + 128)
+    # CFG rows: SD3Velocity calls the transformer once on [negative; positive] when guidance_scale > 1
+    calls = []
+    model.forward = lambda **kw: calls.append(kw["hidden_states"].shape[0]) or (kw["hidden_states"],)
+    cond = {"prompt_embeds": torch.zeros(2, 3, arch.joint_dim), "pooled_prompt_embeds": torch.zeros(2, arch.pooled_dim)}
+    cond.update({f"negative_{k}": v for k, v in cond.items()})
+    for scale in (4.5, 1.0):
+        SD3Velocity(model, guidance_scale=scale)(torch.zeros(2, *latent), torch.full((2,), 0.5), cond)
+    assert calls == [2 * entry.rows_per_sample({"guidance_scale": 4.5}), 2 * entry.rows_per_sample({"guidance_scale": 1})]
+    assert entry.rows_per_sample({}) == 2  # the family's default guidance 4.5
+    bundle = SimpleNamespace(trainable=model)
+    assert entry.lora_targets(arch) == tuple(SD3Family().lora_target_modules(bundle))
+
+
+def test_plan_reads_the_sd35_medium_config():
+    """configs/sd35-medium-flowgrpo.yaml at 512² with 128 T5 tokens: (512/16)² = 1024 image tokens and
+    77 + 128 text tokens; the built-in SD3.5 Medium config when model.path holds none."""
+    from branchgrpo.resources import estimate_job, transformer_config
+    from branchgrpo.train.config import load_train_config
+
+    config, source = transformer_config("sd3", "data/no-such-folder")
+    assert config == SD35_MEDIUM and "built-in sd3.5-medium" in source
+    job = estimate_job(load_train_config("configs/sd35-medium-flowgrpo.yaml", None, []), config, processes=1)
+    assert job.parameters == 2_243_171_520 and (job.tokens.image, job.tokens.text) == (1024, 205)

@@ -20,8 +20,12 @@ from branchgrpo.resources.flux2 import FLUX2_DEV as _FLUX2_DEV
 from branchgrpo.resources.flux2 import Flux2Architecture as _flux2_architecture
 from branchgrpo.resources.qwenimage import QWEN_IMAGE as _QWEN_IMAGE
 from branchgrpo.resources.qwenimage import QwenImageArchitecture as _qwen_architecture
+from branchgrpo.resources.sd3 import SD35_MEDIUM as _SD35_MEDIUM
+from branchgrpo.resources.sd3 import SD3Architecture as _sd3_architecture
 from branchgrpo.resources.wan import WAN21_T2V_1_3B as _WAN21_T2V_1_3B
 from branchgrpo.resources.wan import WanArchitecture as _wan_architecture
+from branchgrpo.resources.zimage import Z_IMAGE_TURBO as _Z_IMAGE_TURBO
+from branchgrpo.resources.zimage import ZImageArchitecture as _zimage_architecture
 
 # black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters)
 FLUX_DEV: dict[str, Any] = {
@@ -207,6 +211,42 @@ def _wan_lora_targets(arch: Any) -> tuple[str, ...]:
     return tuple(WAN_TARGET_MODULES)
 
 
+def _zimage_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+    """Z-Image: ``(H/16)·(W/16)`` latent patches and the caption's Qwen3 tokens, each padded to a
+    multiple of 32 by the transformer. The adapter passes every caption unpadded (its own length,
+    chat template included, at most ``max_sequence_length``), so the text count is an upper bound:
+    ``max_sequence_length`` rounded up to 32 (the family's defaults where unset: 1024², 512)."""
+    from branchgrpo.families.zimage import ZImageOptions as defaults
+    from branchgrpo.resources.zimage import padded
+
+    height, width = int(options.get("height", defaults.height)), int(options.get("width", defaults.width))
+    text = int(options.get("max_sequence_length", defaults.max_sequence_length))
+    return Tokens(arch.image_tokens(height, width), padded(text))
+
+
+def _zimage_latent(arch: Any, options: Mapping[str, Any]) -> int:
+    """One latent ``[16, H/8, W/8]`` (``ZImageAdapter.latent_shape``)."""
+    from branchgrpo.families.zimage import ZImageOptions as defaults
+
+    height, width = int(options.get("height", defaults.height)), int(options.get("width", defaults.width))
+    return arch.in_channels * (height // 8) * (width // 8)
+
+
+def _zimage_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.guidance_scale`` > 0 (Z-Image's convention: any positive ``g`` runs
+    the negative caption in the same call, ``ZImageVelocity``), else 1 (Turbo's default 0)."""
+    from branchgrpo.families.zimage import ZImageOptions as defaults
+
+    return 2 if float(options.get("guidance_scale", defaults.guidance_scale)) > 0.0 else 1
+
+
+def _zimage_lora_targets(arch: Any) -> tuple[str, ...]:
+    """The zimage family's LoRA targets (``models/zimage.py`` ``ZIMAGE_TARGET_MODULES``)."""
+    from branchgrpo.models.zimage import ZIMAGE_TARGET_MODULES
+
+    return tuple(ZIMAGE_TARGET_MODULES)
+
+
 def _wan22_video(options: Mapping[str, Any]) -> tuple[int, int, int]:
     from branchgrpo.families.wan22 import Wan22Options as defaults
 
@@ -268,6 +308,106 @@ def _wan22_entries() -> dict[str, PlanFamily]:
 
 _WAN22 = _wan22_entries()
 
+
+def _hunyuanvideo15_size(options: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Latent ``(F', H, W)``: VAE 4× in time plus the first frame, 16× in space, the family's defaults
+    where unset (33 frames at 480×848; ``HunyuanVideo15Adapter.latent_size``)."""
+    from branchgrpo.families.hunyuanvideo15 import HunyuanVideo15Options as defaults
+
+    frames = int(options.get("num_frames", defaults.num_frames))
+    height, width = int(options.get("height", defaults.height)), int(options.get("width", defaults.width))
+    return (frames - 1) // 4 + 1, height // 16, width // 16
+
+
+def _hunyuanvideo15_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+    """HunyuanVideo 1.5: the latent cut into ``(patch_size_t, patch_size, patch_size)`` patches; the
+    context is ``max_sequence_length`` Qwen2.5-VL + ``glyph_max_length`` ByT5 + 729 image-embedding
+    tokens (every call carries all three, padded, with masks; ``models/hunyuanvideo15.py``)."""
+    from branchgrpo.families.hunyuanvideo15 import HunyuanVideo15Options as defaults
+    from branchgrpo.models.hunyuanvideo15 import VISION_TOKENS
+    from branchgrpo.resources.hunyuanvideo15 import HunyuanTokens
+
+    f, h, w = _hunyuanvideo15_size(options)
+    pt, ph, pw = arch.patch
+    glyph = int(options.get("glyph_max_length", defaults.glyph_max_length))
+    mllm = int(options.get("max_sequence_length", defaults.max_sequence_length))
+    return HunyuanTokens((f // pt) * (h // ph) * (w // pw), mllm + glyph + VISION_TOKENS, glyph=glyph,
+                         vision=VISION_TOKENS)
+
+
+def _hunyuanvideo15_latent(arch: Any, options: Mapping[str, Any]) -> int:
+    """One video latent ``[32, F', H/16, W/16]`` (``latent_shape``; 32 = the transformer's ``out_channels``)."""
+    return arch.out_channels * math.prod(_hunyuanvideo15_size(options))
+
+
+def _hunyuanvideo15_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.guidance_scale`` (default 6.0) is > 1: ``[negative; positive]`` in one call."""
+    from branchgrpo.families.hunyuanvideo15 import HunyuanVideo15Options as defaults
+
+    return 2 if float(options.get("guidance_scale", defaults.guidance_scale)) > 1.0 else 1
+
+
+def _hunyuanvideo15_lora_targets(arch: Any) -> tuple[str, ...]:
+    """The family's ``lora_target_modules``: ``models/lora.py`` ``DEFAULT_TARGET_MODULES``."""
+    from branchgrpo.models.lora import DEFAULT_TARGET_MODULES
+
+    return tuple(DEFAULT_TARGET_MODULES)
+
+
+def _hunyuanvideo15_architecture(config: dict[str, Any]) -> Architecture:
+    from branchgrpo.resources.hunyuanvideo15 import HunyuanVideo15Architecture
+
+    return HunyuanVideo15Architecture(config)
+
+
+def _hunyuanvideo15_entry() -> "PlanFamily":
+    from branchgrpo.resources.hunyuanvideo15 import HUNYUANVIDEO15_480P_T2V
+
+    return PlanFamily(_hunyuanvideo15_architecture, _hunyuanvideo15_tokens, _hunyuanvideo15_latent,
+                      "hunyuanvideo1.5-480p-t2v", HUNYUANVIDEO15_480P_T2V, _hunyuanvideo15_cfg_rows,
+                      _hunyuanvideo15_lora_targets)
+
+def _sd3_size(options: Mapping[str, Any]) -> tuple[int, int]:
+    from branchgrpo.families.sd3 import SD3Options as defaults
+
+    return int(options.get("height", defaults.height)), int(options.get("width", defaults.width))
+
+
+def _sd3_tokens(arch: Any, options: Mapping[str, Any]) -> Tokens:
+    """SD3: ``(H/16)·(W/16)`` latent patches; text = CLIP's 77 tokens followed by ``max_sequence_length``
+    T5 tokens (``StableDiffusion3Pipeline.encode_prompt`` concatenates them), the family's defaults
+    where unset (512², 128)."""
+    from branchgrpo.families.sd3 import SD3Options as defaults
+
+    return Tokens(arch.image_tokens(*_sd3_size(options)),
+                  SD3_CLIP_TOKENS + int(options.get("max_sequence_length", defaults.max_sequence_length)))
+
+
+def _sd3_latent(arch: Any, options: Mapping[str, Any]) -> int:
+    """One latent ``[16, H/8, W/8]`` (``SD3Adapter.latent_shape``)."""
+    height, width = _sd3_size(options)
+    return arch.in_channels * (height // 8) * (width // 8)
+
+
+def _sd3_cfg_rows(options: Mapping[str, Any]) -> int:
+    """2 when ``model.options.guidance_scale`` (default 4.5) is > 1: ``SD3Velocity`` runs the negative
+    and positive rows in one call, rollout and training forward alike."""
+    from branchgrpo.families.sd3 import SD3Options as defaults
+
+    return 2 if float(options.get("guidance_scale", defaults.guidance_scale)) > 1.0 else 1
+
+
+def _sd3_lora_targets(arch: Any) -> tuple[str, ...]:
+    """The sd3 family's LoRA targets (``ModelFamily.lora_target_modules`` → ``default_target_modules``:
+    Flow-GRPO's eight joint-attention projections; ``attn2`` is not matched)."""
+    from branchgrpo.models.lora import DEFAULT_TARGET_MODULES
+
+    return tuple(DEFAULT_TARGET_MODULES)
+
+
+SD3_CLIP_TOKENS = 77  # CLIP-L/G's padded length, before the T5 tokens in every row
+
+
 PLAN_FAMILIES: dict[str, PlanFamily] = {
     "flux": PlanFamily(FluxArchitecture, _flux_tokens, _flux_latent, "flux-dev", FLUX_DEV),
     # black-forest-labs/FLUX.2-dev (guidance-distilled: one row per sample; resources/flux2.py FLUX2_DEV)
@@ -288,6 +428,14 @@ PLAN_FAMILIES: dict[str, PlanFamily] = {
     "wan": PlanFamily(_wan_architecture, _wan_tokens, _wan_latent, "wan2.1-t2v-1.3b", _WAN21_T2V_1_3B, _wan_cfg_rows,
                       _wan_lora_targets),
     "wan22": PlanFamily(**{**_WAN22["t2v-a14b"].__dict__, "variants": _WAN22, "default_variant": "t2v-a14b"}),
+    # stabilityai/stable-diffusion-3.5-medium (resources/sd3.py SD35_MEDIUM); true CFG doubles the rows
+    "sd3": PlanFamily(_sd3_architecture, _sd3_tokens, _sd3_latent, "sd3.5-medium", _SD35_MEDIUM, _sd3_cfg_rows,
+                      _sd3_lora_targets),
+    # Tongyi-MAI/Z-Image-Turbo (resources/zimage.py Z_IMAGE_TURBO); the base Z-Image has the same transformer
+    "zimage": PlanFamily(_zimage_architecture, _zimage_tokens, _zimage_latent, "z-image-turbo", _Z_IMAGE_TURBO,
+                         _zimage_cfg_rows, _zimage_lora_targets),
+    # hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v (resources/hunyuanvideo15.py)
+    "hunyuanvideo15": _hunyuanvideo15_entry(),
 }
 
 
