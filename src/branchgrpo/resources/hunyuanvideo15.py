@@ -217,10 +217,14 @@ class HunyuanVideo15Architecture:
             s.ln += rows * d + 2 * rows
         grad_txt = grad_txt or g or train.full
 
+        if train.full:  # cond_type_embed's weight gradient keeps the int64 indices of every context token
+            s.f32 += 2 * tokens.text
         grad_img = train.trains(patch.name)
         blocks: list[Saved] = []
         for i in range(self.layers):
             block, grad_img, grad_txt = self.blocks._double_block(i, tokens, train, grad_img, grad_txt, temb_grad)
+            if block.attention[-1][1]:  # the joint mask [L, L] (built in every block) as an additive bias
+                block.act += tokens.all * tokens.all
             blocks.append(block)
         for block in blocks:
             s.add_flops(block)
@@ -270,8 +274,8 @@ class HunyuanVideo15Architecture:
         s.shared_input(qkv, tokens, train, input_grad=x_grad, normed=True)
         attn_grad = x_grad or any(train.trains(x.name) for x in qkv)
         s.attention.append((rows, attn_grad))
-        if attn_grad:
-            s.act += 4 * rows * d
+        if attn_grad:  # q, k, v, output, log-sum-exp, and the boolean mask as an additive bias per head
+            s.act += 4 * rows * d + self.heads * rows * rows
             s.f32 += self.heads * rows
         s.linear_input(lin["attn.to_out.0"], tokens, train, input_grad=attn_grad)
         out_grad = attn_grad or train.trains(lin["attn.to_out.0"].name)
