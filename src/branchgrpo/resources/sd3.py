@@ -22,9 +22,9 @@ from typing import Any
 
 from branchgrpo.resources.core import Linear, Saved, Tokens, Training
 
-# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (as published on the hub, written
-# from memory of that file and checked only for consistency: diffusers builds it with 2,243,171,520
-# parameters, the published model's ~2.5 B with its text encoders excluded)
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (its keys as the model card's
+# MMDiT-X describes them: 24 blocks of 24×64, attn2 in blocks 0–12, q/k RMSNorm; not compared with the
+# gated hub file here); diffusers builds it with 2,243,171,520 parameters
 SD35_MEDIUM: dict[str, Any] = {
     "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536,
     "dual_attention_layers": list(range(13)), "in_channels": 16, "joint_attention_dim": 4096,
@@ -130,7 +130,9 @@ class SD3Architecture:
 
     # -- what autograd keeps for backward ----------------------------------------------------
     def saved(self, tokens: Tokens, train: Training, checkpointing: bool) -> Saved:
-        """Tensors saved for backward by one forward of one sample (see :class:`Saved`)."""
+        """Tensors saved for backward by one forward of one sample (see :class:`Saved`). Exact for
+        micro-batches of 2 or more; with one row the last block's ``to_out.0`` input (a slice of the
+        joint attention output) is contiguous and keeps the whole ``[L, D]`` output, ``L_text·D`` more."""
         s = Saved()
         d, ti = self.dim, tokens.image
         lin = {x.name: x for x in self.top_linears()}
