@@ -1,8 +1,8 @@
 """Per-phase FLOPs (``throughput/*``, src/branchgrpo/train/metrics.py ``phase_flops``) beyond FLUX.1:
 the rollout FLOPs the trainer logs for one rollout row equal what torch's FLOP counter sees when
 the real adapter runs that row — Qwen-Image and Qwen-Image-Edit with true CFG (two transformer rows
-per sample, the source's tokens in the image stream), Wan's video latents in 3-D patches, FLUX.1
-Kontext's source tokens."""
+per sample, the source's tokens in the image stream), Wan's video latents in 3-D patches, SD3.5's
+``[B, C, H, W]`` latents with true CFG."""
 
 from __future__ import annotations
 
@@ -65,10 +65,28 @@ def wan_case(guidance: float):
     return WanVelocity(model, guidance_scale=guidance), torch.randn(1, 4, 2, 4, 6, generator=gen), conditioning
 
 
-@pytest.mark.parametrize("case", ["qwenimage", "qwenimage-edit", "wan-cfg", "wan-plain"])
+def sd3_case():
+    from branchgrpo.models.sd3 import SD3Velocity
+
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                            caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                            pos_embed_max_size=16, dual_attention_layers=(0,),
+                                            qk_norm="rms_norm").eval()
+    gen = torch.Generator().manual_seed(1)
+    conditioning = {"prompt_embeds": torch.randn(1, 6, 12, generator=gen),
+                    "pooled_prompt_embeds": torch.randn(1, 10, generator=gen),
+                    "negative_prompt_embeds": torch.randn(1, 6, 12, generator=gen),
+                    "negative_pooled_prompt_embeds": torch.randn(1, 10, generator=gen)}
+    return SD3Velocity(model, guidance_scale=4.5), torch.randn(1, 4, 8, 8, generator=gen), conditioning
+
+
+@pytest.mark.parametrize("case", ["qwenimage", "qwenimage-edit", "wan-cfg", "wan-plain", "sd3-cfg"])
 def test_logged_rollout_flops_equal_the_flop_counter_on_the_real_adapter(case):
     policy, x, conditioning = {"qwenimage": lambda: qwen_case(False), "qwenimage-edit": lambda: qwen_case(True),
-                               "wan-cfg": lambda: wan_case(5.0), "wan-plain": lambda: wan_case(1.0)}[case]()
+                               "wan-cfg": lambda: wan_case(5.0), "wan-plain": lambda: wan_case(1.0),
+                               "sd3-cfg": sd3_case}[case]()
     sigma = torch.tensor([0.5])
     assert logged_rollout(policy, x, conditioning) == counted(policy, x, sigma, conditioning) > 0
 

@@ -44,7 +44,7 @@ def _phase_costs(config: Any, processes: int, field: str) -> tuple[int, int, int
     from branchgrpo.resources.job import estimate_job, transformer_config
 
     try:
-        arch, _ = transformer_config(config.model.family, config.model.path)
+        arch, _ = transformer_config(config.model.family, config.model.path, config.model.options)
     except ValueError:
         return None
     peaks = []

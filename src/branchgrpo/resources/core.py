@@ -153,6 +153,17 @@ class Saved:
         self.shared_f32 += other.shared_f32
         self.casts += other.casts
 
+    def modulated(self, rows: int, dim: int, grad: bool, mod_grad: bool, products: int = 1) -> bool:
+        """AdaLN ``LayerNorm(x)·(1 + scale) + shift`` without affine weights (FLUX.1/.2, Qwen-Image,
+        SD3), ``products`` modulations of one normalised tensor; whether the result needs a gradient.
+        ``grad``: x needs one; ``mod_grad``: scale and shift do."""
+        if grad:  # the LayerNorm keeps its input and statistics, each product keeps its (1 + scale)
+            self.ln += rows * dim + 2 * rows
+            self.act += products * dim
+        if mod_grad:  # the products keep the normalised tensor (one storage) for the gradient of scale
+            self.ln += rows * dim
+        return grad or mod_grad
+
     def linear_input(self, linear: Linear, tokens: Tokens, train: Training, input_grad: bool,
                      normed: bool = False, live: bool = True) -> None:
         """One linear reading its own input (see :meth:`shared_input`)."""

@@ -156,15 +156,6 @@ class FluxArchitecture:
             s.act += d
         return s
 
-    def _modulated(self, s: Saved, rows: int, grad: bool, mod_grad: bool) -> bool:
-        """AdaLN ``LayerNorm(x)·(1 + scale) + shift`` (no affine weights); whether it needs a gradient."""
-        if grad:  # the LayerNorm keeps its input and statistics, the product keeps (1 + scale)
-            s.ln += rows * self.dim + 2 * rows
-            s.act += self.dim
-        if mod_grad:  # the product keeps the normalised tensor for the gradient of scale
-            s.ln += rows * self.dim
-        return grad or mod_grad
-
     def _qk(self, s: Saved, rows: int, grad: bool, train: Training) -> None:
         """A q or k projection's output through its RMSNorm (weight: trained in a full fine-tune)."""
         if grad:  # RMSNorm computes in float32 (its input copy and 1/rms)
@@ -187,7 +178,7 @@ class FluxArchitecture:
         for norm, rows, grad, qkv, _, _, _ in streams:
             mod_grad = temb_grad or train.trains(lin[norm].name)
             s.linear_input(lin[norm], tokens, train, input_grad=temb_grad)  # SiLU(temb) → 6 modulation vectors
-            x_grad = self._modulated(s, rows, grad, mod_grad)
+            x_grad = s.modulated(rows, self.dim, grad, mod_grad)
             s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
             for n in qkv[:2]:
                 self._qk(s, rows, x_grad or train.trains(lin[n].name), train)
@@ -204,7 +195,7 @@ class FluxArchitecture:
             if mod_grad:
                 s.act += rows * d  # attention output, for the gate's gradient
             hidden_grad = grad or gated_grad or mod_grad
-            x_grad = self._modulated(s, rows, hidden_grad, mod_grad)
+            x_grad = s.modulated(rows, self.dim, hidden_grad, mod_grad)
             up, down = lin[f"{ff}.net.0.proj"], lin[f"{ff}.net.2"]
             s.linear_input(up, tokens, train, input_grad=x_grad, normed=True, live=live)
             gelu_grad = x_grad or train.trains(up.name)
@@ -227,7 +218,7 @@ class FluxArchitecture:
         norm = lin["norm.linear"]
         mod_grad = temb_grad or train.trains(norm.name)
         s.linear_input(norm, tokens, train, input_grad=temb_grad)
-        x_grad = self._modulated(s, rows, grad, mod_grad)
+        x_grad = s.modulated(rows, self.dim, grad, mod_grad)
         readers = [lin[n] for n in ("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")]
         s.shared_input(readers, tokens, train, input_grad=x_grad, normed=True)
         mlp_grad = x_grad or train.trains(lin["proj_mlp"].name)

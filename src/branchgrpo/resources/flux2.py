@@ -187,15 +187,6 @@ class Flux2Architecture:
         s.shared_f32 += 2 * ta * self.head_dim  # RoPE cos and sin [L, head_dim], one copy for the batch
         return s
 
-    def _modulated(self, s: Saved, rows: int, grad: bool, mod_grad: bool) -> bool:
-        """``LayerNorm(x)·(1 + scale) + shift`` (no affine weights); whether it needs a gradient."""
-        if grad:  # the LayerNorm keeps its input and statistics, the product keeps (1 + scale)
-            s.ln += rows * self.dim + 2 * rows
-            s.act += self.dim
-        if mod_grad:  # the product keeps the normalised tensor for the gradient of scale
-            s.ln += rows * self.dim
-        return grad or mod_grad
-
     def _qk(self, s: Saved, rows: int, grad: bool, train: Training, own: bool = True) -> None:
         """A q or k through its RMSNorm (weight: trained in a full fine-tune). ``own``: q/k is its
         own projection's output (double blocks); in single blocks it is a view of the fused output."""
@@ -217,7 +208,7 @@ class Flux2Architecture:
                     "attn.to_add_out", "ff_context", "double_stream_modulation_txt"))
         attn_grad = False
         for rows, grad, mod_grad, qkv, _, _, _ in streams:
-            x_grad = self._modulated(s, rows, grad, mod_grad)
+            x_grad = s.modulated(rows, self.dim, grad, mod_grad)
             s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
             for n in qkv[:2]:
                 self._qk(s, rows, x_grad or train.trains(lin[n].name), train)
@@ -233,7 +224,7 @@ class Flux2Architecture:
             if mod_grad:
                 s.act += rows * d  # attention output, for the gate's gradient
             hidden_grad = grad or gated_grad or mod_grad
-            x_grad = self._modulated(s, rows, hidden_grad, mod_grad)
+            x_grad = s.modulated(rows, self.dim, hidden_grad, mod_grad)
             up, down = lin[f"{ff}.linear_in"], lin[f"{ff}.linear_out"]
             s.linear_input(up, tokens, train, input_grad=x_grad, normed=True)
             swiglu_grad = x_grad or train.trains(up.name)
@@ -253,7 +244,7 @@ class Flux2Architecture:
         """``Flux2SingleTransformerBlock``: one fused projection, parallel attention and SwiGLU."""
         s, d, f, rows = Saved(), self.dim, self.mlp, tokens.all
         proj, out = self.single_linears(i)
-        x_grad = self._modulated(s, rows, grad, mod_grad)
+        x_grad = s.modulated(rows, self.dim, grad, mod_grad)
         s.linear_input(proj, tokens, train, input_grad=x_grad, normed=True)
         p_grad = x_grad or train.trains(proj.name)
         if p_grad:  # q, k, v and both MLP halves are views of the output [L, 3D + 2F]; SiLU's output [L, F]

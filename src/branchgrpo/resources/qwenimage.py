@@ -151,15 +151,6 @@ class QwenImageArchitecture:
             s.act += d
         return s
 
-    def _modulated(self, s: Saved, rows: int, grad: bool, mod_grad: bool) -> bool:
-        """``LayerNorm(x)·(1 + scale) + shift`` (no affine weights); whether it needs a gradient."""
-        if grad:  # the LayerNorm keeps its input and statistics, the product keeps (1 + scale)
-            s.ln += rows * self.dim + 2 * rows
-            s.act += self.dim
-        if mod_grad:  # the product keeps the normalised tensor for the gradient of scale
-            s.ln += rows * self.dim
-        return grad or mod_grad
-
     def _qk(self, s: Saved, rows: int, grad: bool, train: Training) -> None:
         """A q or k projection's output through its RMSNorm (weight: trained in a full fine-tune)."""
         if grad:  # RMSNorm computes in float32 (its input copy and 1/rms) ...
@@ -183,7 +174,7 @@ class QwenImageArchitecture:
         for mod, rows, grad, qkv, _, _, _ in streams:
             mod_grad = temb_grad or train.trains(lin[mod].name)
             s.linear_input(lin[mod], tokens, train, input_grad=temb_grad)  # SiLU(temb) → 6 modulation vectors
-            x_grad = self._modulated(s, rows, grad, mod_grad)
+            x_grad = s.modulated(rows, self.dim, grad, mod_grad)
             s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
             for n in qkv[:2]:
                 self._qk(s, rows, x_grad or train.trains(lin[n].name), train)
@@ -202,7 +193,7 @@ class QwenImageArchitecture:
             if mod_grad:
                 s.act += rows * d  # attention output, for the gate's gradient
             hidden_grad = grad or gated_grad or mod_grad
-            x_grad = self._modulated(s, rows, hidden_grad, mod_grad)
+            x_grad = s.modulated(rows, self.dim, hidden_grad, mod_grad)
             up, down = lin[f"{mlp}.net.0.proj"], lin[f"{mlp}.net.2"]
             s.linear_input(up, tokens, train, input_grad=x_grad, normed=True, live=live)
             gelu_grad = x_grad or train.trains(up.name)

@@ -174,16 +174,6 @@ class SD3Architecture:
             s.act += d
         return s
 
-    def _modulated(self, s: Saved, rows: int, grad: bool, mod_grad: bool, products: int = 1) -> bool:
-        """AdaLN ``LayerNorm(x)·(1 + scale) + shift`` (no affine weights), ``products`` modulations of
-        one normalised tensor; whether the result needs a gradient."""
-        if grad:  # the LayerNorm keeps its input and statistics, each product keeps its (1 + scale)
-            s.ln += rows * self.dim + 2 * rows
-            s.act += products * self.dim
-        if mod_grad:  # the products keep the normalised tensor (one storage) for the gradient of scale
-            s.ln += rows * self.dim
-        return grad or mod_grad
-
     def _qk(self, s: Saved, rows: int, grad: bool, train: Training) -> None:
         """A q or k projection's output through its RMSNorm (weight: trained in a full fine-tune)."""
         if self.qk_norm is None:
@@ -206,7 +196,7 @@ class SD3Architecture:
                temb_grad: bool) -> tuple[Saved, bool, bool]:
         """``JointTransformerBlock``: image and text streams, one joint attention, ``attn2`` in dual
         blocks; the last block's text stream stops after its q, k, v."""
-        s, d, f = Saved(), self.dim, 4 * self.dim
+        s, d = Saved(), self.dim
         lin = {x.name.split(".", 2)[2]: x for x in self.block_linears_of(i)}
         last, dual = i == self.layers - 1, i in self.dual
         ti, tt = tokens.image, tokens.text
@@ -220,7 +210,7 @@ class SD3Architecture:
                 ("norm1_context.linear", tt, grad_txt, txt_mod, ("attn.add_q_proj", "attn.add_k_proj",
                                                                  "attn.add_v_proj"), 1)):
             s.linear_input(lin[norm], tokens, train, input_grad=temb_grad)  # SiLU(temb) → modulation vectors
-            x_grad = self._modulated(s, rows, grad, mod_grad, products)
+            x_grad = s.modulated(rows, self.dim, grad, mod_grad, products)
             x_grads.append(x_grad)
             s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
             for n in qkv[:2]:
@@ -271,7 +261,7 @@ class SD3Architecture:
                       grad: bool, mod_grad: bool) -> tuple[bool, bool]:
         """``norm2`` modulation → ``net.0.proj`` → tanh GELU → ``net.2`` → gate; (output needs a
         gradient, the gate keeps the modulation vector)."""
-        x_grad = self._modulated(s, rows, grad, mod_grad)
+        x_grad = s.modulated(rows, self.dim, grad, mod_grad)
         up, down = lin[f"{ff}.net.0.proj"], lin[f"{ff}.net.2"]
         s.linear_input(up, tokens, train, input_grad=x_grad, normed=True)
         gelu_grad = x_grad or train.trains(up.name)

@@ -131,7 +131,8 @@ class RowFlops:
 def architecture_of(transformer: torch.nn.Module):
     """The :mod:`branchgrpo.resources` architecture of a diffusers transformer, from its config:
     FLUX.1 (also Kontext and the digits/shapes worlds), Qwen-Image(-Edit), Wan 2.1/2.2 text-to-video,
-    FLUX.2 when its walk is available; None otherwise."""
+    SD3/SD3.5, FLUX.2; None otherwise (Z-Image, HunyuanVideo 1.5: their rows are not read from the
+    latents alone)."""
     names = {cls.__name__ for cls in type(transformer).__mro__}
     config = dict(getattr(transformer, "config", {}) or {})
     try:
@@ -145,6 +146,10 @@ def architecture_of(transformer: torch.nn.Module):
             from branchgrpo.resources.wan import WanArchitecture
 
             return WanArchitecture(config)
+        if "SD3Transformer2DModel" in names:
+            from branchgrpo.resources.sd3 import SD3Architecture
+
+            return SD3Architecture(config)
         if "Flux2Transformer2DModel" in names:
             from branchgrpo.resources import flux2
 
@@ -187,10 +192,13 @@ flux_row_flops = architecture_row_flops  # the name the GPU suite imports
 def image_stream_tokens(arch: Any, latents: torch.Tensor, conditioning: Mapping[str, Any]) -> int:
     """Tokens of the image stream of one row: the packed latent's ``[B, L, C]`` length (a video
     latent ``[B, C, F, H, W]`` in patches) plus an editing source's ``image_latents`` tokens."""
-    if latents.dim() == 5:
+    if latents.dim() == 5:  # video [B, C, F, H, W], 3-D patches
         pt, ph, pw = arch.patch
         f, h, w = latents.shape[-3:]
         tokens = (f // pt) * (h // ph) * (w // pw)
+    elif latents.dim() == 4:  # image [B, C, H, W] (SD3), square patches
+        h, w = latents.shape[-2:]
+        tokens = (h // arch.patch) * (w // arch.patch)
     else:
         tokens = int(latents.shape[1])
     source = conditioning.get("image_latents")
