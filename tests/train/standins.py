@@ -141,7 +141,9 @@ def tiny_overrides(path: Path) -> list[str]:
     out += ["method.tree.split_plan={0: 2, 1: 2}"] if tree.split_plan else ["method.tree.roots_per_prompt=2"]
     out += ["data.prompts_per_process=1", "eval.samples_per_prompt=1", "eval.max_prompts=1",
             "run.iterations=1", "run.checkpoint_every=1", "run.progress=false"]
-    if config.reward.name not in ("digits", "shapes"):  # the embedded worlds' own rewards need no checkpoint
+    # digits keeps its own reward (no checkpoint, continuous scores); the shapes verifier scores a 3-step
+    # tree's blobs in ties (zero advantages: nothing to train), so it gets the stand-in like the rest
+    if config.reward.name != "digits":
         modality = get_family(config.model.family).modality
         out += [f"imports=[{REWARD_MODULE}]", f"reward.name={STANDIN_REWARD[modality]}"]
     return out
