@@ -235,7 +235,7 @@ def predicted_seconds(case: Case, scale: Scale, steps: int, rate: float | None) 
         return None
     from branchgrpo.models.lora import DEFAULT_TARGET_MODULES
     from branchgrpo.resources import FluxArchitecture, Tokens, Training
-    from branchgrpo.train.metrics import PartialTraining, flux_row_flops
+    from branchgrpo.train.metrics import PartialTraining, architecture_row_flops
     from branchgrpo.tree.nfe import plan
 
     arch = FluxArchitecture(scale.config)
@@ -244,7 +244,7 @@ def predicted_seconds(case: Case, scale: Scale, steps: int, rate: float | None) 
     else:
         train = PartialTraining(weights=frozenset(x.name for x in arch.linears() if x.name.startswith(
             tuple(prefix + "." for prefix in scale.blocks))))
-    row = flux_row_flops(arch, Tokens(arch.image_tokens(case.size, case.size), scale.text_tokens), train, True)
+    row = architecture_row_flops(arch, Tokens(arch.image_tokens(case.size, case.size), scale.text_tokens), train, True)
     counts = plan(method_for(case, scale, steps)).counts
     return (counts.rollout_calls * row.forward
             + counts.training_forwards * (row.forward + row.backward + row.recompute)) / rate

@@ -39,7 +39,7 @@ def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_b
 
     from branchgrpo.models.flux import FluxVelocity
     from branchgrpo.resources import FluxArchitecture, Tokens, Training
-    from branchgrpo.train.metrics import flux_row_flops
+    from branchgrpo.train.metrics import architecture_row_flops
 
     device = torch.device(scale.device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -51,7 +51,7 @@ def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_b
     policy.compute_dtype = None if compute == torch.float32 else compute
     tokens, channels = (latent // 2) ** 2, int(scale.config["in_channels"])
     arch = FluxArchitecture(scale.config)
-    row = flux_row_flops(arch, Tokens(tokens, scale.text_tokens), Training(0, ()), False).forward
+    row = architecture_row_flops(arch, Tokens(tokens, scale.text_tokens), Training(0, ()), False).forward
     g = torch.Generator(device=device).manual_seed(seed + 2)
     peak = _peak_tflops(device, compute)
     repeats = 3 if device.type == "cuda" else 1

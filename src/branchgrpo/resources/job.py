@@ -19,7 +19,6 @@ HUB_CONFIGS: dict[str, dict[str, Any]] = {  # the hub's transformer/config.json,
     for f in (family, *(family.variants or {}).values()) if f.hub_name and f.hub_config}
 EMBEDDED_CONFIGS = {world: Path(__file__).parent.parent / "assets" / world / "transformer" / "config.json"
                     for world in ("digits", "shapes")}
-DIGITS_CONFIG = EMBEDDED_CONFIGS["digits"]
 
 
 def transformer_config(family: str, model_path: str | None,

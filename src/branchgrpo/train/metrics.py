@@ -186,9 +186,6 @@ def architecture_row_flops(arch: Any, tokens: Tokens, train: Training, checkpoin
                     forward_flops(trace, arch.dim, 0))
 
 
-flux_row_flops = architecture_row_flops  # the name the GPU suite imports
-
-
 def image_stream_tokens(arch: Any, latents: torch.Tensor, conditioning: Mapping[str, Any]) -> int:
     """Tokens of the image stream of one row: the packed latent's ``[B, L, C]`` length (a video
     latent ``[B, C, F, H, W]`` in patches) plus an editing source's ``image_latents`` tokens."""
