@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.cli import main
 from branchgrpo.models.lora import DEFAULT_TARGET_MODULES, LoraSpec, add_lora
 from branchgrpo.resources import (
@@ -70,20 +72,12 @@ def measured_saved_bytes(model, batch: int, image: int, text: int, checkpointing
     checkpointing the RoPE tables are held by the checkpoint as a non-tensor argument instead."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    hook = model.pos_embed.register_forward_hook(lambda m, i, out: [pack(t) for t in out] if checkpointing else None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model) as saved:
+        hook = model.pos_embed.register_forward_hook(
+            lambda m, i, out: [saved.pack(t) for t in out] if checkpointing else None)
         forward(model, batch, image, text, bf16)
-    hook.remove()
-    return sum(storages.values())
+        hook.remove()
+    return saved.bytes
 
 
 def test_flux_dev_parameter_count_is_the_published_one():

@@ -12,6 +12,8 @@ import itertools
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.models.flux2 import flux2_lora_target_modules
 from branchgrpo.models.lora import LoraSpec, add_lora
 from branchgrpo.resources import Tokens, Training, backward_flops, forward_flops, lora_parameter_count, parameter_count
@@ -80,27 +82,14 @@ def measured_saved_bytes(model, batch: int, image: int, text: int, checkpointing
     checkpoint holds itself: they are packed here from the first block's arguments."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     first = (model.transformer_blocks or model.single_transformer_blocks)[0]
     rope_at = 4 if len(model.transformer_blocks) else 3  # position of image_rotary_emb in the block's call
-
-    def hold_rope(module, args):
-        if checkpointing:
-            [pack(t) for t in args[rope_at]]
-
-    hook = first.register_forward_pre_hook(hold_rope)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model) as saved:
+        hook = first.register_forward_pre_hook(
+            lambda module, args: [saved.pack(t) for t in args[rope_at]] if checkpointing else None)
         forward(model, batch, image, text, bf16)
-    hook.remove()
-    return sum(storages.values())
+        hook.remove()
+    return saved.bytes
 
 
 def test_flux2_dev_parameter_count_equals_the_diffusers_class():

@@ -10,6 +10,8 @@ import itertools
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.models.lora import DEFAULT_TARGET_MODULES, LoraSpec, add_lora
 from branchgrpo.resources import Training, backward_flops, forward_flops, lora_parameter_count, parameter_count
 from branchgrpo.resources.hunyuanvideo15 import HUNYUANVIDEO15_480P_T2V, HunyuanTokens, HunyuanVideo15Architecture
@@ -160,18 +162,9 @@ def measured_saved_bytes(model, shape, checkpointing: bool, bf16: bool = False) 
     """Bytes of the distinct storages autograd keeps for backward (parameters excluded)."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model) as saved:
         forward(model, *shape, bf16=bf16)
-    return sum(storages.values())
+    return saved.bytes
 
 
 @pytest.mark.parametrize("name,lora,checkpointing,bf16",

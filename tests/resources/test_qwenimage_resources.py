@@ -12,6 +12,8 @@ import itertools
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.families.qwenimage import QWENIMAGE_TARGET_MODULES
 from branchgrpo.models.lora import LoraSpec, add_lora
 from branchgrpo.resources import Training, backward_flops, forward_flops, lora_parameter_count, parameter_count
@@ -101,22 +103,13 @@ def measured_saved_bytes(model, batch: int, grids, text: int, masked: bool, chec
     left out, as the estimate's element classes have no one-byte storage."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-    flags: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            (flags if tensor.dtype == torch.bool else storages)[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    hook = model.pos_embed.register_forward_hook(lambda m, i, out: [pack(t) for t in out] if checkpointing else None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model) as saved:
+        hook = model.pos_embed.register_forward_hook(
+            lambda m, i, out: [saved.pack(t) for t in out] if checkpointing else None)
         forward(model, batch, grids, text, masked, bf16)
-    hook.remove()
-    assert sum(flags.values()) == (batch * text if masked and checkpointing else 0)
-    return sum(storages.values())
+        hook.remove()
+    assert saved.bool_bytes == (batch * text if masked and checkpointing else 0)
+    return saved.bytes - saved.bool_bytes
 
 
 def _tokens(grids, text: int, masked: bool) -> QwenTokens:
@@ -169,22 +162,13 @@ def test_the_adapters_true_cfg_call_is_two_masked_rows_per_sample(edit):
                          "image_latent_shape": torch.tensor([[2.0, 3.0]])}
         image += 6
     policy = (QwenImageEditVelocity if edit else QwenImageVelocity)(model, 8, 8, guidance_scale=4.0)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-    inside = []
-
-    def pack(tensor):
-        if inside and tensor.untyped_storage().data_ptr() not in params:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    model.register_forward_pre_hook(lambda *_: inside.append(True))
-    model.register_forward_hook(lambda *_: inside.clear())
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        policy(torch.randn(1, 16, c.in_channels, generator=gen), torch.tensor([0.5]), conditioning)
+    saved = SavedStorages(model)  # recording inside the transformer's call only, not the guidance around it
+    model.register_forward_pre_hook(lambda *_: saved.__enter__())
+    model.register_forward_hook(lambda *_: saved.__exit__(None, None, None))
+    policy(torch.randn(1, 16, c.in_channels, generator=gen), torch.tensor([0.5]), conditioning)
     train = training(4)
     row = QwenImageArchitecture(TINY["w16-2"]).saved(QwenTokens(image, text, masked=True), train, False)
-    assert row.bytes(2, train) == sum(storages.values())
+    assert row.bytes(2, train) == saved.bytes
 
 
 def test_plan_counts_qwen_images_rows_and_tokens():

@@ -12,6 +12,8 @@ import itertools
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.models.lora import LoraSpec, add_lora, default_target_modules
 from branchgrpo.resources import Tokens, Training, backward_flops, forward_flops, lora_parameter_count, parameter_count
 from branchgrpo.resources.sd3 import SD35_MEDIUM, SD3Architecture
@@ -76,18 +78,9 @@ def measured_saved_bytes(model, batch: int, height: int, width: int, text: int, 
     """Bytes of the distinct storages autograd keeps for backward (parameters and buffers excluded)."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model, buffers=True) as saved:
         forward(model, batch, height, width, text, bf16)
-    return sum(storages.values())
+    return saved.bytes
 
 
 def test_sd35_medium_parameter_count_equals_the_diffusers_class():

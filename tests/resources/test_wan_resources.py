@@ -11,6 +11,8 @@ import itertools
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.models.lora import WAN_TARGET_MODULES, LoraSpec, add_lora
 from branchgrpo.resources import (
     Tokens, Training, backward_flops, forward_flops, lora_parameter_count, parameter_count,
@@ -109,20 +111,11 @@ def measured_saved_bytes(model, shape, checkpointing: bool, bf16: bool = False, 
     checkpointing the RoPE tables are held by the checkpoint as a non-tensor argument instead."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    hook = model.rope.register_forward_hook(lambda m, i, out: [pack(t) for t in out] if checkpointing else None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model) as saved:
+        hook = model.rope.register_forward_hook(lambda m, i, out: [saved.pack(t) for t in out] if checkpointing else None)
         forward(model, *shape, bf16=bf16, per_token=per_token)
-    hook.remove()
-    return sum(storages.values())
+        hook.remove()
+    return saved.bytes
 
 
 def _tokens(shape) -> Tokens:

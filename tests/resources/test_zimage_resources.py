@@ -16,6 +16,8 @@ import itertools
 import pytest
 import torch
 
+from autograd_probe import SavedStorages
+
 from branchgrpo.models.lora import LoraSpec, add_lora
 from branchgrpo.models.zimage import ZIMAGE_TARGET_MODULES
 from branchgrpo.resources import Tokens, Training, backward_flops, forward_flops, lora_parameter_count, parameter_count
@@ -63,18 +65,9 @@ def measured_saved_bytes(model, batch: int, h: int, w: int, text: int, checkpoin
     """Bytes of the distinct storages autograd keeps for backward (parameters excluded)."""
     if checkpointing:
         model.enable_gradient_checkpointing()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedStorages(model) as saved:
         forward(model, batch, h, w, text)
-    return sum(storages.values())
+    return saved.bytes
 
 
 def test_z_image_turbo_parameter_count_equals_the_diffusers_class():

@@ -166,49 +166,11 @@ class FluxArchitecture:
     def _double_block(self, i: int, tokens: Tokens, train: Training, grad_img: bool, grad_txt: bool,
                       temb_grad: bool) -> tuple[Saved, bool, bool]:
         """``FluxTransformerBlock``: image and text streams, one joint attention."""
-        s, d, f = Saved(), self.dim, self.mlp
         lin = {x.name.split(".", 2)[2]: x for x in self.double_linears(i)}
         # without single blocks the last block's text output is discarded: no gradient reaches that branch
         text_live = i < self.double - 1 or self.single > 0
-        streams = (("norm1.linear", tokens.image, grad_img, ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.to_out.0",
-                    "ff", True),
-                   ("norm1_context.linear", tokens.text, grad_txt, ("attn.add_q_proj", "attn.add_k_proj",
-                    "attn.add_v_proj"), "attn.to_add_out", "ff_context", text_live))
-        attn_grad = False
-        for norm, rows, grad, qkv, _, _, _ in streams:
-            mod_grad = temb_grad or train.trains(lin[norm].name)
-            s.linear_input(lin[norm], tokens, train, input_grad=temb_grad)  # SiLU(temb) → 6 modulation vectors
-            x_grad = s.modulated(rows, self.dim, grad, mod_grad)
-            s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
-            for n in qkv[:2]:
-                self._qk(s, rows, x_grad or train.trains(lin[n].name), train)
-            attn_grad = attn_grad or x_grad or any(train.trains(lin[n].name) for n in qkv)
-        s.attention.append((tokens.all, attn_grad))
-        if attn_grad:  # roped q, k, concatenated v, output: [B, H, L, hd]; log-sum-exp [B, H, L]
-            s.act += 4 * tokens.all * d
-            s.f32 += self.heads * tokens.all
-        out_grads = []
-        for norm, rows, grad, _, out, ff, live in streams:
-            mod_grad = temb_grad or train.trains(lin[norm].name)
-            s.linear_input(lin[out], tokens, train, input_grad=attn_grad, live=live)
-            gated_grad = attn_grad or train.trains(lin[out].name)
-            if mod_grad:
-                s.act += rows * d  # attention output, for the gate's gradient
-            hidden_grad = grad or gated_grad or mod_grad
-            x_grad = s.modulated(rows, self.dim, hidden_grad, mod_grad)
-            up, down = lin[f"{ff}.net.0.proj"], lin[f"{ff}.net.2"]
-            s.linear_input(up, tokens, train, input_grad=x_grad, normed=True, live=live)
-            gelu_grad = x_grad or train.trains(up.name)
-            if gelu_grad:
-                s.act += rows * f  # GELU input
-            s.linear_input(down, tokens, train, input_grad=gelu_grad, live=live)
-            ff_grad = gelu_grad or train.trains(down.name)
-            if mod_grad:
-                s.act += rows * d  # feed-forward output, for the gate's gradient
-            if gated_grad or ff_grad:
-                s.act += 6 * d  # the modulation vector (its gates are views of it)
-            out_grads.append(hidden_grad or ff_grad or mod_grad)
-        return s, out_grads[0], out_grads[1]
+        return dual_stream_block(self, lin, FLUX_STREAMS, tokens, train, (grad_img, grad_txt), temb_grad,
+                                 text_live, self.mlp)
 
     def _single_block(self, i: int, tokens: Tokens, train: Training, grad: bool,
                       temb_grad: bool) -> tuple[Saved, bool]:
@@ -238,3 +200,71 @@ class FluxArchitecture:
         if out_grad:
             s.act += 3 * d
         return s, grad or out_grad or mod_grad
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Module names of one stream of a dual-stream (MM-DiT) block, relative to the block: its
+    modulation linear, q/k/v projections, attention output projection and MLP (``.net.0.proj``,
+    ``.net.2``)."""
+
+    modulation: str
+    qkv: tuple[str, str, str]
+    out: str
+    mlp: str
+
+
+FLUX_STREAMS = (StreamNames("norm1.linear", ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.to_out.0", "ff"),
+                StreamNames("norm1_context.linear", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                            "attn.to_add_out", "ff_context"))
+
+
+def dual_stream_block(arch: Any, lin: dict[str, Linear], names: tuple[StreamNames, StreamNames], tokens: Tokens,
+                      train: Training, grads: tuple[bool, bool], temb_grad: bool, text_live: bool,
+                      mlp: int) -> tuple[Saved, bool, bool]:
+    """What one dual-stream block keeps for backward — FLUX.1's ``FluxTransformerBlock``, Qwen-Image's
+    ``QwenImageTransformerBlock`` (and HunyuanVideo 1.5's, FLUX.1's by name): per stream a
+    6-vector AdaLN modulation, q/k/v with RMSNorm'd q and k (``arch._qk``), one joint attention over
+    both streams, gated output projection and a GELU MLP of width ``mlp``. ``grads``: whether the
+    image and text streams' inputs need gradients; ``text_live``: whether the text output is used
+    (the last block's is not, without later blocks). Returns the saved bytes and the two outputs'
+    gradient flags."""
+    s, d = Saved(), arch.dim
+    streams = tuple(zip(names, (tokens.image, tokens.text), grads, (True, text_live)))
+    attn_grad = False
+    for n, rows, grad, _ in streams:
+        mod_grad = temb_grad or train.trains(lin[n.modulation].name)
+        s.linear_input(lin[n.modulation], tokens, train, input_grad=temb_grad)  # SiLU(temb) → 6 modulation vectors
+        x_grad = s.modulated(rows, d, grad, mod_grad)
+        s.shared_input([lin[q] for q in n.qkv], tokens, train, input_grad=x_grad, normed=True)
+        for q in n.qkv[:2]:
+            arch._qk(s, rows, x_grad or train.trains(lin[q].name), train)
+        attn_grad = attn_grad or x_grad or any(train.trains(lin[q].name) for q in n.qkv)
+    s.attention.append((tokens.all, attn_grad))
+    if attn_grad:  # roped q, k, concatenated v, output: [B, H, L, hd]; log-sum-exp [B, H, L]
+        s.act += 4 * tokens.all * d
+        s.f32 += arch.heads * tokens.all
+        if getattr(tokens, "masked", False):
+            s.act += tokens.all  # a joint text mask, as an additive bias in the compute dtype [B, 1, 1, L]
+    out_grads = []
+    for n, rows, grad, live in streams:
+        mod_grad = temb_grad or train.trains(lin[n.modulation].name)
+        s.linear_input(lin[n.out], tokens, train, input_grad=attn_grad, live=live)
+        gated_grad = attn_grad or train.trains(lin[n.out].name)
+        if mod_grad:
+            s.act += rows * d  # attention output, for the gate's gradient
+        hidden_grad = grad or gated_grad or mod_grad
+        x_grad = s.modulated(rows, d, hidden_grad, mod_grad)
+        up, down = lin[f"{n.mlp}.net.0.proj"], lin[f"{n.mlp}.net.2"]
+        s.linear_input(up, tokens, train, input_grad=x_grad, normed=True, live=live)
+        gelu_grad = x_grad or train.trains(up.name)
+        if gelu_grad:
+            s.act += rows * mlp  # GELU input
+        s.linear_input(down, tokens, train, input_grad=gelu_grad, live=live)
+        mlp_grad = gelu_grad or train.trains(down.name)
+        if mod_grad:
+            s.act += rows * d  # MLP output, for the gate's gradient
+        if gated_grad or mlp_grad:
+            s.act += 6 * d  # the modulation vector (its gates are views of it)
+        out_grads.append(hidden_grad or mlp_grad or mod_grad)
+    return s, out_grads[0], out_grads[1]

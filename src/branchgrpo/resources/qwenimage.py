@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from branchgrpo.resources.core import Linear, Saved, Tokens, Training
+from branchgrpo.resources.flux import StreamNames, dual_stream_block
 
 # Qwen/Qwen-Image (and Qwen/Qwen-Image-Edit), transformer/config.json
 QWEN_IMAGE: dict[str, Any] = {
@@ -31,6 +32,12 @@ QWEN_IMAGE: dict[str, Any] = {
 }
 
 ROPE_POSITIONS = 4096  # QwenEmbedRope's table: 4096 positions × head_dim/2 complex64; text RoPE is a view of it
+
+
+# the two streams of a QwenImageTransformerBlock, as FLUX.1's dual-stream walk reads them
+QWEN_STREAMS = (StreamNames("img_mod.1", ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.to_out.0", "img_mlp"),
+                StreamNames("txt_mod.1", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "attn.to_add_out",
+                            "txt_mlp"))
 
 
 @dataclass(frozen=True)
@@ -162,51 +169,12 @@ class QwenImageArchitecture:
 
     def _block(self, i: int, tokens: Tokens, train: Training, grad_img: bool, grad_txt: bool,
                temb_grad: bool) -> tuple[Saved, bool, bool]:
-        """``QwenImageTransformerBlock``: image and text streams, one joint attention."""
-        s, d, f = Saved(), self.dim, 4 * self.dim
+        """``QwenImageTransformerBlock``: image and text streams, one joint attention (the
+        dual-stream walk of FLUX.1 under Qwen-Image's module names, MLP width 4·D)."""
         lin = {x.name.split(".", 2)[2]: x for x in self.block_linears_of(i)}
         text_live = i < self.layers - 1  # the last block's text output is discarded: no gradient reaches it
-        streams = (("img_mod.1", tokens.image, grad_img, ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.to_out.0",
-                    "img_mlp", True),
-                   ("txt_mod.1", tokens.text, grad_txt, ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                    "attn.to_add_out", "txt_mlp", text_live))
-        attn_grad = False
-        for mod, rows, grad, qkv, _, _, _ in streams:
-            mod_grad = temb_grad or train.trains(lin[mod].name)
-            s.linear_input(lin[mod], tokens, train, input_grad=temb_grad)  # SiLU(temb) → 6 modulation vectors
-            x_grad = s.modulated(rows, self.dim, grad, mod_grad)
-            s.shared_input([lin[n] for n in qkv], tokens, train, input_grad=x_grad, normed=True)
-            for n in qkv[:2]:
-                self._qk(s, rows, x_grad or train.trains(lin[n].name), train)
-            attn_grad = attn_grad or x_grad or any(train.trains(lin[n].name) for n in qkv)
-        s.attention.append((tokens.all, attn_grad))
-        if attn_grad:  # joint q, k, v (after RoPE), output: [B, L, H, hd]; log-sum-exp [B, H, L]
-            s.act += 4 * tokens.all * d
-            s.f32 += self.heads * tokens.all
-            if getattr(tokens, "masked", False):
-                s.act += tokens.all  # the joint mask, as an additive bias in the compute dtype [B, 1, 1, L]
-        out_grads = []
-        for mod, rows, grad, _, out, mlp, live in streams:
-            mod_grad = temb_grad or train.trains(lin[mod].name)
-            s.linear_input(lin[out], tokens, train, input_grad=attn_grad, live=live)
-            gated_grad = attn_grad or train.trains(lin[out].name)
-            if mod_grad:
-                s.act += rows * d  # attention output, for the gate's gradient
-            hidden_grad = grad or gated_grad or mod_grad
-            x_grad = s.modulated(rows, self.dim, hidden_grad, mod_grad)
-            up, down = lin[f"{mlp}.net.0.proj"], lin[f"{mlp}.net.2"]
-            s.linear_input(up, tokens, train, input_grad=x_grad, normed=True, live=live)
-            gelu_grad = x_grad or train.trains(up.name)
-            if gelu_grad:
-                s.act += rows * f  # GELU input
-            s.linear_input(down, tokens, train, input_grad=gelu_grad, live=live)
-            mlp_grad = gelu_grad or train.trains(down.name)
-            if mod_grad:
-                s.act += rows * d  # MLP output, for the gate's gradient
-            if gated_grad or mlp_grad:
-                s.act += 6 * d  # the modulation vector (its gates are views of it)
-            out_grads.append(hidden_grad or mlp_grad or mod_grad)
-        return s, out_grads[0], out_grads[1]
+        return dual_stream_block(self, lin, QWEN_STREAMS, tokens, train, (grad_img, grad_txt), temb_grad,
+                                 text_live, 4 * self.dim)
 
     def inference_peak(self, tokens: Tokens) -> Saved:
         """What a no-grad forward of one sample holds at its peak inside a block, the larger of two

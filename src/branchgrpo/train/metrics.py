@@ -131,8 +131,10 @@ class RowFlops:
 def architecture_of(transformer: torch.nn.Module):
     """The :mod:`branchgrpo.resources` architecture of a diffusers transformer, from its config:
     FLUX.1 (also Kontext and the digits/shapes worlds), Qwen-Image(-Edit), Wan 2.1/2.2 text-to-video,
-    SD3/SD3.5, FLUX.2; None otherwise (Z-Image, HunyuanVideo 1.5: their rows are not read from the
-    latents alone)."""
+    SD3/SD3.5, FLUX.2, Z-Image (text-to-image), HunyuanVideo 1.5 (text-to-video); None otherwise.
+    A wrapper that holds the model as ``.transformer`` (HunyuanVideo 1.5's ``TextToVideoInputs``)
+    is read through."""
+    transformer = _unwrapped(transformer)
     names = {cls.__name__ for cls in type(transformer).__mro__}
     config = dict(getattr(transformer, "config", {}) or {})
     try:
@@ -154,21 +156,41 @@ def architecture_of(transformer: torch.nn.Module):
             from branchgrpo.resources import flux2
 
             return flux2.Flux2Architecture(config)
+        if "ZImageTransformer2DModel" in names:
+            from branchgrpo.resources.zimage import ZImageArchitecture
+
+            return ZImageArchitecture(config)
+        if "HunyuanVideo15Transformer3DModel" in names:
+            from branchgrpo.resources.hunyuanvideo15 import HunyuanVideo15Architecture
+
+            return HunyuanVideo15Architecture(config)
     except (ImportError, AttributeError, ValueError):  # a variant the walk does not cover (e.g. Wan I2V)
         return None
     return None
+
+
+def _unwrapped(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers model inside an input wrapper (a module whose ``.transformer`` is the model)."""
+    inner = getattr(transformer, "transformer", None)
+    return inner if isinstance(inner, torch.nn.Module) else transformer
 
 
 def row_flops(transformer: torch.nn.Module, image_tokens: int, text_tokens: int) -> RowFlops | None:
     """:class:`RowFlops` of one row of a diffusers transformer with ``image_tokens`` (everything in
     the image stream: generated and source tokens) and ``text_tokens``; None for architectures
     :func:`architecture_of` does not know."""
+    return tokens_row_flops(transformer, Tokens(image_tokens, text_tokens))
+
+
+def tokens_row_flops(transformer: torch.nn.Module, tokens: Tokens) -> RowFlops | None:
+    """:class:`RowFlops` of one row with ``tokens`` (an architecture's own :class:`Tokens` subclass
+    where it has one), training read off ``requires_grad``; None for unknown architectures."""
     arch = architecture_of(transformer)
     if arch is None:
         return None
-    checkpointing = bool(getattr(transformer, "gradient_checkpointing", False))
-    return architecture_row_flops(arch, Tokens(image_tokens, text_tokens), module_training(transformer, arch),
-                                  checkpointing)
+    model = _unwrapped(transformer)
+    checkpointing = bool(getattr(model, "gradient_checkpointing", False))
+    return architecture_row_flops(arch, tokens, module_training(model, arch), checkpointing)
 
 
 def architecture_row_flops(arch: Any, tokens: Tokens, train: Training, checkpointing: bool) -> RowFlops:
@@ -202,12 +224,68 @@ def image_stream_tokens(arch: Any, latents: torch.Tensor, conditioning: Mapping[
     return tokens + (int(source.shape[1]) if isinstance(source, torch.Tensor) and source.dim() == 3 else 0)
 
 
+def _summed(rows: list[RowFlops]) -> RowFlops:
+    return RowFlops(*(sum(getattr(r, f) for r in rows) for f in ("forward", "backward", "recompute", "reference")))
+
+
+def sample_flops(policy: torch.nn.Module, arch: Any, latents: torch.Tensor,
+                 conditioning: Mapping[str, Any]) -> RowFlops | None:
+    """FLOPs of one sample's transformer call (all its rows: two under true CFG), averaged over the
+    prompts of ``conditioning``.
+
+    Most families give every row the same tokens: the image stream read off the latents
+    (:func:`image_stream_tokens`) and the padded text length. Two read more:
+
+    - **Z-Image** passes each caption at its own length (``prompt_mask``) and the transformer pads
+      image and caption to multiples of 32 per row, so a prompt's row costs what its own padded
+      length costs, and its negative row under CFG what the negative caption's does. Rows batched
+      with longer captions are padded further to the batch's longest; that padding is not counted
+      (model FLOPs, not work done on padding). Guidance switched off by ``cfg_truncation`` on some
+      steps is counted as on.
+    - **HunyuanVideo 1.5**: the context is the Qwen2.5-VL tokens, the ByT5 glyph tokens and the
+      (all-zero, masked) image-embedding tokens, each at its padded length.
+    """
+    name = type(arch).__name__
+    cfg = 2 if bool(getattr(policy, "uses_cfg", False)) else 1
+    transformer = policy.transformer
+    if name == "ZImageArchitecture":
+        from branchgrpo.resources.zimage import padded
+
+        h, w = latents.shape[-2:]
+        image = padded((h // arch.patch) * (w // arch.patch))
+        keys = [("prompt_embeds", "prompt_mask")] + ([("negative_prompt_embeds", "negative_prompt_mask")]
+                                                     if cfg == 2 else [])
+        per_prompt = []
+        for i in range(int(conditioning["prompt_embeds"].shape[0])):
+            rows = []
+            for embeds, mask in keys:
+                length = (int(conditioning[mask][i].bool().sum()) if mask in conditioning
+                          else int(conditioning[embeds].shape[1]))
+                rows.append(tokens_row_flops(transformer, Tokens(image, padded(length))))
+            per_prompt.append(_summed(rows))
+        total = _summed(per_prompt)
+        n = len(per_prompt)
+        return RowFlops(total.forward // n, total.backward // n, total.recompute // n, total.reference // n)
+    if name == "HunyuanVideo15Architecture":
+        from branchgrpo.resources.hunyuanvideo15 import HunyuanTokens
+
+        video = image_stream_tokens(arch, latents, {})
+        glyph = int(conditioning["prompt_embeds_2"].shape[1]) if "prompt_embeds_2" in conditioning else 0
+        vision = int(getattr(transformer, "vision_tokens", 0))
+        mllm = int(conditioning["prompt_embeds"].shape[1])
+        row = tokens_row_flops(transformer, HunyuanTokens(video, mllm + glyph + vision, glyph=glyph, vision=vision))
+    else:
+        row = row_flops(transformer, image_stream_tokens(arch, latents, conditioning),
+                        int(conditioning["prompt_embeds"].shape[1]))
+    return None if row is None else _summed([row] * cfg)
+
+
 def phase_flops(policy: torch.nn.Module, conditioning: Mapping[str, Any] | None, tree, stats,
                 method) -> dict[str, int] | None:
     """Model FLOPs of one process's iteration by phase: ``rollout`` (rollout rows × forward) and
     ``train`` (training forwards × (forward + backward), + reference forwards with the KL term),
-    doubled under true classifier-free guidance (``policy.uses_cfg``: negative and positive rows);
-    gradient checkpointing's recomputation is not counted. None when the policy's architecture
+    with one sample's rows as :func:`sample_flops` counts them (two under true classifier-free
+    guidance, ``policy.uses_cfg``); gradient checkpointing's recomputation is not counted. None when the policy's architecture
     is not known (:func:`architecture_of`) or there are no ``prompt_embeds``."""
     transformer = getattr(policy, "transformer", None)
     if transformer is None or conditioning is None or "prompt_embeds" not in conditioning:
@@ -215,15 +293,13 @@ def phase_flops(policy: torch.nn.Module, conditioning: Mapping[str, Any] | None,
     arch = architecture_of(transformer)
     if arch is None:
         return None
-    image = image_stream_tokens(arch, tree.latents[0], conditioning)
-    row = row_flops(transformer, image, int(conditioning["prompt_embeds"].shape[1]))
-    if row is None:
+    sample = sample_flops(policy, arch, tree.latents[0], conditioning)
+    if sample is None:
         return None
-    cfg = 2 if bool(getattr(policy, "uses_cfg", False)) else 1
-    train = stats.training_forwards * (row.forward + row.backward)
+    train = stats.training_forwards * (sample.forward + sample.backward)
     if method.update.kl_coef > 0:
-        train += stats.training_forwards * row.reference
-    return {"rollout": cfg * tree.rollout_calls * row.forward, "train": cfg * train}
+        train += stats.training_forwards * sample.reference
+    return {"rollout": tree.rollout_calls * sample.forward, "train": train}
 
 
 def throughput_metrics(flops: Mapping[str, float], times: Mapping[str, float], device: torch.device,
