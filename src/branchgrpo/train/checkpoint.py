@@ -63,6 +63,7 @@ class TrainerState:
     prompt_position: int
     eval_reward_start: float | None = None
     eval_reward_last: float | None = None
+    split_placement: dict | None = None  # tree.adaptive_splits: the plan in force and its statistics
 
 
 def checkpoint_dir(root: Path, iteration: int) -> Path:

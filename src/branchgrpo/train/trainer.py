@@ -39,6 +39,7 @@ from branchgrpo.train.streams import PromptSampler, RandomStream, iteration_gene
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
+from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
 from branchgrpo.tree.scoring import score_tree
 from branchgrpo.update import gather_training_edges, policy_update
@@ -111,6 +112,11 @@ class Trainer:
         if config.run.ema_decay > 0:
             self.ema = {k: v.detach().float().clone() for k, v in self.model.trainable.state_dict().items()}
         self._stop_signal: str | None = None
+        tree = config.method.tree
+        self.placement: SplitPlacement | None = None
+        if tree.adaptive_splits is not None:  # the configured plan is the cost ceiling of every move
+            self.placement = SplitPlacement(dict(tree.split_plan),
+                                            rollout_calls(tree.split_plan, tree.steps, tree.roots_per_prompt))
 
     def update_ema(self) -> None:
         """``ema ← d·ema + (1 − d)·θ`` over the trainable module's state (float32)."""
@@ -138,6 +144,8 @@ class Trainer:
         conditioning = bundle.encode_prompts(prompts)
         times["encode"] = time.perf_counter() - start
 
+        if self.placement is not None:  # the split steps in force this iteration (config's tree is read everywhere)
+            method.tree.split_plan = dict(self.placement.plan)
         bundle.policy.eval()
         rollout_and_score = self._rollout_while_scoring if cfg.reward.overlap else self._rollout_then_score
         tree, scored = rollout_and_score(prompts, conditioning, groups, times)
@@ -148,6 +156,7 @@ class Trainer:
             generator=[iteration_generator(cfg.run.seed, it, RandomStream.SELECTION, g) for g in groups],
         )
         edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
+        placed = self._place_splits(tree, scored.total) if self.placement is not None else {}
         bundle.policy.train()
         stats = policy_update(
             bundle.policy, self.optimizer, edges, conditioning, method,
@@ -167,10 +176,27 @@ class Trainer:
             lr=self.optimizer.param_groups[0]["lr"], device=self.device, reward_name=self.reward.name,
             policy=bundle.policy, conditioning=conditioning,
         )
+        metrics.update(placed)
         metrics["iteration"] = it
         metrics["processes"] = self.dist.world_size
         self.iteration += 1
         return metrics
+
+    def _place_splits(self, tree: RolloutTree, leaf_rewards: torch.Tensor) -> dict[str, float]:
+        """Adaptive split placement (docs/beyond-the-paper.md §4): fold this iteration's variance
+        shares of the split steps in force (summed over every rank's groups) into their moving
+        averages, and every ``adaptive_splits.every`` iterations move the weakest split."""
+        spec = self.config.method.tree
+        steps = sorted(self.placement.plan)
+        sums, groups = split_variance_shares(tree.parent, tree.group, leaf_rewards, tree.num_groups, steps)
+        total = self.dist.sum(float(groups))
+        shares = {s: self.dist.sum(float(v)) / total for s, v in zip(steps, sums.tolist())} if total > 0 else {}
+        self.placement.observe(shares, spec.adaptive_splits.decay)
+        if (self.iteration + 1) % spec.adaptive_splits.every == 0:
+            self.placement.move(spec.steps, spec.roots_per_prompt)
+        out = {f"placement/share_step_{s:02d}": v for s, v in shares.items()}
+        out["placement/moves"] = float(self.placement.moves)
+        return out
 
     # -- rollout and rewards ----------------------------------------------------------------
     def _rollout(self, conditioning, groups: range) -> RolloutTree:
@@ -254,7 +280,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self, eval_start: float | None, eval_last: float | None) -> TrainerState:
-        return TrainerState(self.iteration, self.sampler.position, eval_start, eval_last)
+        placement = self.placement.to_dict() if self.placement is not None else None
+        return TrainerState(self.iteration, self.sampler.position, eval_start, eval_last, placement)
 
     def save_checkpoint(self, eval_start: float | None, eval_last: float | None) -> Path | None:
         """Every rank joins (the RNG states and, with FSDP, the tensors are gathered); rank 0 writes."""
@@ -277,6 +304,12 @@ class Trainer:
         state, ema = load_checkpoint(path, self.model.trainable, self.optimizer, rank=self.dist.rank, verify=verify)
         self.iteration = state.iteration
         self.sampler.position = state.prompt_position
+        if self.placement is not None:
+            if state.split_placement is None:
+                raise FileNotFoundError(f"tree.adaptive_splits is set but checkpoint {path} holds no split placement "
+                                        "(it was written by a run without it)")
+            self.placement = SplitPlacement.from_dict(state.split_placement)
+            self.config.method.tree.split_plan = dict(self.placement.plan)
         if self.ema is not None:
             if ema is None:
                 raise FileNotFoundError(f"run.ema_decay > 0 but checkpoint {path} holds no EMA weights")

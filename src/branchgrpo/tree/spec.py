@@ -55,6 +55,23 @@ class SdeWindow:
 
 
 @dataclass
+class AdaptiveSplits:
+    """Adaptive split placement (docs/beyond-the-paper.md §4): every ``every`` iterations the split
+    whose moving-average share of the group's reward variance is smallest moves one step to a free
+    neighbour that has shown, or may show, a larger share, never costing more rollout calls than
+    ``split_plan``. K, leaves and group size stay; the plan in force is saved with checkpoints."""
+
+    every: int = 10  # iterations between moves
+    decay: float = 0.9  # moving-average decay of each step's variance share
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError("tree.adaptive_splits.every", f"must be >= 1 (iterations between moves), got {self.every}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError("tree.adaptive_splits.decay", f"must be in [0, 1), got {self.decay}")
+
+
+@dataclass
 class TreeSpec:
     """The rollout tree (docs/method.md §2–4): schedule, SDE noise, split plan, roots and SDE/ODE pattern."""
 
@@ -70,6 +87,9 @@ class TreeSpec:
     # A flat group (one split) with an SDE window: the split moves to the window's first step at
     # every iteration (MixGRPO; see split_plan_at). split_plan then gives K only, not the step.
     split_at_window_start: bool = False
+    # None: the split steps are split_plan's at every iteration (the paper); else they move
+    # toward the steps that decide most of the reward variance (docs/beyond-the-paper.md §4)
+    adaptive_splits: AdaptiveSplits | None = None
     logprob_reduction: Literal["mean", "sum"] = "mean"  # reduction of the per-edge log-prob
     transition: Literal["flowsde", "flowgrpo"] = "flowsde"  # SDE: docs/method.md §3 (constant η) or Flow-GRPO's σ-dependent noise (η = a)
 
@@ -113,6 +133,13 @@ class TreeSpec:
                     "tree.split_at_window_start",
                     f"needs a flat group: exactly one split step in tree.split_plan, got {self.split_plan or '{}'}",
                 )
+        if self.adaptive_splits is not None:
+            self.adaptive_splits.validate()
+            if not self.split_plan:
+                raise ConfigError("tree.adaptive_splits", "needs split steps to move: tree.split_plan is empty")
+            if self.split_at_window_start:
+                raise ConfigError("tree.adaptive_splits", "cannot move splits that follow the SDE window "
+                                  "(tree.split_at_window_start: MixGRPO's flat group)")
         self.split_plan = dict(sorted(self.split_plan.items()))
 
     def split_plan_at(self, iteration: int = 0) -> dict[int, int]:
