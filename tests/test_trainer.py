@@ -111,7 +111,7 @@ def test_bench_writes_table_for_every_method(tmp_path):
 
     from branchgrpo.bench import run_bench
 
-    methods = ["dancegrpo", "branchgrpo", "branchgrpo-widpru"]
+    methods = ["dancegrpo", "branchgrpo", "branchgrpo-widpru", "branchgrpo-k3"]
     result = run_bench(
         methods, iterations=2, eval_every=1, out_dir=tmp_path,
         overrides=["run.device=cpu", "data.prompts_per_iteration=1", "eval.samples_per_prompt=1", "tree.steps=10"],
@@ -133,6 +133,17 @@ def test_bench_writes_table_for_every_method(tmp_path):
     dance = saved["per_iteration"]["dancegrpo"]
     assert dance["calls"]["rollout_calls"] == 2 * 145
     assert saved["meta"]["unit_cost_rollout_row_s"] == pytest.approx(sum(dance["phase_times"]["rollout"]) / 290)
+    # ideal_ratio prices one iteration's model calls at the reference's unit costs: per iteration,
+    # like time_ratio, so a K = 3 tree (81 leaves per prompt) is priced whole, not per leaf
+    roll, train = saved["meta"]["unit_cost_rollout_row_s"], saved["meta"]["unit_cost_train_row_s"]
+
+    def ideal(name):
+        run = saved["per_iteration"][name]
+        return (run["calls"]["rollout_calls"] * roll + run["calls"]["training_forwards"] * train) / 2
+
+    assert saved["per_iteration"]["branchgrpo-k3"]["calls"]["rollout_calls"] == 2 * 118  # 1 + 3·3 + 9·3 + 27·3
+    for name in methods:
+        assert by_method[name]["ideal_ratio"] == round(ideal(name) / ideal("dancegrpo"), 4), name
     forwards = dance["calls"]["training_forwards"]
     assert 0 < forwards <= 2 * 145
     assert saved["meta"]["unit_cost_train_row_s"] == pytest.approx(sum(dance["phase_times"]["train"]) / forwards)

@@ -84,8 +84,9 @@ def sd3_case():
 
 
 def zimage_case(guidance: float):
-    """One prompt whose caption is 5 of 40 tokens (padded to 32 by the transformer) and, under CFG,
-    a negative caption of 37 (padded to 64); a 6×8 latent in 2×2 patches: 12 image tokens → 32."""
+    """One prompt whose caption is 5 of 40 tokens and, under CFG, a negative caption of 20 (both
+    padded to 32 by the transformer, so the batched CFG call pads neither further); a 6×8 latent
+    in 2×2 patches: 12 image tokens → 32."""
     from branchgrpo.models.zimage import ZImageVelocity
 
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ def zimage_case(guidance: float):
         return (torch.arange(40) < n).unsqueeze(0)
 
     conditioning = {"prompt_embeds": torch.randn(1, 40, 12, generator=gen), "prompt_mask": mask(5),
-                    "negative_prompt_embeds": torch.randn(1, 40, 12, generator=gen), "negative_prompt_mask": mask(37)}
+                    "negative_prompt_embeds": torch.randn(1, 40, 12, generator=gen), "negative_prompt_mask": mask(20)}
     return ZImageVelocity(model, guidance_scale=guidance), torch.randn(1, 4, 6, 8, generator=gen), conditioning
 
 
@@ -147,7 +148,7 @@ def test_zimage_prompts_are_counted_at_their_own_padded_caption_lengths():
     the longer, work that is not counted), and differs from counting both at one length."""
     policy, x, conditioning = zimage_case(0.0)
     both = {"prompt_embeds": torch.cat([conditioning["prompt_embeds"], conditioning["negative_prompt_embeds"]]),
-            "prompt_mask": torch.cat([conditioning["prompt_mask"], conditioning["negative_prompt_mask"]])}
+            "prompt_mask": torch.cat([conditioning["prompt_mask"], torch.arange(40).unsqueeze(0) < 37])}
     sigma = torch.tensor([0.5])
     alone = [counted(policy, x, sigma, {k: v[i:i + 1] for k, v in both.items()}) for i in range(2)]
     assert alone[0] < alone[1]
