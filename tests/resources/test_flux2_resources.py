@@ -85,8 +85,13 @@ def measured_saved_bytes(model, batch: int, image: int, text: int, checkpointing
     first = (model.transformer_blocks or model.single_transformer_blocks)[0]
     rope_at = 4 if len(model.transformer_blocks) else 3  # position of image_rotary_emb in the block's call
     with SavedStorages(model) as saved:
-        hook = first.register_forward_pre_hook(
-            lambda module, args: [saved.pack(t) for t in args[rope_at]] if checkpointing else None)
+
+        def hold_rope(module, args) -> None:  # a pre-hook that returned a value would replace the arguments
+            if checkpointing:
+                for t in args[rope_at]:
+                    saved.pack(t)
+
+        hook = first.register_forward_pre_hook(hold_rope)
         forward(model, batch, image, text, bf16)
         hook.remove()
     return saved.bytes

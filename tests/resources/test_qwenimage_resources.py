@@ -163,7 +163,7 @@ def test_the_adapters_true_cfg_call_is_two_masked_rows_per_sample(edit):
         image += 6
     policy = (QwenImageEditVelocity if edit else QwenImageVelocity)(model, 8, 8, guidance_scale=4.0)
     saved = SavedStorages(model)  # recording inside the transformer's call only, not the guidance around it
-    model.register_forward_pre_hook(lambda *_: saved.__enter__())
+    model.register_forward_pre_hook(lambda *_: saved.__enter__() and None)  # None: the arguments stay
     model.register_forward_hook(lambda *_: saved.__exit__(None, None, None))
     policy(torch.randn(1, 16, c.in_channels, generator=gen), torch.tensor([0.5]), conditioning)
     train = training(4)
