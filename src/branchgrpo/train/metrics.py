@@ -179,18 +179,24 @@ def row_flops(transformer: torch.nn.Module, image_tokens: int, text_tokens: int)
     """:class:`RowFlops` of one row of a diffusers transformer with ``image_tokens`` (everything in
     the image stream: generated and source tokens) and ``text_tokens``; None for architectures
     :func:`architecture_of` does not know."""
-    return tokens_row_flops(transformer, Tokens(image_tokens, text_tokens))
-
-
-def tokens_row_flops(transformer: torch.nn.Module, tokens: Tokens) -> RowFlops | None:
-    """:class:`RowFlops` of one row with ``tokens`` (an architecture's own :class:`Tokens` subclass
-    where it has one), training read off ``requires_grad``; None for unknown architectures."""
     arch = architecture_of(transformer)
-    if arch is None:
-        return None
+    return None if arch is None else _row_counter(transformer, arch)(Tokens(image_tokens, text_tokens))
+
+
+def _row_counter(transformer: torch.nn.Module, arch: Any):
+    """``tokens -> RowFlops`` for ``transformer`` (read through an input wrapper), with what it
+    trains (``requires_grad``) and whether it checkpoints read once; equal tokens are counted once."""
     model = _unwrapped(transformer)
+    train = module_training(model, arch)
     checkpointing = bool(getattr(model, "gradient_checkpointing", False))
-    return architecture_row_flops(arch, tokens, module_training(model, arch), checkpointing)
+    counted: dict[Tokens, RowFlops] = {}
+
+    def row(tokens: Tokens) -> RowFlops:
+        if tokens not in counted:
+            counted[tokens] = architecture_row_flops(arch, tokens, train, checkpointing)
+        return counted[tokens]
+
+    return row
 
 
 def architecture_row_flops(arch: Any, tokens: Tokens, train: Training, checkpointing: bool) -> RowFlops:
@@ -229,7 +235,7 @@ def _summed(rows: list[RowFlops]) -> RowFlops:
 
 
 def sample_flops(policy: torch.nn.Module, arch: Any, latents: torch.Tensor,
-                 conditioning: Mapping[str, Any]) -> RowFlops | None:
+                 conditioning: Mapping[str, Any]) -> RowFlops:
     """FLOPs of one sample's transformer call (all its rows: two under true CFG), averaged over the
     prompts of ``conditioning``.
 
@@ -248,6 +254,7 @@ def sample_flops(policy: torch.nn.Module, arch: Any, latents: torch.Tensor,
     name = type(arch).__name__
     cfg = 2 if bool(getattr(policy, "uses_cfg", False)) else 1
     transformer = policy.transformer
+    row_of = _row_counter(transformer, arch)
     if name == "ZImageArchitecture":
         from branchgrpo.resources.zimage import padded
 
@@ -261,7 +268,7 @@ def sample_flops(policy: torch.nn.Module, arch: Any, latents: torch.Tensor,
             for embeds, mask in keys:
                 length = (int(conditioning[mask][i].bool().sum()) if mask in conditioning
                           else int(conditioning[embeds].shape[1]))
-                rows.append(tokens_row_flops(transformer, Tokens(image, padded(length))))
+                rows.append(row_of(Tokens(image, padded(length))))
             per_prompt.append(_summed(rows))
         total = _summed(per_prompt)
         n = len(per_prompt)
@@ -273,11 +280,10 @@ def sample_flops(policy: torch.nn.Module, arch: Any, latents: torch.Tensor,
         glyph = int(conditioning["prompt_embeds_2"].shape[1]) if "prompt_embeds_2" in conditioning else 0
         vision = int(getattr(transformer, "vision_tokens", 0))
         mllm = int(conditioning["prompt_embeds"].shape[1])
-        row = tokens_row_flops(transformer, HunyuanTokens(video, mllm + glyph + vision, glyph=glyph, vision=vision))
+        row = row_of(HunyuanTokens(video, mllm + glyph + vision, glyph=glyph, vision=vision))
     else:
-        row = row_flops(transformer, image_stream_tokens(arch, latents, conditioning),
-                        int(conditioning["prompt_embeds"].shape[1]))
-    return None if row is None else _summed([row] * cfg)
+        row = row_of(Tokens(image_stream_tokens(arch, latents, conditioning), int(conditioning["prompt_embeds"].shape[1])))
+    return _summed([row] * cfg)
 
 
 def phase_flops(policy: torch.nn.Module, conditioning: Mapping[str, Any] | None, tree, stats,
@@ -294,8 +300,6 @@ def phase_flops(policy: torch.nn.Module, conditioning: Mapping[str, Any] | None,
     if arch is None:
         return None
     sample = sample_flops(policy, arch, tree.latents[0], conditioning)
-    if sample is None:
-        return None
     train = stats.training_forwards * (sample.forward + sample.backward)
     if method.update.kl_coef > 0:
         train += stats.training_forwards * sample.reference
