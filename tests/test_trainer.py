@@ -169,6 +169,33 @@ def test_bench_equal_time_trains_every_method_to_the_reference_seconds(tmp_path)
         evals = saved["evals"][name]
         assert evals[0][0] == 0 and evals[-1][0] == rows[name]["iterations"]  # the last iteration is evaluated
         assert len(saved["per_iteration"][name]["iteration_times"]) == rows[name]["iterations"]
+    # the cost columns read the interleaved round only (iterations=1), whatever the run did after it
+    for name in methods:
+        run = saved["per_iteration"][name]
+        assert len(run["iteration_calls"]) == rows[name]["iterations"]
+        assert rows[name]["cost_iterations"] == 1
+        assert rows[name]["iter_time_s"] == round(run["iteration_times"][0], 4)
+        first_calls = run["iteration_calls"][0]["rollout_calls"]
+        assert rows[name]["rollout_ms_per_call"] == round(run["phase_times"]["rollout"][0] / first_calls * 1e3, 4)
+    ratio = saved["per_iteration"]["branchgrpo-mix"]["iteration_times"][0] / saved["per_iteration"]["dancegrpo"]["iteration_times"][0]
+    assert rows["branchgrpo-mix"]["time_ratio"] == round(ratio, 4)
+
+
+def test_method_record_first_keeps_the_first_iterations_and_their_calls():
+    from branchgrpo.bench import MethodRecord
+
+    record = MethodRecord("m", iteration_times=[1.0, 2.0, 4.0], phase_times={"rollout": [0.5, 1.0, 3.0], "train": [0.3, 0.6, 0.9]},
+                          calls={"rollout_calls": 60.0, "training_forwards": 6.0},
+                          iteration_calls=[{"rollout_calls": 10.0, "training_forwards": 1.0},
+                                           {"rollout_calls": 20.0, "training_forwards": 2.0},
+                                           {"rollout_calls": 30.0, "training_forwards": 3.0}])
+    head = record.first(2)
+    assert head.iteration_times == [1.0, 2.0] and head.phase_times == {"rollout": [0.5, 1.0], "train": [0.3, 0.6]}
+    assert head.calls == {"rollout_calls": 30.0, "training_forwards": 3.0}
+    assert head.calls_per_iteration == (15.0, 1.5)
+    assert head.unit_costs() == pytest.approx((1.5 / 30.0, 0.9 / 3.0))
+    assert record.first(3) is record and record.first(5) is record
+    assert record.calls_per_iteration == (20.0, 2.0)  # the whole run is untouched
 
 
 def test_digits_config_file_equals_the_builtin_defaults():

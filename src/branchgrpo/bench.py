@@ -46,6 +46,23 @@ class MethodRecord:
     diversity: list[dict[str, float | None]] = field(default_factory=list)  # per eval: diversity_pixel/_feature
     calls: dict[str, float] = field(default_factory=dict)  # absolute model calls summed over iterations
     seed: int = 0  # run.seed of this run
+    iteration_calls: list[dict[str, float]] = field(default_factory=list)  # absolute model calls, per iteration
+
+    def first(self, n: int) -> "MethodRecord":
+        """This run's first ``n`` iterations (times, phase times and model calls; not its evaluations).
+
+        The cost table reads the interleaved rounds only: after them an ``--equal-time`` bench lets the
+        cheaper runs train on without the reference, so their later iterations sample another stretch
+        of the machine's speed than the reference's did (on a shared VM that drifts by ±20 % over minutes)."""
+        if n >= len(self.iteration_times) or len(self.iteration_calls) != len(self.iteration_times):
+            return self
+        calls: dict[str, float] = {}
+        for row in self.iteration_calls[:n]:
+            for key, value in row.items():
+                calls[key] = calls.get(key, 0.0) + value
+        return MethodRecord(self.method, iteration_times=self.iteration_times[:n],
+                            phase_times={k: v[:n] for k, v in self.phase_times.items()},
+                            calls=calls, seed=self.seed, iteration_calls=self.iteration_calls[:n])
 
     def unit_costs(self) -> tuple[float, float]:
         """Seconds per rollout call and per training forward(+backward) row, measured in this
@@ -102,7 +119,8 @@ class MethodRecord:
     def saved(self) -> dict:
         """Everything this run measured, for ``bench.json``."""
         return {"seed": self.seed, "evals": self.evals, "diversity": self.diversity,
-                "iteration_times": self.iteration_times, "phase_times": self.phase_times, "calls": self.calls}
+                "iteration_times": self.iteration_times, "phase_times": self.phase_times, "calls": self.calls,
+                "iteration_calls": self.iteration_calls}
 
 
 def reference_method(methods: list[str]) -> str:
@@ -245,8 +263,11 @@ def _record_step(record: MethodRecord, metrics: dict) -> None:
         record.nfe_sums[key] = record.nfe_sums.get(key, 0.0) + metrics[f"nfe/{key}"] / leaves
     # nfe/* are per prompt group; the model ran them for every group of this process
     groups = metrics["nfe/rollout_calls_measured"] / metrics["nfe/rollout_calls"]
-    record.calls["rollout_calls"] = record.calls.get("rollout_calls", 0.0) + metrics["nfe/rollout_calls_measured"]
-    record.calls["training_forwards"] = record.calls.get("training_forwards", 0.0) + metrics["nfe/training_forwards"] * groups
+    calls = {"rollout_calls": float(metrics["nfe/rollout_calls_measured"]),
+             "training_forwards": metrics["nfe/training_forwards"] * groups}
+    record.iteration_calls.append(calls)
+    for key, value in calls.items():
+        record.calls[key] = record.calls.get(key, 0.0) + value
 
 
 def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False,
@@ -264,7 +285,9 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     seed_records = seed_records or {name: [records[name]] for name in methods}
     seed_values = [r.seed for r in seed_records[reference]]
     efficiency = learning_efficiency({name: [r.curve() for r in seed_records[name]] for name in methods}, reference)
-    roll_cost, train_cost = records[reference].unit_costs()
+    # the cost columns: the interleaved rounds, where every run alternates with the reference's
+    costed = {name: r.first(iterations) for name, r in records.items()}
+    roll_cost, train_cost = costed[reference].unit_costs()
 
     def ideal(record: MethodRecord, costs: tuple[float, float]) -> float:
         # per iteration, as the measured time it is compared with (a K = 3 tree has 81 leaves per
@@ -272,9 +295,9 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         rollout_calls, training_forwards = record.calls_per_iteration
         return rollout_calls * costs[0] + training_forwards * costs[1]
 
-    ref_time = statistics.median(records[reference].iteration_times)
-    ref_ideal = ideal(records[reference], (roll_cost, train_cost))
-    ref_probe = ideal(records[reference], probe_costs)
+    ref_time = statistics.median(costed[reference].iteration_times)
+    ref_ideal = ideal(costed[reference], (roll_cost, train_cost))
+    ref_probe = ideal(costed[reference], probe_costs)
     budget = min(r.train_seconds for r in records.values())
     ref_final = records[reference].evals[-1][2]
     ref_diversity = records[reference].end_diversity("diversity_feature")
@@ -284,8 +307,8 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
 
     rows = []
     for name in methods:
-        r = records[name]
-        median = statistics.median(r.iteration_times)
+        r, c = records[name], costed[name]
+        median = statistics.median(c.iteration_times)
         reach = r.seconds_to_reach(ref_final)
         rows.append({
             "method": name,
@@ -296,13 +319,13 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
             "trained_edges_per_leaf": round(r.nfe["trained_edges"], 4),
             "iter_time_s": round(median, 4),
             "time_ratio": round(median / ref_time, 4),
-            "ideal_ratio": round(ideal(r, (roll_cost, train_cost)) / ref_ideal, 4),
-            "measured_over_ideal": round((median / ref_time) / (ideal(r, (roll_cost, train_cost)) / ref_ideal), 4),
-            "ideal_ratio_probe": round(ideal(r, probe_costs) / ref_probe, 4),
-            "rollout_ms_per_call": round(r.unit_costs()[0] * 1e3, 4),
-            "train_ms_per_forward": round(r.unit_costs()[1] * 1e3, 4),
-            "rollout_s": round(statistics.median(r.phase_times["rollout"]), 4),
-            "train_s": round(statistics.median(r.phase_times["train"]), 4),
+            "ideal_ratio": round(ideal(c, (roll_cost, train_cost)) / ref_ideal, 4),
+            "measured_over_ideal": round((median / ref_time) / (ideal(c, (roll_cost, train_cost)) / ref_ideal), 4),
+            "ideal_ratio_probe": round(ideal(c, probe_costs) / ref_probe, 4),
+            "rollout_ms_per_call": round(c.unit_costs()[0] * 1e3, 4),
+            "train_ms_per_forward": round(c.unit_costs()[1] * 1e3, 4),
+            "rollout_s": round(statistics.median(c.phase_times["rollout"]), 4),
+            "train_s": round(statistics.median(c.phase_times["train"]), 4),
             "start_reward": round(r.evals[0][2], 4),
             "final_reward": round(r.evals[-1][2], 4),
             "reward_at_equal_time": round(r.reward_at_seconds(budget), 4),
@@ -312,6 +335,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
             "end_diversity_feature": rounded(r.end_diversity("diversity_feature")),
             "end_diversity_ratio": (rounded(r.end_diversity("diversity_feature") / ref_diversity)
                                     if r.end_diversity("diversity_feature") is not None and ref_diversity else None),
+            "cost_iterations": len(c.iteration_times),  # the iterations the cost columns read
         })
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "bench.csv", "w", newline="") as handle:
@@ -336,8 +360,8 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "seconds_budget": seconds,
         "method_overrides": {k: {"preset": v[0], "overrides": list(v[1])} for k, v in (variants or {}).items()},
     }
-    per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls}
-                     for k, r in records.items()}
+    per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls,
+                         "iteration_calls": r.iteration_calls} for k, r in records.items()}
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "evals": {k: r.evals for k, r in records.items()},
                                                     "diversity": {k: r.diversity for k, r in records.items()},
                                                     "per_iteration": per_iteration,
@@ -364,6 +388,9 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         f"- `ideal_ratio` = (rollout calls × rollout cost + training forwards × training cost) of one iteration relative to "
         f"`{reference}` with the in-run unit costs (`ideal_ratio_probe`: with the probes); `time_ratio` = "
         f"measured median iteration time relative to `{reference}`",
+        f"- the cost columns (from `iter_time_s` to `train_s`) read each run's first `cost_iterations` iterations, the "
+        f"{iterations} interleaved rounds in which every run alternates with `{reference}`'s; `iterations`, "
+        "`train_seconds` and the reward columns cover the whole run",
         f"- reward at equal wall-clock: the last held-out evaluation within {budget:.1f} s of training "
         "(the shortest total among the methods)",
         "- end diversity: at the last evaluation, the mean over held-out prompts of the mean pairwise distance "
