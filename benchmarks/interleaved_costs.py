@@ -16,22 +16,21 @@ import statistics
 import sys
 from pathlib import Path
 
-
-def run_costs(run: dict, k: int | None) -> tuple[float, dict[str, float], float, float]:
-    times = run["iteration_times"][:k]
-    phases = run["phase_times"]
-    calls = {name: total / len(run["iteration_times"]) for name, total in run["calls"].items()}
-    roll = sum(phases["rollout"][:k]) / (calls["rollout_calls"] * len(times))
-    train = sum(phases["train"][:k]) / (max(calls["training_forwards"], 1.0) * len(times))
-    return statistics.median(times), calls, roll, train
+from branchgrpo.bench import MethodRecord, ideal_seconds
 
 
-def measured_over_ideal(run: dict, ref: dict, k: int | None) -> float:
-    time, calls, _, _ = run_costs(run, k)
-    ref_time, ref_calls, roll, train = run_costs(ref, k)
-    ideal = ((calls["rollout_calls"] * roll + calls["training_forwards"] * train)
-             / (ref_calls["rollout_calls"] * roll + ref_calls["training_forwards"] * train))
-    return (time / ref_time) / ideal
+def record(method: str, run: dict) -> MethodRecord:
+    """A saved run as a :class:`MethodRecord`; older files keep only total calls, spread evenly."""
+    n = len(run["iteration_times"])
+    per_iteration = run.get("iteration_calls") or [{k: v / n for k, v in run["calls"].items()}] * n
+    return MethodRecord(method, iteration_times=run["iteration_times"], phase_times=run["phase_times"],
+                        calls=run["calls"], seed=run["seed"], iteration_calls=per_iteration)
+
+
+def measured_over_ideal(run: MethodRecord, ref: MethodRecord) -> float:
+    costs = ref.unit_costs()
+    time_ratio = statistics.median(run.iteration_times) / statistics.median(ref.iteration_times)
+    return time_ratio / (ideal_seconds(run, costs) / ideal_seconds(ref, costs))
 
 
 def main(folders: list[str]) -> None:
@@ -40,12 +39,13 @@ def main(folders: list[str]) -> None:
     for folder in folders:
         data = json.loads((Path(folder) / "bench.json").read_text())
         rounds, reference = data["meta"]["iterations"], data["meta"]["reference"]
+        refs = [record(reference, run) for run in data["seeds"][reference]]
         for method, runs in data["seeds"].items():
             if method == reference:
                 continue
-            refs = data["seeds"][reference]
-            every = [measured_over_ideal(r, ref, None) for r, ref in zip(runs, refs)]
-            head = [measured_over_ideal(r, ref, rounds) for r, ref in zip(runs, refs)]
+            records = [record(method, run) for run in runs]
+            every = [measured_over_ideal(r, ref) for r, ref in zip(records, refs)]
+            head = [measured_over_ideal(r.first(rounds), ref.first(rounds)) for r, ref in zip(records, refs)]
             print(f"| {Path(folder).name} | `{method}` | {rounds} | " + " / ".join(f"{v:.3f}" for v in every)
                   + " | " + " / ".join(f"{v:.3f}" for v in head) + " |")
 

@@ -270,6 +270,15 @@ def _record_step(record: MethodRecord, metrics: dict) -> None:
         record.calls[key] = record.calls.get(key, 0.0) + value
 
 
+def ideal_seconds(record: MethodRecord, costs: tuple[float, float]) -> float:
+    """One iteration of ``record`` priced at ``costs`` (seconds per rollout call, per training row).
+
+    Per iteration, as the measured time it is compared with (a K = 3 tree has 81 leaves per prompt
+    against DanceGRPO's 16: per-leaf counts would price a fifth of its iteration)."""
+    rollout_calls, training_forwards = record.calls_per_iteration
+    return rollout_calls * costs[0] + training_forwards * costs[1]
+
+
 def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False,
                   seed_records: dict[str, list[MethodRecord]] | None = None, seconds: float = 0.0,
                   variants: dict[str, tuple[str, list[str]]] | None = None) -> dict:
@@ -289,12 +298,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     costed = {name: r.first(iterations) for name, r in records.items()}
     roll_cost, train_cost = costed[reference].unit_costs()
 
-    def ideal(record: MethodRecord, costs: tuple[float, float]) -> float:
-        # per iteration, as the measured time it is compared with (a K = 3 tree has 81 leaves per
-        # prompt against DanceGRPO's 16: per-leaf counts would price a fifth of its iteration)
-        rollout_calls, training_forwards = record.calls_per_iteration
-        return rollout_calls * costs[0] + training_forwards * costs[1]
-
+    ideal = ideal_seconds
     ref_time = statistics.median(costed[reference].iteration_times)
     ref_ideal = ideal(costed[reference], (roll_cost, train_cost))
     ref_probe = ideal(costed[reference], probe_costs)
