@@ -93,9 +93,12 @@ def test_json_keeps_every_seed_and_the_statistics_follow_from_the_curves(seeded_
             reach = row["seconds_to_reference_final"]
             if reach is None:
                 assert max(rewards) < ref_final
+                assert row["diversity_at_reference_final"] is None
             else:
                 assert np.interp(reach, times, rewards) >= ref_final - 1e-9
                 assert all(r < ref_final for t, r in zip(times, rewards) if t < reach - 1e-9)
+                diversities = [d["diversity_feature"] for d in run["diversity"]]
+                assert row["diversity_at_reference_final"] == pytest.approx(float(np.interp(reach, times, diversities)))
         summary = efficiency["methods"][name]["reward_at_equal_time"]
         values = [row["reward_at_equal_time"] for row in rows]
         assert summary["mean"] == pytest.approx(np.mean(values)) and summary["n"] == 2
@@ -117,7 +120,7 @@ def test_markdown_has_the_learning_efficiency_table_and_keeps_the_cost_columns(s
     assert [r["method"] for r in result["rows"]] == METHODS
     section = text[text.index("## Learning efficiency"):]
     header = next(line for line in section.splitlines() if line.startswith("| method | reward at equal"))
-    assert header.count("|") == 8
+    assert header.count("|") == 10
     for name in METHODS:
         numbers = result["learning_efficiency"]["methods"][name]
         row = next(line for line in section.splitlines() if line.startswith(f"| {name} | "))
@@ -126,7 +129,8 @@ def test_markdown_has_the_learning_efficiency_table_and_keeps_the_cost_columns(s
         per_seed_rows = [line for line in section.splitlines() if line.startswith(f"| {name} | 3 |")
                          or line.startswith(f"| {name} | 4 |")]
         assert len(per_seed_rows) == 2
-    assert (out / "reward_vs_time_seeds.png").stat().st_size > 0 or not _has_matplotlib()
+    for plot in ("reward_vs_time_seeds.png", "diversity_vs_reward.png"):
+        assert (out / plot).stat().st_size > 0 or not _has_matplotlib()
 
 
 def _has_matplotlib() -> bool:

@@ -18,6 +18,7 @@ from branchgrpo.bench_stats import (
     normalised_auc,
     student_t_cdf,
     t_quantile,
+    value_at_crossing,
 )
 
 
@@ -68,6 +69,38 @@ def test_first_crossing_by_hand():
     assert first_crossing(times, values, 0.9) == pytest.approx(20.0)
     assert first_crossing(times, values, 0.95) is None  # never, although the curve ends below its peak
     assert first_crossing([0.0, 5.0, 10.0], [0.8, 0.2, 0.9], 0.85) == pytest.approx(5.0 + 0.65 / 0.7 * 5.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_value_at_crossing_matches_a_dense_grid_search(seed):
+    rng = np.random.default_rng(10 + seed)
+    times, rewards = random_curve(rng, 8)
+    values = rng.uniform(0.0, 2.0, 8).tolist()
+    step = times[-1] / 200_000
+    grid = np.arange(0.0, times[-1] + step / 2, step)
+    dense_reward, dense_value = np.interp(grid, times, rewards), np.interp(grid, times, values)
+    slope = max(abs(b - a) / (t1 - t0) for a, b, t0, t1 in zip(values, values[1:], times, times[1:]))
+    for target in (0.2, 0.5, 0.8, 0.95, 1.2):
+        above = np.nonzero(dense_reward >= target)[0]
+        found = value_at_crossing(times, rewards, values, target)
+        if not len(above):
+            assert found is None
+            continue
+        # the value curve on the first grid point at or above the target, within one step's change
+        assert found == pytest.approx(float(dense_value[above[0]]), abs=slope * step + 1e-9)
+
+
+def test_value_at_crossing_by_hand():
+    times, rewards = [0.0, 10.0, 20.0, 30.0], [0.4, 0.5, 0.9, 0.6]
+    diversity = [0.5, 0.4, 0.2, 0.3]
+    assert value_at_crossing(times, rewards, diversity, 0.7) == pytest.approx(0.3)  # half-way 0.4 → 0.2
+    assert value_at_crossing(times, rewards, diversity, 0.9) == pytest.approx(0.2)  # on an evaluation
+    assert value_at_crossing(times, rewards, diversity, 0.3) == 0.5  # reached at the start
+    assert value_at_crossing(times, rewards, diversity, 0.95) is None  # never reached
+    assert value_at_crossing(times, rewards, [0.5, None, 0.2, 0.3], 0.7) is None  # a neighbour not measured
+    assert value_at_crossing(times, rewards, [0.5, None, 0.2, 0.3], 0.9) == 0.2  # exactly on a measured one
+    with pytest.raises(ValueError, match="same|times"):
+        value_at_crossing(times, rewards, diversity[:3], 0.7)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -189,3 +222,27 @@ def test_learning_efficiency_per_seed_numbers_and_summaries():
     assert ref["end_diversity_feature"]["mean"] == pytest.approx(0.45)
     with pytest.raises(ValueError, match="seeds"):
         learning_efficiency({"ref": curves["ref"], "x": curves["fast"][:1]}, "ref")
+
+
+def test_learning_efficiency_compares_diversity_at_the_reference_final_reward():
+    curves = {
+        # the reference ends at 0.8 with diversity 0.5, but it first reached 0.8 at 20 s with 0.6
+        "ref": [RunCurve(0, [0.0, 10.0, 20.0, 30.0], [0.4, 0.6, 0.8, 0.8], 0.5, 0.2, [1.0, 0.8, 0.6, 0.5]),
+                RunCurve(1, [0.0, 10.0], [0.4, 0.6], 0.7, 0.2, [1.0, 0.7])],
+        # fast crosses 0.8 half-way between its evaluations at 5 s and 10 s, and ends far less diverse
+        "fast": [RunCurve(0, [0.0, 5.0, 10.0, 30.0], [0.4, 0.6, 1.0, 1.0], 0.1, 0.05, [1.0, 0.9, 0.5, 0.1]),
+                 RunCurve(1, [0.0, 10.0], [0.4, 0.5], 0.9, 0.3, [1.0, 0.9])],
+        "old": [RunCurve(0, [0.0, 30.0], [0.4, 0.9], 0.3), RunCurve(1, [0.0, 10.0], [0.4, 0.7], 0.3)],
+    }
+    result = learning_efficiency(curves, "ref")
+    ref, fast, old = (result["methods"][m]["per_seed"] for m in ("ref", "fast", "old"))
+    assert ref[0]["diversity_at_reference_final"] == pytest.approx(0.6)  # its first crossing, not its end
+    assert ref[0]["diversity_ratio_at_reference_final"] == pytest.approx(1.0)
+    # fast, seed 0: 0.6 → 1.0 over 5–10 s reaches 0.8 at 7.5 s, where diversity is 0.9 → 0.5 half-way: 0.7
+    assert fast[0]["diversity_at_reference_final"] == pytest.approx(0.7)
+    assert fast[0]["diversity_ratio_at_reference_final"] == pytest.approx(0.7 / 0.6)
+    assert fast[0]["end_diversity_feature"] == 0.1  # the end reading tells another story
+    assert fast[1]["diversity_at_reference_final"] is None  # 0.5 never reaches the reference's 0.6
+    assert result["methods"]["fast"]["diversity_ratio_at_reference_final"]["missing"] == 1
+    assert old[0]["diversity_at_reference_final"] is None  # no per-evaluation diversity recorded
+    assert result["methods"]["ref"]["diversity_at_reference_final"]["mean"] == pytest.approx((0.6 + 0.7) / 2)

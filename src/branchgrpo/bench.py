@@ -9,8 +9,9 @@ also records the samples' diversity (:mod:`branchgrpo.diversity`); the table sho
 With ``seeds`` > 1 every method trains once per seed, all runs interleaved (every method × seed
 advances one iteration in turn), and ``bench.md`` adds a learning-efficiency table: per method the
 mean and 95 % Student-t interval over seeds of the reward at equal wall-clock, the seconds to the
-reference's final reward, the area under reward-vs-seconds and the end diversity
-(:mod:`branchgrpo.bench_stats`). The cost table stays one run per method (the first seed).
+reference's final reward, the area under reward-vs-seconds, the end diversity and the diversity
+at the reference's final reward (:mod:`branchgrpo.bench_stats`); ``diversity_vs_reward.png`` plots
+every evaluation's diversity against its reward. The cost table stays one run per method (the first seed).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class MethodRecord:
     def curve(self) -> RunCurve:
         """This run's evaluations as a reward-vs-training-seconds curve (for :mod:`branchgrpo.bench_stats`)."""
         return RunCurve(self.seed, [e[1] for e in self.evals], [e[2] for e in self.evals],
-                        self.end_diversity("diversity_feature"), self.end_diversity("diversity_pixel"))
+                        self.end_diversity("diversity_feature"), self.end_diversity("diversity_pixel"),
+                        [d.get("diversity_feature") for d in self.diversity] if self.diversity else None)
 
     def saved(self) -> dict:
         """Everything this run measured, for ``bench.json``."""
@@ -411,6 +413,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     _plots(records, out_dir)
     _seed_plot(seed_records, out_dir)
+    diversity_plot(seed_records, out_dir / "diversity_vs_reward.png")
     return {"meta": meta, "rows": rows, "learning_efficiency": efficiency}
 
 
@@ -496,6 +499,38 @@ def _seed_plot(seed_records: dict[str, list[MethodRecord]], out_dir: Path) -> No
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "reward_vs_time_seeds.png")
+    plt.close(fig)
+
+
+def diversity_plot(seed_records: dict[str, list[MethodRecord]], path: Path, title: str = "") -> None:
+    """Feature diversity against held-out reward at every evaluation of every seed, one colour per
+    method, each run's points joined in order: where the methods' paths overlap, a faster method
+    loses diversity only as fast as the reward it gains costs the reference too."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, runs in seed_records.items():
+        colour = None
+        for run in runs:
+            points = [(e[2], d.get("diversity_feature")) for e, d in zip(run.evals, run.diversity)]
+            points = [(r, v) for r, v in points if v is not None]
+            if not points:
+                continue
+            (line,) = ax.plot(*zip(*points), marker="o", ms=2.5, lw=0.8, alpha=0.8, color=colour,
+                              label=None if colour else method)
+            colour = line.get_color()
+    ax.set_xlabel("held-out mean reward")
+    ax.set_ylabel("feature diversity (mean pairwise distance)")
+    ax.set_title(title or "every evaluation of every seed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
 
 

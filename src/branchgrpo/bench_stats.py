@@ -10,7 +10,11 @@ seed:
 - seconds to the reference's final reward: the first time the curve reaches it
   (:func:`first_crossing`; ``None`` = not reached);
 - normalised area: the mean reward over the first ``horizon`` seconds (:func:`normalised_auc`),
-  ``horizon`` being the shortest run of the bench so every curve covers it.
+  ``horizon`` being the shortest run of the bench so every curve covers it;
+- diversity at the reference's final reward: the run's diversity curve (same evaluations) at the
+  moment its reward curve first reaches that reward (:func:`value_at_crossing`). A policy that is
+  right more often has fewer ways to be right, so end diversity alone mixes "bought reward" with
+  "collapsed"; comparing every method at the same reward separates the two.
 
 Over seeds, :func:`mean_interval` gives the mean and the two-sided Student-t interval
 ``mean ± t(1 − α/2, n − 1) · s / √n`` (``s`` the sample standard deviation); the t quantile comes
@@ -55,6 +59,26 @@ def first_crossing(times: Sequence[float], values: Sequence[float], target: floa
         if v1 >= target:  # v0 < target <= v1 on this segment
             return t0 + (target - v0) / (v1 - v0) * (t1 - t0)
     return None
+
+
+def value_at_crossing(times: Sequence[float], rewards: Sequence[float], values: Sequence[float | None],
+                      target: float) -> float | None:
+    """A second curve ``values`` (measured at the same ``times``) at the moment the reward curve first
+    reaches ``target`` (:func:`first_crossing`), linear between evaluations; ``None`` when the target
+    is never reached or a value needed for the interpolation was not measured."""
+    if len(values) != len(times):
+        raise ValueError(f"values must be measured at the curve's {len(times)} times, got {len(values)}")
+    at = first_crossing(times, rewards, target)
+    if at is None:
+        return None
+    after = next(i for i, t in enumerate(times) if t >= at)
+    if times[after] == at or after == 0:
+        return values[after]
+    v0, v1 = values[after - 1], values[after]
+    if v0 is None or v1 is None:
+        return None
+    t0, t1 = times[after - 1], times[after]
+    return v0 + (v1 - v0) * (at - t0) / (t1 - t0)
 
 
 def normalised_auc(times: Sequence[float], values: Sequence[float], horizon: float) -> float | None:
@@ -186,17 +210,20 @@ def mean_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], grid: S
 @dataclass(frozen=True)
 class RunCurve:
     """One run's evaluations: ``times`` (training seconds, from 0) and held-out ``rewards``, plus
-    the end diversity (last evaluation; ``None`` where not measured)."""
+    the end diversity (last evaluation; ``None`` where not measured) and the feature diversity at every
+    evaluation (``None``: not recorded, as in benches written before it was)."""
 
     seed: int
     times: list[float]
     rewards: list[float]
     end_diversity_feature: float | None = None
     end_diversity_pixel: float | None = None
+    diversity_feature: list[float | None] | None = None
 
 
 EFFICIENCY_METRICS = ("reward_at_equal_time", "seconds_to_reference_final", "fraction_of_reference_time",
-                      "reward_auc", "end_diversity_feature", "end_diversity_pixel")
+                      "reward_auc", "end_diversity_feature", "end_diversity_pixel",
+                      "diversity_at_reference_final", "diversity_ratio_at_reference_final")
 
 
 def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confidence: float = 0.95) -> dict:
@@ -214,11 +241,18 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
             raise ValueError(f"{method} has seeds {[c.seed for c in runs]}, the reference {seeds}")
     horizon = min(c.times[-1] for runs in curves.values() for c in runs)
     result = {"reference": reference, "horizon_s": horizon, "seeds": seeds, "methods": {}}
+
+    def diversity_at(run: RunCurve, target: float) -> float | None:
+        if run.diversity_feature is None:
+            return None
+        return value_at_crossing(run.times, run.rewards, run.diversity_feature, target)
+
     for method, runs in curves.items():
         per_seed = []
         for run, ref in zip(runs, curves[reference]):
             ref_seconds, ref_final = ref.times[-1], ref.rewards[-1]
             reach = first_crossing(run.times, run.rewards, ref_final)
+            at_reward, ref_at_reward = diversity_at(run, ref_final), diversity_at(ref, ref_final)
             per_seed.append({
                 "seed": run.seed,
                 "reference_seconds": ref_seconds,
@@ -231,6 +265,9 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
                 "reward_auc": normalised_auc(run.times, run.rewards, horizon) if horizon > run.times[0] else None,
                 "end_diversity_feature": run.end_diversity_feature,
                 "end_diversity_pixel": run.end_diversity_pixel,
+                "diversity_at_reference_final": at_reward,
+                "diversity_ratio_at_reference_final": (at_reward / ref_at_reward if at_reward is not None
+                                                       and ref_at_reward else None),
             })
         summary = {key: mean_interval([row[key] for row in per_seed], confidence).as_dict()
                    for key in EFFICIENCY_METRICS}
@@ -259,14 +296,19 @@ def efficiency_lines(result: dict) -> list[str]:
         f"- **reward AUC**: the area under reward vs seconds up to {horizon:.1f} s (the shortest run), divided by "
         f"{horizon:.1f} s: the mean held-out reward over that span;",
         "- **end diversity**: the last evaluation's mean pairwise distance among a prompt's samples, in random-conv "
-        "features (0–2) and in pixels (RMS).", "",
+        "features (0–2) and in pixels (RMS);",
+        f"- **diversity at `{ref}`'s final reward**: the feature diversity (linear between evaluations) when the "
+        f"curve first reaches that reward, and its ratio to `{ref}`'s own at that reward: diversity compared at "
+        "equal reward, where end diversity also counts the reward a faster method bought.", "",
         f"| method | reward at equal wall-clock | seconds to `{ref}`'s final reward | fraction of `{ref}`'s time | "
-        f"reward AUC (0–{horizon:.1f} s) | end diversity (features) | end diversity (pixels) |",
-        "|---|---|---|---|---|---|---|",
+        f"reward AUC (0–{horizon:.1f} s) | end diversity (features) | end diversity (pixels) | "
+        f"diversity at `{ref}`'s final reward | vs `{ref}` at that reward |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     missing = {"reward_at_equal_time": "ended earlier", "seconds_to_reference_final": "not reached",
                "fraction_of_reference_time": "not reached", "reward_auc": "n/a",
-               "end_diversity_feature": "not measured", "end_diversity_pixel": "not measured"}
+               "end_diversity_feature": "not measured", "end_diversity_pixel": "not measured",
+               "diversity_at_reference_final": "n/a", "diversity_ratio_at_reference_final": "n/a"}
     digits = {"seconds_to_reference_final": 1}
     for method, numbers in result["methods"].items():
         cells = [format_interval(Interval(**numbers[key]), digits.get(key, 3), missing[key])
@@ -275,8 +317,9 @@ def efficiency_lines(result: dict) -> list[str]:
     lines += ["", "Per seed:", "",
               f"| method | seed | `{ref}` seconds | `{ref}` final reward | final seconds | "
               "reward at equal wall-clock | "
-              f"seconds to `{ref}`'s final reward | reward AUC | end diversity (features) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"seconds to `{ref}`'s final reward | reward AUC | end diversity (features) | "
+              f"diversity at `{ref}`'s final reward |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, numbers in result["methods"].items():
         for row in numbers["per_seed"]:
             lines.append(
@@ -284,10 +327,11 @@ def efficiency_lines(result: dict) -> list[str]:
                 f"{row['final_seconds']:.1f} | {_cell(row['reward_at_equal_time'], 3, 'ended earlier')} | "
                 f"{_cell(row['seconds_to_reference_final'], 1, 'not reached')} | "
                 f"{_cell(row['reward_auc'], 3, 'n/a')} | "
-                f"{_cell(row['end_diversity_feature'], 3, 'not measured')} |")
+                f"{_cell(row['end_diversity_feature'], 3, 'not measured')} | "
+                f"{_cell(row['diversity_at_reference_final'], 3, 'n/a')} |")
     return lines
 
 
-__all__ = ["interpolate", "first_crossing", "normalised_auc", "student_t_cdf", "t_quantile", "Interval",
+__all__ = ["interpolate", "first_crossing", "value_at_crossing", "normalised_auc", "student_t_cdf", "t_quantile", "Interval",
            "mean_interval", "format_interval", "mean_band", "RunCurve", "learning_efficiency", "EFFICIENCY_METRICS",
            "efficiency_lines"]

@@ -1,0 +1,53 @@
+"""The analysis scripts in ``benchmarks/`` against the saved runs they read, recomputed independently."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def diversity_at(run: dict, target: float) -> float | None:
+    """The diversity where the run's reward first reaches ``target``, by a dense grid (no shared code)."""
+    times = np.array([e[1] for e in run["evals"]])
+    rewards = np.array([e[2] for e in run["evals"]])
+    features = np.array([d["diversity_feature"] for d in run["diversity"]])
+    grid = np.linspace(0.0, times[-1], 400_001)
+    above = np.nonzero(np.interp(grid, times, rewards) >= target)[0]
+    return None if not len(above) else float(np.interp(grid[above[0]], times, features))
+
+
+def test_diversity_at_reward_prints_the_matched_ratios_of_a_saved_bench(tmp_path, capsys):
+    saved = ROOT / "benchmarks" / "results" / "le-digits-adaptive" / "bench.json"
+    shutil.copy(saved, tmp_path / "bench.json")
+    load_script("diversity_at_reward").main([str(tmp_path)])
+    table = capsys.readouterr().out
+    data = json.loads(saved.read_text())
+    refs = data["seeds"]["dancegrpo"]
+    for method, runs in data["seeds"].items():
+        row = next(line for line in table.splitlines() if f"| `{method}` |" in line)
+        matched_cell = row.split(" | ")[-1]
+        for run, ref in zip(runs, refs):
+            target = ref["evals"][-1][2]
+            ours, theirs = diversity_at(run, target), diversity_at(ref, target)
+            shown = "not reached" if ours is None else f"{ours / theirs:.0%}"
+            assert shown in matched_cell
+        assert matched_cell.count("%") + matched_cell.count("not reached") == len(runs) + 1
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "diversity_vs_reward.png").stat().st_size > 0
+
+
+def test_diversity_at_reward_refuses_a_folder_without_a_bench(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_script("diversity_at_reward").main([str(tmp_path)])
