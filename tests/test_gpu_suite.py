@@ -242,3 +242,22 @@ def test_trainer_logs_throughput_equal_to_the_flop_counter(tmp_path):
     logged = sum(row[f"throughput/{p}_tflops"] * row[f"time/{p}"] * 1e12 for p in ("rollout", "train"))
     assert logged == pytest.approx(counter.get_total_flops(), rel=1e-9)
     assert "throughput/rollout_mfu" not in row
+
+
+def test_a_compiled_case_compiles_in_the_warm_up_only(tmp_path):
+    """``--compile blocks``: every variant the rollout and update need (gradients or not, train or
+    eval mode, one row and the micro-batch sizes) compiles in the warm-up, so no compilation is timed
+    as rollout or update, and no block passes dynamo's recompile limit (the suite makes that an
+    error). Dynamo's eager backend: the same tracing and guards without inductor's minutes on CPU."""
+    torch._dynamo.reset()
+    result = run_suite.main(["--scale", "tiny", "--out", str(tmp_path), "--cases", "branchgrpo-32-lora",
+                             "--options", "none", "--compile", "blocks", "--compile-backend", "eager"])
+    torch._dynamo.reset()
+    (case,) = result["cases"]
+    assert "error" not in case, case.get("error")
+    assert case["compile"] == "blocks" and case["compile_backend"] == "eager"
+    assert case["compiled_graphs_in_phases"] == {"rollout": 0, "update": 0}
+    assert case["nfe"]["rollout_calls"] == 43 and case["optimizer_steps"] == 1
+    md = (tmp_path / "results.md").read_text()
+    assert "- branchgrpo-32-lora: backend eager, warm-up" in md and "rollout 0, update 0" in md
+

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="attention kernel (default flash: cuDNN's backward failed on H100 with torch 2.11)")
     parser.add_argument("--compile", choices=("off", "blocks"), default="off",
                         help="model.compile: blocks = torch.compile every repeated block (compiled in the warm-up)")
+    parser.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                        help="torch.compile backend with --compile blocks (eager: trace only, for tests)")
     parser.add_argument("--check-flops", action="store_true",
                         help="also count each phase's FLOPs with torch's FlopCounterMode (math attention; slow on GPU)")
     args = parser.parse_args(argv)
@@ -147,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[suite] skip {case.name}: {reason}", flush=True)
             continue
         print(f"[suite] {case.name} ...", flush=True)
-        try:
-            record = run_case(case, scale, steps, args.seed, args.check_flops, args.compile)
+        try:  # compiled: a block past dynamo's recompile limit would run eager and be timed as compiled
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=args.compile != "off"):
+                record = run_case(case, scale, steps, args.seed, args.check_flops, args.compile, args.compile_backend)
         except Exception as err:  # noqa: BLE001  (record it and go on with the next case)
             first_line = str(err).splitlines()[0][:300] if str(err) else ""
             record = {"case": case.name, "error": f"{type(err).__name__}: {first_line}",

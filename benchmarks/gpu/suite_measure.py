@@ -94,9 +94,20 @@ def method_for(case: Case, scale: Scale, steps: int):
     return load_train_config(CONFIG, case.preset, job_overrides(scale, steps)).method
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has produced so far in this process (0 before any compilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
-             compile_mode: str = "off") -> dict[str, Any]:
-    """One training iteration of ``case``, wired as ``Trainer.step`` (one prompt, one process)."""
+             compile_mode: str = "off", compile_backend: str = "inductor") -> dict[str, Any]:
+    """One training iteration of ``case``, wired as ``Trainer.step`` (one prompt, one process).
+
+    With ``compile_mode="blocks"`` the blocks compile in the warm-up, at the phases' micro-batch
+    sizes; ``compiled_graphs_in_phases`` counts any graph compiled during the timed rollout and
+    update anyway (a recompilation there would be timed as training)."""
     import torch
 
     from branchgrpo.families import PolicyBundle
@@ -124,7 +135,8 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
         if compile_mode == "blocks":  # model.compile=blocks: compiled during the warm-up, not the phases
             from branchgrpo.models.speed import compile_blocks
 
-            compile_blocks(transformer)
+            compile_blocks(transformer, backend=compile_backend)
+            record["compile_backend"] = compile_backend
         latent = case.size // 8  # VAE factor 8; packed 2×2 → (size/16)² tokens
         policy = FluxVelocity(transformer, latent, latent, guidance_scale=3.5).to(device)
         tokens, channels = (latent // 2) ** 2, int(scale.config["in_channels"])
@@ -144,24 +156,40 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
     record["trained_parameters"] = sum(p.numel() for p in params)
     row = row_flops(transformer, tokens, scale.text_tokens)
 
+    def warm(rows: int, grad: bool) -> None:
+        x = torch.randn(rows, tokens, channels, generator=g, device=device)
+        sigma = torch.full((rows,), 0.5, device=device)
+        cond = {k: v.expand(rows, *v.shape[1:]) for k, v in conditioning.items()}
+        if grad:
+            policy.train()
+            policy(x, sigma, cond).square().mean().backward()
+            optimizer.zero_grad(set_to_none=True)
+            policy.eval()
+        else:  # as the rollout calls it: eval mode (a guard of its own under torch.compile)
+            policy.eval()
+            with torch.no_grad():
+                policy(x, sigma, cond)
+
     with clock.phase("warmup"):  # kernels, cuBLAS handles and autotuning: one row without and with gradients
-        x = torch.randn(1, tokens, channels, generator=g, device=device)
-        sigma = torch.full((1,), 0.5, device=device)
-        with torch.no_grad():
-            policy(x, sigma, conditioning)
-        policy.train()
-        policy(x, sigma, conditioning).square().mean().backward()
-        optimizer.zero_grad(set_to_none=True)
-        policy.eval()
+        warm(1, grad=False)
+        warm(1, grad=True)
+        if compile_mode == "blocks":
+            # a second batch size makes torch.compile recompile with dynamic shapes; do it here, with
+            # the phases' own micro-batch sizes, so no compilation is timed as rollout or update
+            for rows, grad in ((method.engine.rollout_micro_batch, False), (method.engine.train_micro_batch, True)):
+                if isinstance(rows, int) and rows > 1:
+                    warm(rows, grad)
 
     counted: dict[str, int] = {}
     it = 0
+    graphs = {"start": _compiled_graphs()}
     with clock.phase("rollout"), counted_flops(check_flops, counted, "rollout"):
         tree = rollout(
             policy, conditioning, method.tree, 1, (tokens, channels),
             generator=[iteration_generator(seed, it, RandomStream.ROLLOUT, 0)], iteration=it,
             micro_batch=method.engine.rollout_micro_batch, device=device,
         )
+    graphs["rollout"] = _compiled_graphs()
     with clock.phase("reward"):  # stand-in: the mean of each leaf's x̂0 latent, no VAE decode
         rewards = tree.leaf_x0.float().mean(dim=tuple(range(1, tree.leaf_x0.ndim)))
         scored = RewardOutput(total=rewards.cpu(), components={"latent_mean": rewards.cpu()})
@@ -173,6 +201,9 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
         stats = policy_update(policy, optimizer, edges, conditioning, method,
                               generator=iteration_generator(seed, it, RandomStream.UPDATE, 0))
         policy.eval()
+    graphs["update"] = _compiled_graphs()
+    record["compiled_graphs_in_phases"] = {"rollout": graphs["rollout"] - graphs["start"],  # the reward calls
+                                           "update": graphs["update"] - graphs["rollout"]}  # no model
 
     times = {"rollout": clock.seconds["rollout"], "reward": clock.seconds["reward"], "train": clock.seconds["update"]}
     metrics = iteration_metrics(scored, tree, scores, edges, stats, times, method, DistributedContext(),

@@ -107,6 +107,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(t['rollout'], '.1f')} ({_fmt(u['rollout'], '.1%')}) | {_fmt(t['update'], '.1f')} "
             f"({_fmt(u['update'], '.1%')}) | {c['nfe']['rollout_calls']} / {c['nfe']['training_forwards']} | "
             f"{c['ratio_max_deviation_first_step']:.2e} |")
+    compiled = [c for c in result["cases"] if c.get("compile", "off") != "off" and "error" not in c]
+    if compiled:
+        lines += ["", "Compiled cases (`--compile blocks`, compiled in the warm-up): graphs compiled during the "
+                  "timed phases, which should be none:"]
+        lines += [f"- {c['case']}: backend {c.get('compile_backend', 'inductor')}, warm-up {c['seconds']['warmup']:.0f} s, "
+                  f"rollout {c['compiled_graphs_in_phases']['rollout']}, update {c['compiled_graphs_in_phases']['update']}"
+                  for c in compiled]
     if result["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s['case']}: {s['reason']}" for s in result["skipped"]]
     lines += speed_option_lines(result.get("speed_options"))

@@ -44,17 +44,28 @@ def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+# Compiled variants dynamo may keep per block class. Training calls a block with and without
+# gradients, in train and eval mode, with one row (a size dynamo always specialises) and with many,
+# on inputs that do or do not require grad and, in FLUX's single blocks, on strided views: a tiny
+# FLUX with LoRA and checkpointing needs 9 variants of its double block in one iteration, past
+# torch's default of 8, after which dynamo silently runs that block (and all it calls) eagerly.
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(module: torch.nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` each of :func:`repeated_blocks` in place (``nn.Module.compile``): blocks of
     one class share their compiled code, so compilation costs one block per class, and gradient
-    checkpointing, LoRA and FSDP wrap the compiled blocks as they wrap eager ones. Returns how many
+    checkpointing, LoRA and FSDP wrap the compiled blocks as they wrap eager ones. Raises dynamo's
+    process-wide ``recompile_limit`` to :data:`RECOMPILE_LIMIT` (never lowers it). Returns how many
     blocks were compiled; ``ValueError`` when there are none."""
     blocks = repeated_blocks(module)
     if not blocks:
         raise ValueError(f"{type(module).__name__} has no repeated blocks (a ModuleList of one block class) to compile")
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
 
 
-__all__ = ["ATTENTION_KERNELS", "AttentionKernel", "compile_blocks", "repeated_blocks", "select_attention"]
+__all__ = ["ATTENTION_KERNELS", "AttentionKernel", "RECOMPILE_LIMIT", "compile_blocks", "repeated_blocks", "select_attention"]
