@@ -142,7 +142,7 @@ def test_config_rejects_unknown_settings():
         load_train_config(None, "branchgrpo", ["model.compile=yes"])
 
 
-def test_a_training_workload_compiles_every_variant_it_needs(monkeypatch):
+def test_a_training_workload_compiles_every_variant_it_needs():
     """Rollout (no gradients, eval mode, one row and many) and update (gradients, train mode,
     checkpointing, LoRA, one row and many) call each block in more ways than dynamo's default
     ``recompile_limit`` of 8; past the limit a block silently runs eager. ``compile_blocks`` raises
@@ -150,12 +150,9 @@ def test_a_training_workload_compiles_every_variant_it_needs(monkeypatch):
     from branchgrpo.models.lora import LoraSpec, add_lora
 
     torch._dynamo.reset()  # compiled variants are counted per code object, across every earlier test
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
     policy = flux()
     add_lora(policy.transformer, LoraSpec(rank=4))
     policy.transformer.enable_gradient_checkpointing()
-    speed.compile_blocks(policy, backend="eager")
-    assert torch._dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT
     g = torch.Generator().manual_seed(2)
 
     def call(rows: int, grad: bool) -> None:
@@ -170,7 +167,10 @@ def test_a_training_workload_compiles_every_variant_it_needs(monkeypatch):
             with torch.no_grad():
                 policy(x, sigma, cond)
 
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    # torch's default limit whatever ran before (config.patch restores it; monkeypatch would delete it)
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        speed.compile_blocks(policy, backend="eager")
+        assert torch._dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT
         for rows, grad in ((1, False), (1, True), (4, False), (3, True), (2, False), (5, True), (1, False)):
             call(rows, grad)
     torch._dynamo.reset()
