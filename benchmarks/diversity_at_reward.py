@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from branchgrpo.bench import MethodRecord, diversity_plot
+from branchgrpo.bench import MethodRecord
+from branchgrpo.bench_plots import diversity_plot
 from branchgrpo.bench_stats import Interval, RunCurve, format_interval, learning_efficiency
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from branchgrpo.bench_stats import RunCurve, efficiency_lines, learning_efficiency, mean_band
+from branchgrpo.bench_plots import diversity_plot, reward_plots, seed_plot
+from branchgrpo.bench_stats import RunCurve, efficiency_lines, learning_efficiency
 from branchgrpo.train.config import load_train_config
 from branchgrpo.train.trainer import Trainer
 from branchgrpo.tree.presets import TABLE1_PRESETS
@@ -411,8 +412,8 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     lines += _target_lines({row["method"]: row for row in rows}, reference)
     lines += ["", *efficiency_lines(efficiency)]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
-    _plots(records, out_dir)
-    _seed_plot(seed_records, out_dir)
+    reward_plots(records, out_dir)
+    seed_plot(seed_records, out_dir)
     diversity_plot(seed_records, out_dir / "diversity_vs_reward.png")
     return {"meta": meta, "rows": rows, "learning_efficiency": efficiency}
 
@@ -446,92 +447,6 @@ def _target_lines(rows: dict[str, dict], reference: str) -> list[str]:
         lines.append(f"| `branchgrpo-deppru` reaches `dancegrpo`'s final reward ({rows[reference]['final_reward']}) "
                      f"in ≤ 50% of its wall-clock and ends at or above it | {shown} | {'yes' if reached else 'no'} |")
     return lines
-
-
-def _plots(records: dict[str, MethodRecord], out_dir: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional; the tables are the result
-        return
-    for axis, index, label, name in ((0, 0, "iteration", "reward_vs_iteration.png"),
-                                     (1, 1, "training wall-clock (s)", "reward_vs_time.png")):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for method, record in records.items():
-            ax.plot([e[index] for e in record.evals], [e[2] for e in record.evals], marker="o", ms=3, label=method)
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out mean reward")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / name)
-        plt.close(fig)
-
-
-def _seed_plot(seed_records: dict[str, list[MethodRecord]], out_dir: Path) -> None:
-    """``reward_vs_time_seeds.png``: per method the mean held-out reward over seeds against training
-    seconds (each seed's curve linear between evaluations, up to the method's shortest run) and the
-    pointwise 95 % Student-t band (none with one seed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, runs in seed_records.items():
-        curves = [(c.times, c.rewards) for c in (r.curve() for r in runs)]
-        end = min(times[-1] for times, _ in curves)
-        grid = [end * i / 100 for i in range(101)]
-        means, lows, highs = mean_band(curves, grid)
-        (line,) = ax.plot(grid, means, label=method)
-        if lows[0] is not None:
-            ax.fill_between(grid, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
-    seeds = len(next(iter(seed_records.values())))
-    title = f"mean over {seeds} seeds, 95 % t band" if seeds > 1 else "one seed"
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel("held-out mean reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "reward_vs_time_seeds.png")
-    plt.close(fig)
-
-
-def diversity_plot(seed_records: dict[str, list[MethodRecord]], path: Path, title: str = "") -> None:
-    """Feature diversity against held-out reward at every evaluation of every seed, one colour per
-    method, each run's points joined in order: where the methods' paths overlap, a faster method
-    loses diversity only as fast as the reward it gains costs the reference too."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, runs in seed_records.items():
-        colour = None
-        for run in runs:
-            points = [(e[2], d.get("diversity_feature")) for e, d in zip(run.evals, run.diversity)]
-            points = [(r, v) for r, v in points if v is not None]
-            if not points:
-                continue
-            (line,) = ax.plot(*zip(*points), marker="o", ms=2.5, lw=0.8, alpha=0.8, color=colour,
-                              label=None if colour else method)
-            colour = line.get_color()
-    ax.set_xlabel("held-out mean reward")
-    ax.set_ylabel("feature diversity (mean pairwise distance)")
-    ax.set_title(title or "every evaluation of every seed", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 __all__ = ["run_bench", "MethodRecord", "measure_unit_costs", "TABLE1_PRESETS"]
