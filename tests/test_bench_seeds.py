@@ -1,10 +1,12 @@
 """`branchgrpo bench --seeds N`: every method × seed interleaved, the learning-efficiency table and json."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from policies import tiny_flux, tiny_flux_conditioning
 
 from branchgrpo.bench import run_bench
@@ -227,3 +229,65 @@ def test_cli_tuned_file_must_map_methods_to_overrides(tmp_path, capsys):
     assert "--tuned:" in capsys.readouterr().err
     assert main(["bench", "--methods", "dancegrpo", "--tuned", str(tmp_path / "missing.json")]) == 2
     assert "--tuned: cannot read" in capsys.readouterr().err
+
+
+def _variants_file(tmp_path, spec) -> str:
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"mix-kl": {"preset": "no-such-preset"}}, "unknown preset 'no-such-preset'"),
+    ({"dancegrpo": {"preset": "branchgrpo-mix"}}, "the label is a preset's name"),
+    ({"mix kl/2": {"preset": "branchgrpo-mix"}}, "a label is 1-64 letters"),
+    ({"mix-kl": {"preset": "branchgrpo-mix", "overrides": "update.kl_coef=0.1"}}, "overrides must be a list"),
+    ({"mix-kl": {"preset": "branchgrpo-mix", "lr": 1}}, "expected {preset: NAME"),
+    ({"mix-kl": {"preset": "branchgrpo-mix", "overrides": ["update.kl_coef=0.1"]}}, "the KL term needs a reference"),
+    ({"mix-kl": {"preset": "branchgrpo-mix", "overrides": ["update.no_such_key=1"]}}, "unknown key"),
+])
+def test_cli_variants_file_is_checked_before_anything_trains(tmp_path, capsys, spec, message):
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "dancegrpo,mix-kl", "--variants", _variants_file(tmp_path, spec),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("branchgrpo: error: ")
+    assert not out.exists()
+
+
+def test_cli_methods_must_name_a_preset_or_a_variant(tmp_path, capsys):
+    variants = _variants_file(tmp_path, {"mix-lora": {"preset": "branchgrpo-mix", "overrides": ["model.lora.rank=4"]}})
+    assert main(["bench", "--methods", "dancegrpo,mix-kl", "--variants", variants]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset(s) mix-kl" in err and "from --variants: mix-lora" in err
+    assert main(["bench", "--methods", "dancegrpo,dancegrpo"]) == 2
+    assert "named twice" in capsys.readouterr().err
+
+
+def test_cli_variant_runs_its_preset_with_tuned_then_its_own_overrides(tmp_path, monkeypatch):
+    import branchgrpo.bench
+
+    seen = {}
+
+    def fake_run_bench(methods, *args, variants=None, **kwargs):
+        seen.update(methods=methods, variants=variants)
+        (Path(args[2]) / "bench.md").parent.mkdir(parents=True, exist_ok=True)
+        (Path(args[2]) / "bench.md").write_text("ok")
+        return {"rows": [1]}
+
+    monkeypatch.setattr(branchgrpo.bench, "run_bench", fake_run_bench)
+    tuned = tmp_path / "best.json"
+    tuned.write_text(json.dumps({"dancegrpo": ["update.learning_rate=1e-4"],
+                                 "branchgrpo-mix": ["update.learning_rate=2.5e-05"]}))
+    variants = _variants_file(tmp_path, {
+        "mix-kl": {"preset": "branchgrpo-mix", "overrides": ["model.lora.rank=4", "update.kl_coef=0.04"]},
+        "unused": {"preset": "branchgrpo"}})
+    assert main(["bench", "--methods", "dancegrpo,branchgrpo-mix,mix-kl", "--variants", variants, "--tuned", str(tuned),
+                 "--out", str(tmp_path / "bench")]) == 0
+    assert seen["methods"] == ["dancegrpo", "branchgrpo-mix", "mix-kl"]
+    assert seen["variants"] == {
+        "dancegrpo": ("dancegrpo", ["update.learning_rate=1e-4"]),
+        "branchgrpo-mix": ("branchgrpo-mix", ["update.learning_rate=2.5e-05"]),
+        # the preset's tuned settings first, so the variant's own overrides win where they overlap
+        "mix-kl": ("branchgrpo-mix", ["update.learning_rate=2.5e-05", "model.lora.rank=4", "update.kl_coef=0.04"]),
+    }
