@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -306,82 +305,35 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-_VARIANT_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def _read_bench_variants(path: str) -> dict[str, tuple[str, list[str]]]:
-    """``--variants``: label → (preset, overrides), checked: a label names its run's files, so it is a
-    plain file-name word and never a preset's own name; the preset exists; overrides are strings."""
-    from branchgrpo.config import read_yaml_file
-    from branchgrpo.tree.presets import list_presets
-
-    try:
-        data = read_yaml_file(path, "--variants")
-    except ConfigError as err:
-        raise CliError(str(err)) from None
-    if not isinstance(data, dict) or not data:
-        raise CliError(f"--variants: {path} must map labels to {{preset: NAME, overrides: [key=value, ...]}}")
-    out = {}
-    for label, spec in data.items():
-        where = f"--variants: {label!r} in {path}"
-        if not isinstance(label, str) or not _VARIANT_LABEL.fullmatch(label):
-            raise CliError(f"{where}: a label is 1-64 letters, digits, '.', '_' or '-' (it names the run's files)")
-        if label in list_presets():
-            raise CliError(f"{where}: the label is a preset's name; choose another")
-        if not isinstance(spec, dict) or set(spec) - {"preset", "overrides"} or "preset" not in spec:
-            raise CliError(f"{where}: expected {{preset: NAME, overrides: [key=value, ...]}}, got {spec!r}")
-        if spec["preset"] not in list_presets():
-            raise CliError(f"{where}: unknown preset {spec['preset']!r}; available: {', '.join(list_presets())}")
-        overrides = spec.get("overrides") or []
-        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-            raise CliError(f"{where}: overrides must be a list of key=value strings, got {overrides!r}")
-        out[label] = (spec["preset"], list(overrides))
-    return out
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
+    from branchgrpo.bench_runs import read_tuned, read_variants, resolve_runs
     from branchgrpo.tree.presets import TABLE1_PRESETS, list_presets
 
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(TABLE1_PRESETS)
-    named = _read_bench_variants(args.variants) if args.variants else {}
-    unknown = [m for m in methods if m not in list_presets() and m not in named]
-    if unknown:
-        raise CliError(f"--methods: unknown preset(s) {', '.join(unknown)}; available: {', '.join(list_presets())}"
-                       + (f", and from --variants: {', '.join(named)}" if named else ""))
-    if len(set(methods)) != len(methods):
-        raise CliError(f"--methods: a method is named twice in {args.methods}")
-    tuned: dict[str, list[str]] = {}
-    if args.tuned:  # per-method optimiser settings chosen by benchmarks/sweep.py
-        try:
-            tuned = json.loads(Path(args.tuned).read_text())
-        except (OSError, ValueError) as err:
-            raise CliError(f"--tuned: cannot read {args.tuned} as JSON ({err})") from None
-        if not isinstance(tuned, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
-                                                  for v in tuned.values()):
-            raise CliError(f"--tuned: {args.tuned} must map a method to a list of key=value overrides "
-                           "(the best.json benchmarks/sweep.py writes)")
-    variants = None
-    if args.tuned or named:  # label -> (preset, overrides): the preset's tuned settings, then the variant's own
-        variants = {}
-        for label in methods:
-            preset, own = named.get(label, (label, []))
-            variants[label] = (preset, [*tuned.get(label, tuned.get(preset, [])), *own])
-    from branchgrpo.train.components import validate_job
-    from branchgrpo.train.config import load_train_config
-
-    for label in methods:  # every run's settings and files (bad keys, KL without LoRA) before anything trains
-        preset, extra = variants.get(label, (label, [])) if variants else (label, [])
-        try:
-            validate_job(load_train_config(args.config, preset, [f"run.output_dir={args.out}", *args.overrides, *extra]))
-        except ConfigError as err:
-            raise CliError(f"method {label}: {err}") from None
-    from branchgrpo.bench import run_bench
     if args.iterations < 1 or args.eval_every < 1:
         raise CliError("--iterations and --eval-every must be >= 1")
     if args.seeds < 1:
         raise CliError(f"--seeds: must be >= 1, got {args.seeds}")
     if not args.seconds >= 0:
         raise CliError(f"--seconds: must be >= 0, got {args.seconds}")
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(TABLE1_PRESETS)
+    named = read_variants(args.variants) if args.variants else {}
+    unknown = [m for m in methods if m not in list_presets() and m not in named]
+    if unknown:
+        raise CliError(f"--methods: unknown preset(s) {', '.join(unknown)}; available: {', '.join(list_presets())}"
+                       + (f", and from --variants: {', '.join(named)}" if named else ""))
+    if len(set(methods)) != len(methods):
+        raise CliError(f"--methods: a method is named twice in {args.methods}")
+    runs = resolve_runs(methods, read_tuned(args.tuned) if args.tuned else {}, named)
+    from branchgrpo.train.components import validate_job
+    from branchgrpo.train.config import load_train_config
+
+    for label, (preset, extra) in runs.items():  # every run's settings and files before anything trains
+        try:
+            validate_job(load_train_config(args.config, preset, [f"run.output_dir={args.out}", *args.overrides, *extra]))
+        except ConfigError as err:
+            raise CliError(f"method {label}: {err}") from None
+    from branchgrpo.bench import run_bench
+    variants = runs if args.tuned or named else None  # None: plain presets, no per-method overrides recorded
     result = run_bench(methods, args.iterations, args.eval_every, Path(args.out), args.config, args.overrides,
                        equal_time=args.equal_time, seeds=args.seeds, seconds=args.seconds, variants=variants)
     print((Path(args.out) / "bench.md").read_text())
