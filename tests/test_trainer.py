@@ -213,3 +213,27 @@ def test_auto_micro_batches_resolve_with_a_ready_model(tmp_path):
     engine = trainer.config.method.engine
     assert (engine.rollout_micro_batch, engine.train_micro_batch) == (64, 16)
     trainer.run()
+
+
+def test_diversity_bonus_is_trained_on_and_not_logged_as_reward(tmp_path, monkeypatch):
+    """``advantage.diversity_bonus``: the leaves' rewards reaching the advantages are the reward plus
+    :func:`group_diversity_bonus` of the final latents; the logged reward stays the reward's own."""
+    import branchgrpo.train.trainer as trainer_module
+    from branchgrpo.tree.diversity_bonus import group_diversity_bonus
+
+    seen = []
+    real = trainer_module.score_tree
+    monkeypatch.setattr(trainer_module, "score_tree", lambda tree, rewards, *a, **k: seen.append((tree, rewards))
+                        or real(tree, rewards, *a, **k))
+    rows = []
+    for weight in (0.0, 0.5):
+        trainer = make_trainer(tmp_path / str(weight), "branchgrpo", "split_plan=0:2,2:2",
+                               f"advantage.diversity_bonus={weight}")
+        rows.append(trainer.step())
+    (tree_off, off), (tree_on, on) = seen
+    assert torch.equal(tree_off.leaf_x0, tree_on.leaf_x0)  # same seed, same model: the same rollout
+    bonus = group_diversity_bonus(tree_on.leaf_x0, tree_on.group[-1], 0.5)
+    assert bonus.abs().max() > 0
+    assert torch.allclose(on, off + bonus, atol=1e-12)
+    assert rows[0]["reward_mean"] == rows[1]["reward_mean"]
+    assert "diversity_bonus_std" not in rows[0] and rows[1]["diversity_bonus_std"] == pytest.approx(float(bonus.std()))

@@ -41,6 +41,7 @@ from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetens
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
+from branchgrpo.tree.diversity_bonus import group_diversity_bonus
 from branchgrpo.tree.scoring import score_tree
 from branchgrpo.update import gather_training_edges, policy_update
 
@@ -151,8 +152,13 @@ class Trainer:
         tree, scored = rollout_and_score(prompts, conditioning, groups, times)
 
         start = time.perf_counter()
+        leaf_rewards = scored.total.to(torch.float64)
+        bonus = None
+        if method.advantage.diversity_bonus > 0:  # docs/beyond-the-paper.md §5: trained on, never logged as reward
+            bonus = group_diversity_bonus(tree.leaf_x0, tree.group[-1], method.advantage.diversity_bonus).cpu()
+            leaf_rewards = leaf_rewards + bonus
         scores = score_tree(
-            tree, scored.total.to(torch.float64), method,
+            tree, leaf_rewards, method,
             generator=[iteration_generator(cfg.run.seed, it, RandomStream.SELECTION, g) for g in groups],
         )
         edges = gather_training_edges(tree, scores.selection, scores.edge_advantage)
@@ -177,6 +183,8 @@ class Trainer:
             policy=bundle.policy, conditioning=conditioning,
         )
         metrics.update(placed)
+        if bonus is not None:
+            metrics.update(self.dist.mean({"diversity_bonus_std": float(bonus.std()) if bonus.numel() > 1 else 0.0}))
         metrics["iteration"] = it
         metrics["processes"] = self.dist.world_size
         self.iteration += 1

@@ -6,6 +6,7 @@ Each concern is one dataclass; :class:`MethodConfig` composes them. All validati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -196,6 +197,9 @@ class AdvantageSpec:
     # depthwise: z-score per group and depth (paper Eq. 4); sibling: a split child against its
     # siblings, chain edges inherit the split edge above (docs/beyond-the-paper.md §1)
     mode: Literal["depthwise", "sibling"] = "depthwise"
+    # λ of the intra-group diversity bonus added to each leaf's reward before fusion, in the
+    # reward's units (docs/beyond-the-paper.md §5); 0 = off
+    diversity_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("depthwise", "sibling"):
@@ -204,6 +208,10 @@ class AdvantageSpec:
             raise ConfigError("advantage.std_floor", f"must be >= 0, got {self.std_floor}")
         if self.advantage_clip <= 0:
             raise ConfigError("advantage.advantage_clip", f"must be > 0, got {self.advantage_clip}")
+        if not (isinstance(self.diversity_bonus, (int, float)) and not isinstance(self.diversity_bonus, bool)
+                and math.isfinite(self.diversity_bonus)
+                and self.diversity_bonus >= 0):
+            raise ConfigError("advantage.diversity_bonus", f"must be a finite number >= 0 (0 = off), got {self.diversity_bonus!r}")
 
 
 @dataclass
