@@ -650,6 +650,9 @@ def test_two_rank_fsdp_equals_the_plain_run(trained_run):
     plain = dict(trained_run["trainer"].model.trainable.named_parameters())
     assert trained.keys() == plain.keys()
     for name, want in plain.items():
-        torch.testing.assert_close(trained[name], want.detach(), rtol=1e-4, atol=1e-6)
+        # Adam's first step moves every value by about the learning rate (1e-3), so a wrong expert pairing
+        # is off by ~1e-3; a reduction in another order is off by float32 rounding that Adam's division can
+        # lift near zero gradients (measured 2.7e-6 on one of 96 values)
+        torch.testing.assert_close(trained[name], want.detach(), rtol=1e-4, atol=1e-5)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["processes"] for row in rows if "reward_mean" in row] == [2]

@@ -158,6 +158,7 @@ CASE = FamilyCase(
     guidance_off={"guidance_scale": 0.0},  # guidance matters: the unguided sample is elsewhere
     adapter_guidance_off={"guidance_scale": 0.0},  # Z-Image: 0 is off (1 is not)
     load=load_adapter,
+    decode_atol=5e-6,  # the VAE picks other conv kernels per batch size: float32 rounding (measured 1.25e-6)
 )
 globals().update(conformance_tests(CASE))
 
