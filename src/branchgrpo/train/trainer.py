@@ -38,10 +38,10 @@ from branchgrpo.train.signals import STOP_SIGNALS, StartupInterrupted, can_handl
 from branchgrpo.train.streams import PromptSampler, RandomStream, iteration_generator
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
+from branchgrpo.tree.diversity_bonus import group_diversity_bonus
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
-from branchgrpo.tree.diversity_bonus import group_diversity_bonus
 from branchgrpo.tree.scoring import score_tree
 from branchgrpo.update import gather_training_edges, policy_update
 

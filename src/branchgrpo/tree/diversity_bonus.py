@@ -39,8 +39,7 @@ def group_diversity_bonus(leaves: Tensor, group: Tensor, weight: float) -> Tenso
         members = (group == g).nonzero().flatten()
         if members.numel() < 2:
             continue
-        distance = pairwise_distances(leaves[members].reshape(members.numel(), -1), rms=True).double()
-        mean_to_others = distance.sum(dim=1) / (members.numel() - 1)
+        mean_to_others = pairwise_distances(leaves[members], rms=True).sum(dim=1) / (members.numel() - 1)
         scale = mean_to_others.mean()
         if scale > 0:
             bonus[members] = weight * mean_to_others / scale

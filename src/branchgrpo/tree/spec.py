@@ -208,9 +208,8 @@ class AdvantageSpec:
             raise ConfigError("advantage.std_floor", f"must be >= 0, got {self.std_floor}")
         if self.advantage_clip <= 0:
             raise ConfigError("advantage.advantage_clip", f"must be > 0, got {self.advantage_clip}")
-        if not (isinstance(self.diversity_bonus, (int, float)) and not isinstance(self.diversity_bonus, bool)
-                and math.isfinite(self.diversity_bonus)
-                and self.diversity_bonus >= 0):
+        bonus = self.diversity_bonus
+        if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not (math.isfinite(bonus) and bonus >= 0):
             raise ConfigError("advantage.diversity_bonus", f"must be a finite number >= 0 (0 = off), got {self.diversity_bonus!r}")
 
 
