@@ -237,3 +237,27 @@ def test_diversity_bonus_is_trained_on_and_not_logged_as_reward(tmp_path, monkey
     assert torch.allclose(on, off + bonus, atol=1e-12)
     assert rows[0]["reward_mean"] == rows[1]["reward_mean"]
     assert "diversity_bonus_std" not in rows[0] and rows[1]["diversity_bonus_std"] == pytest.approx(float(bonus.std()))
+
+
+def test_image_space_diversity_bonus_reads_the_decoded_leaves(tmp_path, monkeypatch):
+    """``advantage.diversity_space=image``: the bonus is :func:`group_diversity_bonus` of the decoded
+    leaves averaged to ``diversity_image_size``² pixels, not of the latents."""
+    import branchgrpo.train.trainer as trainer_module
+    from branchgrpo.tree.diversity_bonus import coarse_images, group_diversity_bonus
+
+    seen = []
+    real = trainer_module.score_tree
+    monkeypatch.setattr(trainer_module, "score_tree", lambda tree, rewards, *a, **k: seen.append((tree, rewards))
+                        or real(tree, rewards, *a, **k))
+    for name, extra in (("off", []), ("image", ["advantage.diversity_space=image", "advantage.diversity_image_size=4"])):
+        trainer = make_trainer(tmp_path / name, "branchgrpo", "split_plan=0:2,2:2",
+                               f"advantage.diversity_bonus={0.0 if name == 'off' else 0.5}", *extra)
+        trainer.step()
+    (tree_off, off), (tree_on, on) = seen
+    assert torch.equal(tree_off.leaf_x0, tree_on.leaf_x0)
+    with torch.no_grad():
+        images = trainer.model.decode(tree_on.leaf_x0)
+    expected = group_diversity_bonus(coarse_images(images, 4), tree_on.group[-1], 0.5)
+    assert torch.allclose(on, off + expected, atol=1e-12)
+    latent = group_diversity_bonus(tree_on.leaf_x0, tree_on.group[-1], 0.5)
+    assert not torch.allclose(expected, latent, atol=1e-3)  # a different space, not the latents relabelled

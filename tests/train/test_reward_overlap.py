@@ -144,6 +144,17 @@ def test_thread_overlap_gives_the_serial_iteration_bit_for_bit(tmp_path, monkeyp
         assert_identical(overlapped, serial)
 
 
+def test_image_space_diversity_bonus_is_the_same_with_overlap(tmp_path, monkeypatch):
+    """The image-space bonus reads the decoded leaves chunk by chunk under overlap; joined, they are
+    the serial iteration's, so every leaf reward (reward + bonus) is too."""
+    bonus = ["advantage.diversity_bonus=0.3", "advantage.diversity_space=image", "advantage.diversity_image_size=2"]
+    serial = one_iteration(tmp_path / "serial", monkeypatch, *BATCH_NORMALISED, *bonus)
+    assert serial["metrics"]["diversity_bonus_std"] > 0.01  # the bonus is on and differs between leaves
+    overlapped = one_iteration(tmp_path / "overlap", monkeypatch, *BATCH_NORMALISED, *bonus, "reward.overlap=true",
+                               "reward.overlap_chunk=2")
+    assert_identical(overlapped, serial)
+
+
 def test_process_overlap_gives_the_serial_iteration_bit_for_bit(tmp_path, monkeypatch):
     serial = one_iteration(tmp_path / "serial", monkeypatch, *BATCH_NORMALISED)
     overlapped = one_iteration(tmp_path / "process", monkeypatch, *BATCH_NORMALISED, "reward.overlap=true",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from branchgrpo.config import ConfigError
-from branchgrpo.tree.diversity_bonus import group_diversity_bonus
+from branchgrpo.tree.diversity_bonus import coarse_images, group_diversity_bonus
 from branchgrpo.tree.spec import AdvantageSpec
 
 
@@ -65,3 +65,58 @@ def test_off_identical_and_shape_errors():
 def test_config_refuses_bad_weights(bad):
     with pytest.raises(ConfigError, match="advantage.diversity_bonus"):
         AdvantageSpec(diversity_bonus=bad)
+
+
+@pytest.mark.parametrize("bad", ["pixels", "", None])
+def test_config_refuses_bad_spaces(bad):
+    with pytest.raises(ConfigError, match="advantage.diversity_space: must be 'latent' or 'image'"):
+        AdvantageSpec(diversity_space=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "8"])
+def test_config_refuses_bad_image_sizes(bad):
+    with pytest.raises(ConfigError, match="advantage.diversity_image_size: must be an integer >= 1"):
+        AdvantageSpec(diversity_image_size=bad)
+
+
+def test_coarse_images_are_block_means():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 2, 8, 12, generator=generator)
+    got = coarse_images(images, 4)  # blocks of 2 × 3 pixels
+    assert got.shape == (3, 2, 4, 4) and got.dtype == torch.float32
+    for n in range(3):
+        for c in range(2):
+            for i in range(4):
+                for j in range(4):
+                    block = [float(images[n, c, y, x]) for y in range(2 * i, 2 * i + 2) for x in range(3 * j, 3 * j + 3)]
+                    assert float(got[n, c, i, j]) == pytest.approx(sum(block) / 6, abs=1e-6)
+
+
+def test_coarse_images_fold_video_frames_into_channels():
+    video = torch.rand(2, 3, 5, 8, 8, generator=torch.Generator().manual_seed(1))  # [N, C, F, H, W]
+    got = coarse_images(video, 2)
+    assert got.shape == (2, 15, 2, 2)
+    assert torch.allclose(got[1, 3 * 0 + 4], video[1, 0, 4].reshape(2, 4, 2, 4).mean(dim=(1, 3)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        coarse_images(torch.zeros(2, 8, 8), 2)
+
+
+def test_speckle_earns_a_latent_bonus_but_no_image_bonus():
+    """Why the image space exists: three leaves that differ only by zero-mean 2 × 2 checkerboard noise
+    are far apart pixel by pixel and identical once averaged over 2 × 2 blocks; a leaf whose shape
+    differs earns the whole image-space bonus."""
+    base = torch.zeros(4, 1, 8, 8)
+    base[:, :, 2:6, 2:6] = 1.0
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # ±1 checkerboard
+    base[1] += 0.4 * checker
+    base[2] -= 0.4 * checker
+    base[3, :, 2:6, 2:6] = 0.0
+    base[3, :, 0:2, 0:2] = 1.0  # the object elsewhere
+    group = torch.zeros(4, dtype=torch.long)
+    coarse = coarse_images(base, 4)
+    assert torch.allclose(coarse[0], coarse[1]) and torch.allclose(coarse[0], coarse[2])
+    latent = group_diversity_bonus(base[:3], group[:3], 1.0)
+    assert bool((latent > 0).all())  # speckle alone buys a latent-space bonus
+    assert torch.equal(group_diversity_bonus(coarse[:3], group[:3], 1.0), torch.zeros(3, dtype=torch.float64))
+    image = group_diversity_bonus(coarse, group, 1.0)
+    assert bool((image[3] > image[:3]).all()) and torch.allclose(image[:3], image[0].expand(3))

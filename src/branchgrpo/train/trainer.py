@@ -38,7 +38,7 @@ from branchgrpo.train.signals import STOP_SIGNALS, StartupInterrupted, can_handl
 from branchgrpo.train.streams import PromptSampler, RandomStream, iteration_generator
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
-from branchgrpo.tree.diversity_bonus import group_diversity_bonus
+from branchgrpo.tree.diversity_bonus import coarse_images, group_diversity_bonus
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
@@ -149,13 +149,14 @@ class Trainer:
             method.tree.split_plan = dict(self.placement.plan)
         bundle.policy.eval()
         rollout_and_score = self._rollout_while_scoring if cfg.reward.overlap else self._rollout_then_score
-        tree, scored = rollout_and_score(prompts, conditioning, groups, times)
+        tree, scored, coarse = rollout_and_score(prompts, conditioning, groups, times)
 
         start = time.perf_counter()
         leaf_rewards = scored.total.to(torch.float64)
         bonus = None
         if method.advantage.diversity_bonus > 0:  # docs/beyond-the-paper.md §5: trained on, never logged as reward
-            bonus = group_diversity_bonus(tree.leaf_x0, tree.group[-1], method.advantage.diversity_bonus).cpu()
+            space = tree.leaf_x0 if coarse is None else coarse
+            bonus = group_diversity_bonus(space, tree.group[-1], method.advantage.diversity_bonus).cpu()
             leaf_rewards = leaf_rewards + bonus
         scores = score_tree(
             tree, leaf_rewards, method,
@@ -218,8 +219,9 @@ class Trainer:
         )
 
     def _rollout_then_score(self, prompts: list[str], conditioning, groups: range,
-                            times: dict[str, float]) -> tuple[RolloutTree, RewardOutput]:
-        """Every prompt group rolled out at once, then its leaves decoded and scored."""
+                            times: dict[str, float]) -> tuple[RolloutTree, RewardOutput, torch.Tensor | None]:
+        """Every prompt group rolled out at once, then its leaves decoded and scored (and, for an
+        image-space diversity bonus, their :meth:`_coarse` copies)."""
         start = time.perf_counter()
         tree = self._rollout(conditioning, groups)
         times["rollout"] = time.perf_counter() - start
@@ -227,23 +229,33 @@ class Trainer:
         leaf_prompts = [prompts[int(g)] for g in tree.group[-1]]
         with torch.no_grad():
             outputs = self.model.decode(tree.leaf_x0)
+        coarse = self._coarse(outputs)
         scored = score_rewards(self.reward, outputs, leaf_prompts, tree.group[-1], self.config.reward.batch_size)
         times["reward"] = time.perf_counter() - start
-        return tree, scored
+        return tree, scored, coarse
+
+    def _coarse(self, outputs) -> torch.Tensor | None:
+        """The decoded leaves averaged to ``advantage.diversity_image_size``² pixels when the diversity
+        bonus is measured in image space (docs/beyond-the-paper.md §5); otherwise None."""
+        advantage = self.config.method.advantage
+        if advantage.diversity_bonus <= 0 or advantage.diversity_space != "image":
+            return None
+        return coarse_images(outputs, advantage.diversity_image_size)
 
     def _rollout_while_scoring(self, prompts: list[str], conditioning, groups: range,
-                               times: dict[str, float]) -> tuple[RolloutTree, RewardOutput]:
+                               times: dict[str, float]) -> tuple[RolloutTree, RewardOutput, torch.Tensor | None]:
         """``reward.overlap``: chunks of ``reward.overlap_chunk`` prompt groups rolled out and decoded
         one after another, each scored by the reward worker while the next rolls out; the chunks'
         trees are merged and their rewards joined, as the one-shot rollout and scoring give them.
         ``time/rollout`` covers rollout and decoding; ``time/reward`` the scoring not hidden behind them."""
         start = time.perf_counter()
-        trees, pending = [], []
+        trees, pending, coarse = [], [], []
         for first in range(0, len(prompts), self.config.reward.overlap_chunk):
             rows = torch.arange(first, min(first + self.config.reward.overlap_chunk, len(prompts)))
             chunk = self._rollout(select_conditioning(conditioning, rows), groups[first : first + len(rows)])
             with torch.no_grad():
                 outputs = self.model.decode(chunk.leaf_x0)
+            coarse.append(self._coarse(outputs))
             leaf_groups = chunk.group[-1] + first
             pending.append(self._reward_worker.submit(outputs, [prompts[int(g)] for g in leaf_groups], leaf_groups))
             trees.append(chunk)
@@ -252,7 +264,7 @@ class Trainer:
         start = time.perf_counter()
         scored = join_reward_chunks(self.reward, [result.result() for result in pending], tree.group[-1])
         times["reward"] = time.perf_counter() - start
-        return tree, scored
+        return tree, scored, (None if coarse[0] is None else torch.cat(coarse))
 
     @cached_property
     def _reward_worker(self) -> RewardWorker:

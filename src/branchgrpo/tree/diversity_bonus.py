@@ -5,11 +5,18 @@ nothing pushes them apart again: reward is bought with diversity. Adding to each
 term that grows with its distance from the other leaves of its prompt tree makes "different from
 its siblings" part of what is reinforced, in the spirit of DiverseGRPO's distributional bonus
 (Liu et al., 2025, arXiv:2512.21514) and DRIFT's intra-group diversity shaping (Liu et al., 2026,
-arXiv:2601.12401); both use semantic features, this one the model's own final latents (every
-family has them, no decoding or extra network, so the evaluation's diversity features stay an
-independent measurement).
+arXiv:2601.12401); both use semantic features. Two spaces here, neither the evaluation's diversity
+features (which stay an independent measurement), neither needing an extra network:
 
-For leaf ``i`` of group ``g`` (the ``n_g`` leaves of one prompt), with ``x_i`` its final latent:
+- ``latent``: the model's own final latents (every family has them; no decoding);
+- ``image``: the decoded leaves the reward already scored, area-averaged to ``s × s`` pixels per
+  channel (:func:`coarse_images`). A distance between full-resolution latents or pixels is cheap to
+  buy with zero-mean speckle (measured on digits: the policy answered a latent bonus with pixel
+  noise while every prompt's digits converged); averaging over blocks cancels such noise, so only
+  differences in layout, shape and colour earn the bonus.
+
+For leaf ``i`` of group ``g`` (the ``n_g`` leaves of one prompt), with ``x_i`` its final latent or
+coarse image:
 
     d_i = (1 / (n_g − 1)) Σ_{j ∈ g, j ≠ i} rms(x_i − x_j)        rms(v) = sqrt(mean(v²))
     bonus_i = λ · d_i / mean_{j ∈ g} d_j
@@ -22,6 +29,7 @@ are normalised per group) is the within-group spread of ``d`` relative to the re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from branchgrpo.diversity import pairwise_distances
@@ -44,3 +52,15 @@ def group_diversity_bonus(leaves: Tensor, group: Tensor, weight: float) -> Tenso
         if scale > 0:
             bonus[members] = weight * mean_to_others / scale
     return bonus
+
+
+def coarse_images(images: Tensor, size: int) -> Tensor:
+    """``[N, C·F, size, size]`` float32: decoded leaves ``images [N, C, H, W]`` (or videos ``[N, C, F, H, W]``,
+    frames folded into channels) averaged over blocks of pixels to ``size × size`` (area resampling;
+    exact block means when ``size`` divides ``H`` and ``W``)."""
+    if images.dim() < 4:
+        raise ValueError(f"images must be [N, C, H, W] or [N, C, F, H, W], got shape {tuple(images.shape)}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    flat = images.reshape(images.shape[0], -1, images.shape[-2], images.shape[-1]).float()
+    return F.adaptive_avg_pool2d(flat, size)
