@@ -38,7 +38,7 @@ from branchgrpo.train.signals import STOP_SIGNALS, StartupInterrupted, can_handl
 from branchgrpo.train.streams import PromptSampler, RandomStream, iteration_generator
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
-from branchgrpo.tree.diversity_bonus import coarse_images, group_diversity_bonus
+from branchgrpo.tree.diversity_bonus import bonus_images, group_diversity_bonus
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
@@ -221,7 +221,7 @@ class Trainer:
     def _rollout_then_score(self, prompts: list[str], conditioning, groups: range,
                             times: dict[str, float]) -> tuple[RolloutTree, RewardOutput, torch.Tensor | None]:
         """Every prompt group rolled out at once, then its leaves decoded and scored (and, for an
-        image-space diversity bonus, their :meth:`_coarse` copies)."""
+        image-space diversity bonus, their :func:`bonus_images`)."""
         start = time.perf_counter()
         tree = self._rollout(conditioning, groups)
         times["rollout"] = time.perf_counter() - start
@@ -229,18 +229,10 @@ class Trainer:
         leaf_prompts = [prompts[int(g)] for g in tree.group[-1]]
         with torch.no_grad():
             outputs = self.model.decode(tree.leaf_x0)
-        coarse = self._coarse(outputs)
+        coarse = bonus_images(outputs, self.config.method.advantage)
         scored = score_rewards(self.reward, outputs, leaf_prompts, tree.group[-1], self.config.reward.batch_size)
         times["reward"] = time.perf_counter() - start
         return tree, scored, coarse
-
-    def _coarse(self, outputs) -> torch.Tensor | None:
-        """The decoded leaves averaged to ``advantage.diversity_image_size``² pixels when the diversity
-        bonus is measured in image space (docs/beyond-the-paper.md §5); otherwise None."""
-        advantage = self.config.method.advantage
-        if advantage.diversity_bonus <= 0 or advantage.diversity_space != "image":
-            return None
-        return coarse_images(outputs, advantage.diversity_image_size)
 
     def _rollout_while_scoring(self, prompts: list[str], conditioning, groups: range,
                                times: dict[str, float]) -> tuple[RolloutTree, RewardOutput, torch.Tensor | None]:
@@ -255,7 +247,7 @@ class Trainer:
             chunk = self._rollout(select_conditioning(conditioning, rows), groups[first : first + len(rows)])
             with torch.no_grad():
                 outputs = self.model.decode(chunk.leaf_x0)
-            coarse.append(self._coarse(outputs))
+            coarse.append(bonus_images(outputs, self.config.method.advantage))
             leaf_groups = chunk.group[-1] + first
             pending.append(self._reward_worker.submit(outputs, [prompts[int(g)] for g in leaf_groups], leaf_groups))
             trees.append(chunk)

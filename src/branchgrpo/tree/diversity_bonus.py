@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from branchgrpo.diversity import pairwise_distances
+from branchgrpo.tree.spec import AdvantageSpec
 
 
 def group_diversity_bonus(leaves: Tensor, group: Tensor, weight: float) -> Tensor:
@@ -64,3 +65,11 @@ def coarse_images(images: Tensor, size: int) -> Tensor:
         raise ValueError(f"size must be >= 1, got {size}")
     flat = images.reshape(images.shape[0], -1, images.shape[-2], images.shape[-1]).float()
     return F.adaptive_avg_pool2d(flat, size)
+
+
+def bonus_images(images: Tensor, advantage: AdvantageSpec) -> Tensor | None:
+    """What the image-space bonus measures of the decoded leaves (:func:`coarse_images` at
+    ``advantage.diversity_image_size``); None when the bonus is off or measured on latents."""
+    if advantage.diversity_bonus <= 0 or advantage.diversity_space != "image":
+        return None
+    return coarse_images(images, advantage.diversity_image_size)
