@@ -6,7 +6,9 @@ import pytest
 import torch
 from policies import tiny_flux, tiny_flux_conditioning
 
+from branchgrpo.config import ConfigError
 from branchgrpo.families import ModelFamily, PolicyBundle, register_family
+from branchgrpo.rewards import Reward
 from branchgrpo.train.config import load_train_config
 from branchgrpo.train.trainer import PromptSampler, Trainer
 from branchgrpo.tree.dump import load_tree
@@ -261,3 +263,52 @@ def test_image_space_diversity_bonus_reads_the_decoded_leaves(tmp_path, monkeypa
     assert torch.allclose(on, off + expected, atol=1e-12)
     latent = group_diversity_bonus(tree_on.leaf_x0, tree_on.group[-1], 0.5)
     assert not torch.allclose(expected, latent, atol=1e-3)  # a different space, not the latents relabelled
+
+
+class EmbeddingBrightness(Reward):
+    """Brightness with an embedding (the mean of each channel's quadrants): a reward-space bonus test."""
+
+    name, embeds, input_channels = "brightness-embedded", True, None
+
+    def _score(self, images, prompts):
+        return images.flatten(1).mean(dim=1)
+
+    def _embed(self, images, prompts):
+        self.prompts = prompts
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1) + 0.1
+
+
+def test_reward_space_diversity_bonus_reads_the_rewards_embedding(tmp_path, monkeypatch):
+    """``advantage.diversity_space=reward``: the bonus is :func:`group_diversity_bonus` of the reward's
+    :meth:`Reward.embed` of the decoded leaves (one prompt each); a reward without one is refused at start."""
+    import branchgrpo.train.trainer as trainer_module
+    from branchgrpo.tree.diversity_bonus import group_diversity_bonus
+
+    seen = []
+    real = trainer_module.score_tree
+    monkeypatch.setattr(trainer_module, "score_tree", lambda tree, rewards, *a, **k: seen.append((tree, rewards))
+                        or real(tree, rewards, *a, **k))
+    reward = EmbeddingBrightness()
+    for name, bonus in (("off", 0.0), ("reward", 0.5)):
+        config = load_train_config(None, "branchgrpo", [
+            f"run.output_dir={tmp_path / name}", "run.progress=false", "run.tensorboard=false", "run.dump_tree_every=0",
+            "data.prompts_per_iteration=2", "eval.samples_per_prompt=2", "tree.steps=6", "run.device=cpu",
+            "update.updates_per_iteration=1", "split_plan=0:2,2:2", f"advantage.diversity_bonus={bonus}",
+            "advantage.diversity_space=reward"])
+        trainer = Trainer(config, model=tiny_generator(), reward=reward)
+        trainer.step()
+    (tree_off, off), (tree_on, on) = seen
+    assert torch.equal(tree_off.leaf_x0, tree_on.leaf_x0)
+    with torch.no_grad():
+        images = trainer.model.decode(tree_on.leaf_x0)
+    leaf_prompts = reward.prompts  # the last embed call: every leaf with its own tree's prompt
+    assert len(leaf_prompts) == images.shape[0] and len(set(leaf_prompts)) == 2
+    assert all(leaf_prompts[i] == leaf_prompts[j] for i in range(len(leaf_prompts)) for j in range(len(leaf_prompts))
+               if tree_on.group[-1][i] == tree_on.group[-1][j])
+    embedded = reward.embed(images, leaf_prompts)
+    expected = group_diversity_bonus(embedded, tree_on.group[-1], 0.5)
+    assert expected.abs().max() > 0
+    assert torch.allclose(on, off + expected, atol=1e-12)
+    with pytest.raises(ConfigError, match="advantage.diversity_space: 'reward' needs a reward with an image embedding"):
+        make_trainer(tmp_path / "plain", "branchgrpo", "split_plan=0:2,2:2", "advantage.diversity_bonus=0.5",
+                     "advantage.diversity_space=reward")

@@ -159,3 +159,15 @@ def test_missing_and_wrong_checkpoints(specs, tmp_path):
         build_reward("aesthetic", str(tmp_path / "garbage.pth"), **specs["aesthetic"].options)
     with pytest.raises(RewardError, match="no option 'procesor'"):
         build_reward("pickscore", specs["pickscore"].checkpoint, procesor="x")
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip"])
+def test_embedding_is_the_upstream_image_feature(specs, name):
+    """``embed`` (advantage.diversity_space=reward) is the normalised CLIP image feature the score uses."""
+    images, pil = _images(seed=2)
+    _, image_embs, _ = _upstream_embeddings(specs[name].checkpoint, pil, PROMPTS)
+    reward = specs[name].build()
+    assert reward.embeds
+    got = reward.embed(images, PROMPTS)
+    assert got.shape == image_embs.shape
+    torch.testing.assert_close(got, image_embs, atol=1e-5, rtol=1e-5)

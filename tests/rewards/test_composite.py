@@ -165,3 +165,51 @@ def test_digits_checkpoint_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"config": {"width": 16, "hidden": 64, "dropout": 0.25}}')
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*does not match the reward's architecture"):
         build_reward("digits", str(tmp_path))
+
+
+def test_digits_embedding_is_the_classifiers_last_hidden_layer():
+    """``embed`` (advantage.diversity_space=reward): the classifier's last hidden layer, unit-normalised,
+    computed here layer by layer from its weights; the logits are read from it."""
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    reward = build_reward("digits")
+    assert reward.embeds
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(5, 1, 16, 16, generator=gen)
+    prompts = ["a handwritten 7"] * 5
+    convs = [m for m in reward.classifier.features if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in reward.classifier.head if isinstance(m, torch.nn.Linear)]
+    x = images * 2.0 - 1.0
+    x = F.max_pool2d(F.relu(F.conv2d(F.relu(F.conv2d(x, convs[0].weight, convs[0].bias, padding=1)),
+                                     convs[1].weight, convs[1].bias, padding=1)), 2)
+    x = F.max_pool2d(F.relu(F.conv2d(x, convs[2].weight, convs[2].bias, padding=1)), 2)
+    hidden = F.relu(F.linear(x.flatten(1), linears[0].weight, linears[0].bias))
+    got = reward.embed(images, prompts)
+    torch.testing.assert_close(got, F.normalize(hidden, dim=-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(5))
+    probs = F.linear(hidden, linears[1].weight, linears[1].bias).softmax(-1)[:, 7]
+    torch.testing.assert_close(reward(images, prompts), probs, atol=1e-6, rtol=1e-5)
+
+
+def test_embedding_of_a_list_and_of_a_reward_without_one():
+    """A weighted list embeds as its components that have an embedding, joined and renormalised;
+    a reward without one refuses by name."""
+    import torch.nn.functional as F
+
+    digits = build_reward("digits")
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    prompts = ["the digit 3"] * 4
+    plain = FixedReward("table", [0.1, 0.2, 0.3, 0.4])
+    assert not plain.embeds
+    with pytest.raises(RewardError, match="reward 'table' has no image embedding"):
+        plain.embed(images, prompts)
+    assert CompositeReward({"d": digits, "t": plain}, {"d": 1.0, "t": 1.0}).embeds
+    joined = CompositeReward({"d": digits, "t": plain}, {"d": 1.0, "t": 1.0}).embed(images, prompts)
+    torch.testing.assert_close(joined, digits.embed(images, prompts))  # one part: itself
+    two = CompositeReward({"a": digits, "b": digits}, {"a": 1.0, "b": 2.0}).embed(images, prompts)
+    part = digits.embed(images, prompts)
+    torch.testing.assert_close(two, F.normalize(torch.cat([part, part], dim=-1), dim=-1))
+    torch.testing.assert_close(two, torch.cat([part, part], dim=-1) / math.sqrt(2))
+    with pytest.raises(RewardError, match="no component has an image embedding"):
+        CompositeReward({"t": plain}, {"t": 1.0}).embed(images, prompts)

@@ -85,3 +85,14 @@ def test_hps_checkpoint_errors(spec, tmp_path):
     torch.save({"state_dict": state}, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match=r"broken\.pt.*missing keys.*text_projection"):
         build_reward("hps", str(tmp_path / "broken.pt"), **spec.options)
+
+
+def test_hps_embedding_is_the_upstream_image_feature(spec):
+    """``embed`` (advantage.diversity_space=reward) is HPSv2's normalised image feature."""
+    images, pil = _images((32, 32), seed=3)
+    model, preprocess_val, _ = _upstream(spec)
+    with torch.no_grad():
+        expected = torch.cat([model.encode_image(preprocess_val(p).unsqueeze(0), normalize=True) for p in pil])
+    reward = spec.build()
+    assert reward.embeds
+    torch.testing.assert_close(reward.embed(images, PROMPTS), expected, atol=1e-5, rtol=1e-5)

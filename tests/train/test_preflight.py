@@ -425,3 +425,22 @@ def test_hpdv2_json_to_prompt_files(tmp_path, capsys):
     (source / "photo.json").write_text('{"not": "a list"}')
     assert script.main(["--from", str(source), "--out", str(tmp_path / "bad")]) == 1
     assert "expected a JSON list of prompt strings" in capsys.readouterr().err
+
+
+def test_a_reward_space_diversity_bonus_needs_a_reward_with_an_embedding():
+    """``advantage.diversity_space=reward`` with a reward that has no image embedding is one line, before
+    anything loads; digits (and a list with one embedding component) passes."""
+    from branchgrpo.train.components import reward_problems
+
+    bonus = ["advantage.diversity_bonus=0.1", "advantage.diversity_space=reward"]
+    shapes = load_train_config(None, "branchgrpo", ["model.family=shapes", "reward.name=shapes", *bonus])
+    [problem] = map(str, reward_problems(shapes, "image"))
+    assert problem.startswith("advantage.diversity_space: 'reward' measures the bonus in the reward model's image "
+                              "embedding, which reward.name='shapes' does not have; rewards with one: ")
+    assert all(name in problem for name in ("hps", "pickscore", "clip", "digits")) and "'shapes'" in problem
+    assert "geneval" not in problem.split("rewards with one: ")[1]
+    digits = load_train_config(None, "branchgrpo", bonus)
+    assert reward_problems(digits, "image") == []
+    off = load_train_config(None, "branchgrpo", ["model.family=shapes", "reward.name=shapes",
+                                                 "advantage.diversity_space=reward"])
+    assert reward_problems(off, "image") == []  # bonus off: the space is not used

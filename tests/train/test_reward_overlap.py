@@ -67,6 +67,20 @@ class RankInGroup(Reward):
         return RewardOutput(total=ranks, components={self.name: ranks})
 
 
+class Embedded(Reward):
+    """Image mean with an embedding (each channel's quadrant means): the reward-space diversity bonus."""
+
+    name = "overlap-embedded"
+    input_channels = None
+    embeds = True
+
+    def _score(self, images, prompts):
+        return images.flatten(1).mean(dim=1)
+
+    def _embed(self, images, prompts):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1) + 0.1
+
+
 class Broken(Reward):
     name = "overlap-broken"
     input_channels = None
@@ -85,6 +99,7 @@ register_reward("overlap-spread", _factory(lambda: as_reward(image_spread, name=
                 needs_checkpoint=False)
 register_reward("overlap-rank", _factory(RankInGroup), needs_checkpoint=False)
 register_reward("overlap-broken", _factory(Broken), needs_checkpoint=False)
+register_reward("overlap-embedded", _factory(Embedded), needs_checkpoint=False, embeds=True)
 
 # a weighted list normalised over the whole batch: chunks must be combined once, not one by one
 BATCH_NORMALISED = ["reward.name=overlap-mean:1.0,overlap-spread:0.5", "reward.normalize=batch"]
@@ -144,13 +159,15 @@ def test_thread_overlap_gives_the_serial_iteration_bit_for_bit(tmp_path, monkeyp
         assert_identical(overlapped, serial)
 
 
-def test_image_space_diversity_bonus_is_the_same_with_overlap(tmp_path, monkeypatch):
-    """The image-space bonus reads the decoded leaves chunk by chunk under overlap; joined, they are
-    the serial iteration's, so every leaf reward (reward + bonus) is too."""
-    bonus = ["advantage.diversity_bonus=0.3", "advantage.diversity_space=image", "advantage.diversity_image_size=2"]
-    serial = one_iteration(tmp_path / "serial", monkeypatch, *BATCH_NORMALISED, *bonus)
+@pytest.mark.parametrize("space", ["image", "reward"])
+def test_image_and_reward_space_diversity_bonus_is_the_same_with_overlap(tmp_path, monkeypatch, space):
+    """The image- or reward-space bonus reads the decoded leaves chunk by chunk under overlap; joined,
+    they are the serial iteration's, so every leaf reward (reward + bonus) is too."""
+    bonus = ["advantage.diversity_bonus=0.3", f"advantage.diversity_space={space}", "advantage.diversity_image_size=2"]
+    reward = BATCH_NORMALISED if space == "image" else ["reward.name=overlap-mean:1.0,overlap-embedded:0.5"]
+    serial = one_iteration(tmp_path / "serial", monkeypatch, *reward, *bonus)
     assert serial["metrics"]["diversity_bonus_std"] > 0.01  # the bonus is on and differs between leaves
-    overlapped = one_iteration(tmp_path / "overlap", monkeypatch, *BATCH_NORMALISED, *bonus, "reward.overlap=true",
+    overlapped = one_iteration(tmp_path / "overlap", monkeypatch, *reward, *bonus, "reward.overlap=true",
                                "reward.overlap_chunk=2")
     assert_identical(overlapped, serial)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from branchgrpo.config import ConfigError
-from branchgrpo.tree.diversity_bonus import coarse_images, group_diversity_bonus
+from branchgrpo.tree.diversity_bonus import bonus_space, check_bonus_space, coarse_images, group_diversity_bonus
 from branchgrpo.tree.spec import AdvantageSpec
 
 
@@ -69,7 +69,7 @@ def test_config_refuses_bad_weights(bad):
 
 @pytest.mark.parametrize("bad", ["pixels", "", None])
 def test_config_refuses_bad_spaces(bad):
-    with pytest.raises(ConfigError, match="advantage.diversity_space: must be 'latent' or 'image'"):
+    with pytest.raises(ConfigError, match="advantage.diversity_space: must be 'latent', 'image' or 'reward'"):
         AdvantageSpec(diversity_space=bad)
 
 
@@ -120,3 +120,38 @@ def test_speckle_earns_a_latent_bonus_but_no_image_bonus():
     assert torch.equal(group_diversity_bonus(coarse[:3], group[:3], 1.0), torch.zeros(3, dtype=torch.float64))
     image = group_diversity_bonus(coarse, group, 1.0)
     assert bool((image[3] > image[:3]).all()) and torch.allclose(image[:3], image[0].expand(3))
+
+
+class _Embedding:
+    """A stand-in reward with an embedding: records what it was asked to embed."""
+
+    name, embeds = "stand-in", True
+
+    def __init__(self):
+        self.calls = []
+
+    def embed(self, images, prompts):
+        self.calls.append((images, list(prompts)))
+        return torch.nn.functional.normalize(images.flatten(1)[:, :3], dim=-1)
+
+
+def test_bonus_space_reads_latents_coarse_images_or_the_reward_embedding():
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a", "a", "b", "b"]
+    reward = _Embedding()
+    assert bonus_space(images, prompts, AdvantageSpec(diversity_bonus=0.2), reward) is None  # latent: the trainer's
+    assert bonus_space(images, prompts, AdvantageSpec(diversity_space="reward"), reward) is None  # off
+    coarse = bonus_space(images, prompts, AdvantageSpec(diversity_bonus=0.2, diversity_space="image",
+                                                        diversity_image_size=2), reward)
+    assert torch.equal(coarse, coarse_images(images, 2)) and not reward.calls
+    got = bonus_space(images, prompts, AdvantageSpec(diversity_bonus=0.2, diversity_space="reward"), reward)
+    assert torch.equal(got, reward.embed(images, prompts)) and reward.calls[0][1] == prompts
+
+
+def test_a_reward_space_bonus_needs_a_reward_with_an_embedding():
+    spec = AdvantageSpec(diversity_bonus=0.2, diversity_space="reward")
+    check_bonus_space(spec, _Embedding())
+    check_bonus_space(AdvantageSpec(diversity_space="reward"), lambda images, prompts: images.mean())  # off: fine
+    with pytest.raises(ConfigError, match="advantage.diversity_space: 'reward' needs a reward with an image "
+                                          "embedding.*'brightness' has none"):
+        check_bonus_space(spec, type("Plain", (), {"name": "brightness", "embeds": False})())

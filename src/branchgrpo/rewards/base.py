@@ -105,6 +105,7 @@ class Reward:
     needs_groups: bool = False  # True: scores depend on the whole prompt group (pairwise judges); scored unbatched
     input_channels: int | None = 3  # None: any channel count (e.g. the remote client)
     clamp_inputs: bool = True  # decoded images may overshoot [0, 1] slightly; upstream PIL paths clamp
+    embeds: bool = False  # True: :meth:`embed` gives the reward model's image embedding (implements ``_embed``)
 
     def __init__(self, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32"):
         self.device = resolve_device(device)
@@ -152,6 +153,25 @@ class Reward:
         if scores.shape[0] != images.shape[0]:
             raise RewardError(f"reward {self.name!r} returned {scores.shape[0]} scores for {images.shape[0]} images")
         return scores.to(images.device)
+
+    def embed(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """``[B, D]`` float32 unit vectors on the images' device: the reward model's own embedding of
+        each image, the space in which it tells images apart (for ``advantage.diversity_space=reward``).
+        Only rewards with ``embeds = True`` have one."""
+        if not self.embeds:
+            raise RewardError(f"reward {self.name!r} has no image embedding (rewards with one declare embeds = True)")
+        prompts = self.check_inputs(images, prompts)
+        if images.shape[0] == 0:
+            return torch.zeros(0, 0, dtype=torch.float32, device=images.device)
+        with torch.no_grad():
+            features = self._embed(self._prepare(images), prompts).detach().float()
+        if features.ndim != 2 or features.shape[0] != images.shape[0]:
+            raise RewardError(f"reward {self.name!r} embedded {images.shape[0]} images as {tuple(features.shape)}, "
+                              f"expected [{images.shape[0]}, D]")
+        return torch.nn.functional.normalize(features, dim=-1).to(images.device)
+
+    def _embed(self, images: Tensor, prompts: list[str]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     # -- the one contract the trainer uses: components per batch, combined once per iteration --
     def components(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:

@@ -150,7 +150,17 @@ class HFClipReward(Reward):
         return (self.image_features(images) * self.text_features(prompts)).sum(dim=-1)
 
 
-class PickScoreReward(HFClipReward):
+class _EmbedsClipImage:
+    """Mixin of the CLIP rewards whose score compares image and text features: their embedding is
+    the image feature they score with."""
+
+    embeds = True
+
+    def _embed(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.image_features(images)
+
+
+class PickScoreReward(_EmbedsClipImage, HFClipReward):
     """PickScore v1: ``logit_scale.exp() * cos(image, text)`` (CLIP ViT-H/14 fine-tuned on Pick-a-Pic).
 
     ``checkpoint``: the ``yuvalkirstain/PickScore_v1`` folder; ``processor``: the folder of
@@ -166,7 +176,7 @@ class PickScoreReward(HFClipReward):
         return check_finite(self.name, scale * self.cosine(images, prompts))
 
 
-class ClipScoreReward(HFClipReward):
+class ClipScoreReward(_EmbedsClipImage, HFClipReward):
     """CLIP score: ``scale * cos(image, text)`` (default scale 100, as torchmetrics' CLIPScore).
 
     ``clamp=True`` also clamps at 0 as torchmetrics does (default off: the sign carries signal).

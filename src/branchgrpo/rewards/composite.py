@@ -21,7 +21,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from branchgrpo.rewards.base import Reward, RewardOutput, check_video_inputs
+from branchgrpo.rewards.base import Reward, RewardError, RewardOutput, check_video_inputs
 
 Normalize = Literal["none", "group", "batch"]
 
@@ -132,6 +132,7 @@ class CompositeReward(Reward):
                 "For videos, average an image reward over frames with 'frames' (option image_reward=NAME)"
             )
         self.modality = "video" if videos else "image"
+        self.embeds = any(getattr(r, "embeds", False) for r in self.rewards.values())
 
     def __repr__(self) -> str:
         return f"CompositeReward({self.name!r}, normalize={self.normalize!r})"
@@ -145,6 +146,14 @@ class CompositeReward(Reward):
     def components(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Raw scores of every component ``{name: [B]}`` (float32, on the images' device)."""
         return {name: reward(images, prompts) for name, reward in self.rewards.items()}
+
+    def embed(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """The components' embeddings (those that have one), joined and renormalised: each unit vector
+        weighs the same in the joined distance."""
+        parts = [reward.embed(images, prompts) for reward in self.rewards.values() if getattr(reward, "embeds", False)]
+        if not parts:
+            raise RewardError(f"reward list {self.name!r}: no component has an image embedding")
+        return torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
 
     def combine(self, components: Mapping[str, Tensor], group_ids: Tensor | None = None) -> RewardOutput:
         """Weighted (normalised) sum of raw component scores computed earlier."""

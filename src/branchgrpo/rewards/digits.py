@@ -26,6 +26,7 @@ class DigitsReward(Reward):
 
     name = "digits"
     input_channels = 1
+    embeds = True  # the classifier's last hidden layer
 
     def __init__(self, checkpoint: str | Path | None = None, *, device="cpu", dtype="float32"):
         super().__init__(device, dtype)
@@ -68,3 +69,8 @@ class DigitsReward(Reward):
         digits = torch.tensor([self._parse_digit(p) for p in prompts], dtype=torch.long)
         pixels = (images * 2.0 - 1.0).to(self.dtype)
         return self._digit_probability(self.classifier, pixels, digits).float()
+
+    def _embed(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """The classifier's last hidden layer (after its ReLU), the features its logits are read from."""
+        pixels = (images * 2.0 - 1.0).to(self.dtype)
+        return self.classifier.head[:-1](self.classifier.features(pixels))

@@ -62,6 +62,7 @@ class HPSReward(Reward):
     """
 
     name = "hps"
+    embeds = True  # the open_clip image feature it scores with
 
     def __init__(
         self,
@@ -102,9 +103,11 @@ class HPSReward(Reward):
         tokens = self.tokenizer(prompts).to(self.device)
         return self.model.encode_text(tokens, normalize=True).float()
 
+    def _embed(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.model.encode_image(self.preprocess(images).to(self.dtype), normalize=True).float()
+
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        pixels = self.preprocess(images).to(self.dtype)
-        image_features = self.model.encode_image(pixels, normalize=True).float()
+        image_features = self._embed(images, prompts)
         text_features = self._text_cache.lookup(prompts, self._encode_text)
         return check_finite(self.name, (image_features * text_features).sum(dim=-1))
 

@@ -93,6 +93,7 @@ class RewardInfo:
     families: tuple[str, ...] | None  # model families it scores (None: any)
     options: tuple[str, ...] | None  # keyword options its factory takes (None: any)
     fetch: str | None = None  # the command that fetches its checkpoint ({path}/{folder}/{parent}: see fetch_hint)
+    embeds: bool = False  # it has an image embedding (Reward.embed; advantage.diversity_space=reward)
 
     def fetch_hint(self, checkpoint: str) -> str | None:
         """:attr:`fetch` for the configured ``checkpoint``: ``{path}`` is it, ``{folder}`` it when it names a
@@ -120,12 +121,14 @@ def register_reward(
     needs_checkpoint: bool | None = None,
     families: Sequence[str] | None = None,
     fetch: str | None = None,
+    embeds: bool | None = None,
 ) -> None:
     """Register ``factory(checkpoint=..., device=..., dtype=..., **options) -> Reward`` under ``name``
     (or ``"module:Class"``, imported on first use). ``modality`` (``"image"``/``"video"``) and
     ``needs_checkpoint`` default to the factory's class attributes, else to ``"image"`` and to whether
     its ``checkpoint`` parameter lacks a default. ``fetch``: the command that fetches the checkpoint,
     printed when it is missing (``{path}``, ``{folder}``, ``{parent}``: see :meth:`RewardInfo.fetch_hint`).
+    ``embeds``: the reward has an image embedding (:meth:`Reward.embed`; default: the factory's class attribute).
     Then ``reward.name=<name>`` works in configs."""
     if not name or "," in name or ":" in name:
         raise ValueError(f"reward name {name!r} must be non-empty without ',' or ':'")
@@ -133,7 +136,7 @@ def register_reward(
         raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
     _REGISTRY[name] = (factory, description)
     meta = {"modality": modality, "needs_checkpoint": needs_checkpoint,
-            "families": tuple(families) if families is not None else None, "fetch": fetch}
+            "families": tuple(families) if families is not None else None, "fetch": fetch, "embeds": embeds}
     _META[name] = {k: v for k, v in meta.items() if v is not None}
 
 
@@ -157,7 +160,8 @@ def reward_info(name: str) -> RewardInfo:
     else:
         needs = _checkpoint_required(factory)
     return RewardInfo(name=name, description=_REGISTRY[name][1], modality=modality, needs_checkpoint=needs,
-                      families=meta.get("families"), options=_option_names(factory), fetch=meta.get("fetch"))
+                      families=meta.get("families"), options=_option_names(factory), fetch=meta.get("fetch"),
+                      embeds=bool(meta.get("embeds", getattr(factory, "embeds", False))))
 
 
 def _checkpoint_required(factory: Callable[..., Any]) -> bool:

@@ -167,6 +167,7 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
     except RewardSpecError as err:
         return [ConfigError("reward.name", str(err))]
     problems: list[ConfigError] = []
+    embedding: list[bool] = []  # per known reward name: has an image embedding
     if not single:
         extra = sorted(set(reward.checkpoints) - set(names)) + sorted(set(reward.options) - set(names))
         if extra:
@@ -184,6 +185,7 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
         except (ImportError, AttributeError, RewardError) as err:
             problems.append(ConfigError("reward.name", f"reward {name!r} cannot be imported: {err}"))
             continue
+        embedding.append(info.embeds)
         options = reward.options if single else (reward.options.get(name) or {})
         checkpoint = reward.checkpoint if single else reward.checkpoints.get(name)
         if not isinstance(options, dict):
@@ -223,7 +225,22 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
             how = f"fetch it with `{fetch}`" if fetch else "see docs/rewards.md"
             problems.append(ConfigError(prefix_ckpt, f"checkpoint {checkpoint} for reward {name!r} does not exist; "
                                         f"{how}"))
+    advantage = config.method.advantage
+    if advantage.diversity_bonus > 0 and advantage.diversity_space == "reward" and embedding and not any(embedding):
+        with_one = [n for n in known if _embeds(n)]
+        problems.append(ConfigError("advantage.diversity_space", f"'reward' measures the bonus in the reward model's "
+                                    f"image embedding, which reward.name={reward.name!r} does not have; rewards with "
+                                    f"one: {', '.join(with_one)} (or use 'latent' or 'image')"))
     return problems
+
+
+def _embeds(name: str) -> bool:
+    from branchgrpo.rewards.registry import reward_info
+
+    try:
+        return reward_info(name).embeds
+    except (ImportError, AttributeError, RewardError):
+        return False
 
 
 def _rule_problems(name: str, options: dict, prefix: str, checkpoint=None) -> list[ConfigError]:

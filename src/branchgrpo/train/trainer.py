@@ -38,7 +38,7 @@ from branchgrpo.train.signals import STOP_SIGNALS, StartupInterrupted, can_handl
 from branchgrpo.train.streams import PromptSampler, RandomStream, iteration_generator
 from branchgrpo.train.run_folder import RunFolder, Start, check_run_folder, plan_start
 from branchgrpo.train.weights import NonFiniteWeightsError, atomic_save_safetensors, nonfinite_tensors, save_weights
-from branchgrpo.tree.diversity_bonus import bonus_images, group_diversity_bonus
+from branchgrpo.tree.diversity_bonus import bonus_space, check_bonus_space, group_diversity_bonus
 from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_tree
 from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
@@ -63,11 +63,9 @@ class Trainer:
         """Parts are built from ``config`` unless given: ``model`` (a :class:`PolicyBundle`) and
         ``reward`` (a :class:`~branchgrpo.rewards.Reward` or a callable ``(images, prompts) -> [B]``).
         Whatever is given is recorded in the run's ``config.yaml`` (``model.family``, ``reward.name``),
-        so ``eval``/``sample`` can rebuild it when it is registered (see docs/api.md).
-
-        Nothing is written here: the job and its run folder are checked before any model loads
-        (:func:`validate_job`, :func:`check_run_folder`), and SIGTERM/SIGUSR1 during this start-up
-        raise :class:`StartupInterrupted` at once."""
+        so ``eval``/``sample`` can rebuild it when it is registered (see docs/api.md). Nothing is written
+        here: the job and its run folder are checked before any model loads (:func:`validate_job`,
+        :func:`check_run_folder`); SIGTERM/SIGUSR1 during this start-up raise :class:`StartupInterrupted`."""
         with interrupt_on_stop_signals():
             self._build(config, model, reward)
 
@@ -93,6 +91,7 @@ class Trainer:
         resolve_micro_batches(config, self.device)  # a ready model skips build_policy; a no-op once resolved
         apply_speed_settings(config.model, self.model)
         self.reward: Reward = reward if reward is not None else build_reward(config, self.model, self.device)
+        check_bonus_space(config.method.advantage, self.reward)
         self.compute_dtype = compute_dtype(config, self.device)
         use_master_weights(self.model, self.compute_dtype)
         self.dist.broadcast_module(self.model.trainable)
@@ -149,13 +148,13 @@ class Trainer:
             method.tree.split_plan = dict(self.placement.plan)
         bundle.policy.eval()
         rollout_and_score = self._rollout_while_scoring if cfg.reward.overlap else self._rollout_then_score
-        tree, scored, coarse = rollout_and_score(prompts, conditioning, groups, times)
+        tree, scored, bonus_points = rollout_and_score(prompts, conditioning, groups, times)
 
         start = time.perf_counter()
         leaf_rewards = scored.total.to(torch.float64)
         bonus = None
         if method.advantage.diversity_bonus > 0:  # docs/beyond-the-paper.md §5: trained on, never logged as reward
-            space = tree.leaf_x0 if coarse is None else coarse
+            space = tree.leaf_x0 if bonus_points is None else bonus_points
             bonus = group_diversity_bonus(space, tree.group[-1], method.advantage.diversity_bonus).cpu()
             leaf_rewards = leaf_rewards + bonus
         scores = score_tree(
@@ -220,8 +219,7 @@ class Trainer:
 
     def _rollout_then_score(self, prompts: list[str], conditioning, groups: range,
                             times: dict[str, float]) -> tuple[RolloutTree, RewardOutput, torch.Tensor | None]:
-        """Every prompt group rolled out at once, then its leaves decoded and scored (and, for an
-        image-space diversity bonus, their :func:`bonus_images`)."""
+        """Every prompt group rolled out at once, then its leaves decoded and scored (and :func:`bonus_space`d)."""
         start = time.perf_counter()
         tree = self._rollout(conditioning, groups)
         times["rollout"] = time.perf_counter() - start
@@ -229,34 +227,35 @@ class Trainer:
         leaf_prompts = [prompts[int(g)] for g in tree.group[-1]]
         with torch.no_grad():
             outputs = self.model.decode(tree.leaf_x0)
-        coarse = bonus_images(outputs, self.config.method.advantage)
+        points = bonus_space(outputs, leaf_prompts, self.config.method.advantage, self.reward)
         scored = score_rewards(self.reward, outputs, leaf_prompts, tree.group[-1], self.config.reward.batch_size)
         times["reward"] = time.perf_counter() - start
-        return tree, scored, coarse
+        return tree, scored, points
 
     def _rollout_while_scoring(self, prompts: list[str], conditioning, groups: range,
                                times: dict[str, float]) -> tuple[RolloutTree, RewardOutput, torch.Tensor | None]:
         """``reward.overlap``: chunks of ``reward.overlap_chunk`` prompt groups rolled out and decoded
         one after another, each scored by the reward worker while the next rolls out; the chunks'
-        trees are merged and their rewards joined, as the one-shot rollout and scoring give them.
-        ``time/rollout`` covers rollout and decoding; ``time/reward`` the scoring not hidden behind them."""
+        trees are merged and their rewards joined, as the one-shot rollout and scoring give them. ``time/rollout``
+        covers rollout and decoding; ``time/reward`` the scoring not hidden behind them."""
         start = time.perf_counter()
-        trees, pending, coarse = [], [], []
+        trees, pending, points = [], [], []
         for first in range(0, len(prompts), self.config.reward.overlap_chunk):
             rows = torch.arange(first, min(first + self.config.reward.overlap_chunk, len(prompts)))
             chunk = self._rollout(select_conditioning(conditioning, rows), groups[first : first + len(rows)])
             with torch.no_grad():
                 outputs = self.model.decode(chunk.leaf_x0)
-            coarse.append(bonus_images(outputs, self.config.method.advantage))
             leaf_groups = chunk.group[-1] + first
-            pending.append(self._reward_worker.submit(outputs, [prompts[int(g)] for g in leaf_groups], leaf_groups))
+            leaf_prompts = [prompts[int(g)] for g in leaf_groups]
+            points.append(bonus_space(outputs, leaf_prompts, self.config.method.advantage, self.reward))
+            pending.append(self._reward_worker.submit(outputs, leaf_prompts, leaf_groups))
             trees.append(chunk)
         tree = merge_trees(trees)
         times["rollout"] = time.perf_counter() - start
         start = time.perf_counter()
         scored = join_reward_chunks(self.reward, [result.result() for result in pending], tree.group[-1])
         times["reward"] = time.perf_counter() - start
-        return tree, scored, (None if coarse[0] is None else torch.cat(coarse))
+        return tree, scored, (None if points[0] is None else torch.cat(points))
 
     @cached_property
     def _reward_worker(self) -> RewardWorker:

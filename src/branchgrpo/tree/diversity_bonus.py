@@ -13,7 +13,11 @@ features (which stay an independent measurement), neither needing an extra netwo
   channel (:func:`coarse_images`). A distance between full-resolution latents or pixels is cheap to
   buy with zero-mean speckle (measured on digits: the policy answered a latent bonus with pixel
   noise while every prompt's digits converged); averaging over blocks cancels such noise, so only
-  differences in layout, shape and colour earn the bonus.
+  differences in layout, shape and colour earn the bonus;
+- ``reward``: the reward model's own image embedding (:meth:`branchgrpo.rewards.Reward.embed`, unit
+  vectors: the digits classifier's last hidden layer, the CLIP image feature of clip, pickscore and
+  hps), the semantic space DiverseGRPO and DRIFT use, and one whose noise directions the reward
+  itself ignores. It costs one more pass of the reward's image tower per leaf.
 
 For leaf ``i`` of group ``g`` (the ``n_g`` leaves of one prompt), with ``x_i`` its final latent or
 coarse image:
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from branchgrpo.config import ConfigError
 from branchgrpo.diversity import pairwise_distances
 from branchgrpo.tree.spec import AdvantageSpec
 
@@ -67,9 +72,19 @@ def coarse_images(images: Tensor, size: int) -> Tensor:
     return F.adaptive_avg_pool2d(flat, size)
 
 
-def bonus_images(images: Tensor, advantage: AdvantageSpec) -> Tensor | None:
-    """What the image-space bonus measures of the decoded leaves (:func:`coarse_images` at
-    ``advantage.diversity_image_size``); None when the bonus is off or measured on latents."""
-    if advantage.diversity_bonus <= 0 or advantage.diversity_space != "image":
+def check_bonus_space(advantage: AdvantageSpec, reward) -> None:
+    """Refuse a reward-space bonus with a reward that has no image embedding (before any rollout)."""
+    if advantage.diversity_bonus > 0 and advantage.diversity_space == "reward" and not getattr(reward, "embeds", False):
+        raise ConfigError("advantage.diversity_space", f"'reward' needs a reward with an image embedding "
+                          f"(Reward.embeds); reward {getattr(reward, 'name', reward)!r} has none")
+
+
+def bonus_space(images: Tensor, prompts: list[str], advantage: AdvantageSpec, reward) -> Tensor | None:
+    """What the bonus measures of the decoded leaves ``images`` (one prompt each): their
+    :func:`coarse_images` at ``advantage.diversity_image_size`` (``image``), or ``reward.embed``
+    (``reward``); None when the bonus is off or measured on the latents."""
+    if advantage.diversity_bonus <= 0 or advantage.diversity_space == "latent":
         return None
+    if advantage.diversity_space == "reward":
+        return reward.embed(images, prompts)
     return coarse_images(images, advantage.diversity_image_size)

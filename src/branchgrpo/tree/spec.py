@@ -200,9 +200,10 @@ class AdvantageSpec:
     # λ of the intra-group diversity bonus added to each leaf's reward before fusion, in the
     # reward's units (docs/beyond-the-paper.md §5); 0 = off
     diversity_bonus: float = 0.0
-    # where the bonus measures distance: the final latents, or the decoded leaves averaged to
-    # diversity_image_size² pixels, where zero-mean pixel noise averages out
-    diversity_space: Literal["latent", "image"] = "latent"
+    # where the bonus measures distance: the final latents, the decoded leaves averaged to
+    # diversity_image_size² pixels (zero-mean pixel noise averages out), or the reward model's own
+    # image embedding (unit vectors; rewards that declare one: digits, clip, pickscore, hps)
+    diversity_space: Literal["latent", "image", "reward"] = "latent"
     # pixels per side of the decoded leaves in diversity_space=image (area averaging)
     diversity_image_size: int = 8
 
@@ -216,8 +217,9 @@ class AdvantageSpec:
         bonus = self.diversity_bonus
         if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not (math.isfinite(bonus) and bonus >= 0):
             raise ConfigError("advantage.diversity_bonus", f"must be a finite number >= 0 (0 = off), got {self.diversity_bonus!r}")
-        if self.diversity_space not in ("latent", "image"):
-            raise ConfigError("advantage.diversity_space", f"must be 'latent' or 'image', got {self.diversity_space!r}")
+        if self.diversity_space not in ("latent", "image", "reward"):
+            raise ConfigError("advantage.diversity_space",
+                              f"must be 'latent', 'image' or 'reward', got {self.diversity_space!r}")
         size = self.diversity_image_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError("advantage.diversity_image_size", f"must be an integer >= 1 (pixels per side), got {size!r}")
