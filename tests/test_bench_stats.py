@@ -9,13 +9,16 @@ import pytest
 from branchgrpo.bench_stats import (
     Interval,
     RunCurve,
+    efficiency_lines,
     first_crossing,
     format_interval,
+    intervals_separate,
     interpolate,
     learning_efficiency,
     mean_band,
     mean_interval,
     normalised_auc,
+    paired_differences,
     student_t_cdf,
     t_quantile,
     value_at_crossing,
@@ -246,3 +249,64 @@ def test_learning_efficiency_compares_diversity_at_the_reference_final_reward():
     assert result["methods"]["fast"]["diversity_ratio_at_reference_final"]["missing"] == 1
     assert old[0]["diversity_at_reference_final"] is None  # no per-evaluation diversity recorded
     assert result["methods"]["ref"]["diversity_at_reference_final"]["mean"] == pytest.approx((0.6 + 0.7) / 2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paired_differences_match_scipys_paired_t_test(seed):
+    """The interval of the seed-by-seed differences is the paired t interval (scipy's ttest_rel)."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    n = 4 + seed * 3
+    shared = rng.normal(0.5, 0.1, n)  # a seed's luck, shared by both runs
+    ours, theirs = shared + rng.normal(0.03, 0.02, n), shared
+    rows = [{"seed": k, "reward_at_equal_time": float(a), "reward_auc": float(a) / 2} for k, a in enumerate(ours)]
+    ref = [{"seed": k, "reward_at_equal_time": float(b), "reward_auc": float(b) / 2} for k, b in enumerate(theirs)]
+    paired = paired_differences(rows, ref)["reward_at_equal_time"]
+    ci = stats.ttest_rel(ours, theirs).confidence_interval(0.95)
+    assert paired["mean"] == pytest.approx(float(np.mean(ours - theirs)), abs=1e-12)
+    assert (paired["low"], paired["high"]) == (pytest.approx(float(ci.low), abs=1e-9), pytest.approx(float(ci.high), abs=1e-9))
+    assert paired["seeds_above"] == int(np.sum(ours - theirs > 0)) and paired["n"] == n
+
+
+def test_paired_differences_by_hand():
+    rows = [{"seed": 0, "reward_at_equal_time": 0.6, "reward_auc": 0.5},
+            {"seed": 1, "reward_at_equal_time": 0.62, "reward_auc": None},
+            {"seed": 2, "reward_at_equal_time": 0.51, "reward_auc": 0.4}]
+    ref = [{"seed": 0, "reward_at_equal_time": 0.5, "reward_auc": 0.5},
+           {"seed": 1, "reward_at_equal_time": 0.5, "reward_auc": 0.45},
+           {"seed": 2, "reward_at_equal_time": 0.4, "reward_auc": 0.3}]
+    out = paired_differences(rows, ref)
+    equal = out["reward_at_equal_time"]
+    assert equal["differences"] == pytest.approx([0.1, 0.12, 0.11]) and equal["seeds_above"] == 3
+    half = t_quantile(0.975, 2) * statistics.stdev([0.1, 0.12, 0.11]) / math.sqrt(3)  # 4.303 · 0.01 / √3
+    assert (equal["low"], equal["high"]) == (pytest.approx(0.11 - half), pytest.approx(0.11 + half))
+    assert equal["separated"] == 1  # 0.11 ± 0.025
+    auc = out["reward_auc"]  # one seed has no value: no mean, no verdict
+    assert auc["mean"] is None and auc["missing"] == 1 and auc["separated"] is None and auc["seeds_above"] == 1
+    below = paired_differences([{**r, "reward_at_equal_time": r["reward_at_equal_time"] - 0.3} for r in rows], ref)
+    assert below["reward_at_equal_time"]["separated"] == -1 and below["reward_at_equal_time"]["seeds_above"] == 0
+    mixed = paired_differences([{**r, "reward_at_equal_time": v} for r, v in zip(rows, (0.6, 0.4, 0.45))], ref)  # +0.1, −0.1, +0.05
+    assert mixed["reward_at_equal_time"]["separated"] == 0
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_differences(rows[::-1], ref)
+
+
+def test_intervals_separate():
+    a = {"low": 0.1, "high": 0.2}
+    assert intervals_separate(a, {"low": 0.21, "high": 0.3}) is True
+    assert intervals_separate({"low": 0.25, "high": 0.3}, a) is True
+    assert intervals_separate(a, {"low": 0.15, "high": 0.3}) is False
+    assert intervals_separate(a, {"low": None, "high": None}) is None
+
+
+def test_learning_efficiency_adds_the_paired_table():
+    curves = {
+        "ref": [RunCurve(k, [0.0, 10.0], [0.4, 0.5 + 0.01 * k]) for k in range(3)],
+        "tree": [RunCurve(k, [0.0, 5.0, 10.0], [0.4, 0.6, 0.56 + 0.02 * k]) for k in range(3)],
+    }
+    result = learning_efficiency(curves, "ref")
+    assert "paired" not in result["methods"]["ref"]
+    paired = result["methods"]["tree"]["paired"]["reward_at_equal_time"]
+    assert paired["differences"] == pytest.approx([0.06, 0.07, 0.08]) and paired["separated"] == 1
+    row = next(line for line in efficiency_lines(result) if line.startswith("| tree | 0.070"))
+    assert "| 3/3 | above |" in row

@@ -16,6 +16,12 @@ seed:
   right more often has fewer ways to be right, so end diversity alone mixes "bought reward" with
   "collapsed"; comparing every method at the same reward separates the two.
 
+Seeds pair the runs: every method's run with seed ``k`` starts from the same weights and samples as
+the reference's. :func:`paired_differences` gives, per method, the seed-by-seed differences from
+the reference (reward at equal wall-clock, reward AUC) with their mean and interval: machine drift and
+a seed's luck shared by both runs cancel, so this interval is the one that says whether a method
+beats the reference; separate (non-overlapping) per-method intervals are a stricter, weaker test.
+
 Over seeds, :func:`mean_interval` gives the mean and the two-sided Student-t interval
 ``mean ± t(1 − α/2, n − 1) · s / √n`` (``s`` the sample standard deviation); the t quantile comes
 from the exact closed-form CDF for integer degrees of freedom (:func:`student_t_cdf`).
@@ -272,11 +278,72 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
         summary = {key: mean_interval([row[key] for row in per_seed], confidence).as_dict()
                    for key in EFFICIENCY_METRICS}
         result["methods"][method] = {"per_seed": per_seed, **summary}
+    reference_rows = result["methods"][reference]["per_seed"]
+    for method, numbers in result["methods"].items():
+        if method != reference:
+            numbers["paired"] = paired_differences(numbers["per_seed"], reference_rows, confidence)
     return result
+
+
+PAIRED_METRICS = ("reward_at_equal_time", "reward_auc")
+
+
+def paired_differences(rows: Sequence[dict], reference_rows: Sequence[dict], confidence: float = 0.95) -> dict:
+    """Per :data:`PAIRED_METRICS` key: :func:`mean_interval` of ``rows[k][key] − reference_rows[k][key]``
+    over the seeds (``None`` where either run has no value), plus ``seeds_above`` (how many
+    differences are > 0) and ``separated``: the interval lies wholly above 0 (``1``), below (``-1``) or
+    holds 0 (``0``; ``None`` with one seed or a missing value)."""
+    if [r["seed"] for r in rows] != [r["seed"] for r in reference_rows]:
+        raise ValueError("paired differences need the same seeds in the same order")
+    out = {}
+    for key in PAIRED_METRICS:
+        diffs = [None if a[key] is None or b[key] is None else a[key] - b[key] for a, b in zip(rows, reference_rows)]
+        interval = mean_interval(diffs, confidence)
+        separated = None
+        if interval.low is not None:
+            separated = 1 if interval.low > 0 else -1 if interval.high < 0 else 0
+        out[key] = {**interval.as_dict(), "differences": diffs,
+                    "seeds_above": sum(1 for d in diffs if d is not None and d > 0), "separated": separated}
+    return out
+
+
+def intervals_separate(a: dict, b: dict) -> bool | None:
+    """Whether two :meth:`Interval.as_dict` intervals do not overlap (None when either has none)."""
+    if a["low"] is None or b["low"] is None:
+        return None
+    return a["low"] > b["high"] or b["low"] > a["high"]
 
 
 def _cell(value: float | None, digits: int, missing: str) -> str:
     return missing if value is None else f"{value:.{digits}f}"
+
+
+def _paired_lines(result: dict) -> list[str]:
+    """The paired table of :func:`efficiency_lines` (nothing when only the reference ran)."""
+    ref = result["reference"]
+    paired = {m: numbers["paired"] for m, numbers in result["methods"].items() if "paired" in numbers}
+    if not paired:
+        return []
+    verdict = {1: "above", -1: "below", 0: "not separated", None: "n/a"}
+    lines = ["", f"Paired with `{ref}` (the same seed's runs; cells: mean of the seed-by-seed differences [95 % "
+             "interval], how many seeds are above, and whether the interval excludes 0; \"separate intervals\": "
+             f"whether the method's and `{ref}`'s own intervals of the first table do not overlap):", "",
+             f"| method | reward at equal wall-clock − `{ref}` | seeds above | verdict | separate intervals | "
+             f"reward AUC − `{ref}` | seeds above | verdict |", "|---|---|---|---|---|---|---|---|"]
+    reference = result["methods"][ref]
+    for method, numbers in paired.items():
+        cells = []
+        for key in PAIRED_METRICS:
+            diff = numbers[key]
+            shown = format_interval(Interval(diff["mean"], diff["low"], diff["high"], diff["n"], diff["missing"]),
+                                    3, "n/a")
+            counted = f"{diff['seeds_above']}/{diff['n']}"
+            cells += [shown, counted, verdict[diff["separated"]]]
+            if key == "reward_at_equal_time":
+                apart = intervals_separate(result["methods"][method][key], reference[key])
+                cells.append({True: "yes", False: "no", None: "n/a"}[apart])
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def efficiency_lines(result: dict) -> list[str]:
@@ -314,6 +381,7 @@ def efficiency_lines(result: dict) -> list[str]:
         cells = [format_interval(Interval(**numbers[key]), digits.get(key, 3), missing[key])
                  for key in EFFICIENCY_METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += _paired_lines(result)
     lines += ["", "Per seed:", "",
               f"| method | seed | `{ref}` seconds | `{ref}` final reward | final seconds | "
               "reward at equal wall-clock | "
@@ -334,4 +402,4 @@ def efficiency_lines(result: dict) -> list[str]:
 
 __all__ = ["interpolate", "first_crossing", "value_at_crossing", "normalised_auc", "student_t_cdf", "t_quantile", "Interval",
            "mean_interval", "format_interval", "mean_band", "RunCurve", "learning_efficiency", "EFFICIENCY_METRICS",
-           "efficiency_lines"]
+           "efficiency_lines", "paired_differences", "PAIRED_METRICS", "intervals_separate"]

@@ -309,6 +309,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from branchgrpo.bench_runs import read_tuned, read_variants, resolve_runs
     from branchgrpo.tree.presets import TABLE1_PRESETS, list_presets
 
+    if args.combine:
+        from branchgrpo.bench_combine import CombineError, combine_benches
+
+        try:
+            combine_benches(args.combine, args.out)
+        except CombineError as err:
+            raise CliError(f"--combine: {err}") from None
+        print((Path(args.out) / "bench.md").read_text())
+        return 0
     if args.iterations < 1 or args.eval_every < 1:
         raise CliError("--iterations and --eval-every must be >= 1")
     if args.seeds < 1:
@@ -430,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", metavar="YAML",
                    help="named variants of presets, LABEL: {preset: NAME, overrides: [key=value, ...]}; --methods "
                         "may name them (e.g. one preset with and without a KL term)")
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="train nothing: pool the seeds of finished bench folders (same methods and settings, "
+                        "disjoint seeds) into one learning-efficiency table in --out")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every method")
     p.set_defaults(func=cmd_bench)

@@ -1,0 +1,112 @@
+"""`branchgrpo bench --combine`: pool the seeds of finished benches into one learning-efficiency table.
+
+A bench with many seeds takes hours on a small machine; run it as several benches over disjoint
+seeds (``run.seed=0 --seeds 10``, then ``run.seed=10 --seeds 10``) and combine them. Each run is
+compared with the reference's run of the same seed, which ran interleaved with it in the same
+bench, so pooling keeps every pair's shared machine conditions. The benches must agree on
+everything that defines the comparison (world, methods and their settings, iterations, equal-time
+mode, prompts per iteration, reference); the cost tables stay in the source benches.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from branchgrpo.bench_plots import diversity_plot, seed_plot
+from branchgrpo.bench_stats import efficiency_lines, learning_efficiency
+
+# what must be equal in every source bench's meta for its runs to be pooled
+SAME = ("model", "iterations", "equal_time", "prompts_per_iteration", "reference", "seconds_budget", "method_overrides")
+
+
+class CombineError(ValueError):
+    """The benches cannot be pooled; the message names the folder and what differs."""
+
+
+def _load(folder: Path) -> dict:
+    path = folder / "bench.json"
+    if not path.is_file():
+        raise CombineError(f"{folder}: no bench.json (not a finished `branchgrpo bench` folder)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise CombineError(f"{path}: not JSON ({err})") from None
+    if "seeds" not in data or "meta" not in data:
+        raise CombineError(f"{path}: written by a bench without per-seed runs (no 'seeds'); rerun it")
+    return data
+
+
+def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
+    """Pool the per-seed runs of ``folders`` (``bench.json`` each) and write ``bench.md``, ``bench.json``,
+    ``reward_vs_time_seeds.png`` and ``diversity_vs_reward.png`` into ``out_dir``. Returns the
+    learning-efficiency result (:func:`branchgrpo.bench_stats.learning_efficiency`)."""
+    from branchgrpo.bench import MethodRecord
+
+    folders = [Path(f) for f in folders]
+    if len(folders) < 2:
+        raise CombineError("needs at least two bench folders")
+    out_dir = Path(out_dir)
+    if any(out_dir.resolve() == f.resolve() for f in folders):
+        raise CombineError(f"--out {out_dir} is one of the benches to combine; write the pooled result elsewhere")
+    loaded = [(folder, _load(folder)) for folder in folders]
+    first_folder, first = loaded[0]
+    methods = list(first["seeds"])
+    for folder, data in loaded[1:]:
+        if list(data["seeds"]) != methods:
+            raise CombineError(f"{folder}: methods {list(data['seeds'])}, but {first_folder} has {methods}")
+        for key in SAME:
+            if data["meta"].get(key) != first["meta"].get(key):
+                raise CombineError(f"{folder}: {key} = {data['meta'].get(key)!r}, but {first_folder} has "
+                                   f"{first['meta'].get(key)!r}")
+    seen: dict[int, Path] = {}
+    for folder, data in loaded:
+        for run in data["seeds"][methods[0]]:
+            if run["seed"] in seen:
+                raise CombineError(f"seed {run['seed']} is in both {seen[run['seed']]} and {folder}; combine disjoint seeds")
+            seen[run["seed"]] = folder
+    runs: dict[str, list[MethodRecord]] = {m: [] for m in methods}
+    for _, data in sorted(loaded, key=lambda item: item[1]["seeds"][methods[0]][0]["seed"]):
+        for method in methods:
+            for saved in data["seeds"][method]:
+                runs[method].append(MethodRecord(method, evals=[tuple(e) for e in saved["evals"]],
+                                                 diversity=saved.get("diversity", []), seed=saved["seed"]))
+    for method in methods:
+        runs[method].sort(key=lambda r: r.seed)
+    reference = first["meta"]["reference"]
+    efficiency = learning_efficiency({m: [r.curve() for r in rs] for m, rs in runs.items()}, reference)
+    sources = [{"folder": str(folder), "date": data["meta"].get("date"), "machine": data["meta"].get("machine"),
+                "seeds": data["meta"].get("seeds")} for folder, data in loaded]
+    meta = {key: first["meta"].get(key) for key in SAME}
+    meta.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), sources=sources,
+                seeds=sorted(seen))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(
+        {"meta": meta, "learning_efficiency": efficiency,
+         "seeds": {m: [{"seed": r.seed, "evals": r.evals, "diversity": r.diversity} for r in rs]
+                   for m, rs in runs.items()}}, indent=2))
+    lines = [
+        f"# branchgrpo bench — {meta['model']} world, {len(seen)} seeds pooled from {len(loaded)} benches",
+        "",
+        f"- pooled on {meta['date']} by `branchgrpo bench --combine {' '.join(str(f) for f in folders)} "
+        f"--out {out_dir}`; each run is compared with `{reference}`'s run of the same seed, from the same bench",
+        *[f"- `{s['folder']}`: seeds {', '.join(map(str, s['seeds'] or []))}; {s['date']}; {s['machine']}"
+          for s in sources],
+        f"- {meta['iterations']} interleaved iterations"
+        + (f", then each method up to `{reference}`'s training seconds" if meta["equal_time"] else "")
+        + f"; prompts per iteration: {meta['prompts_per_iteration']}",
+        *[f"- `{label}`: preset `{v['preset']}` with " + (", ".join(f"`{o}`" for o in v["overrides"]) or
+                                                          "no extra overrides")
+          for label, v in (meta["method_overrides"] or {}).items()],
+        "- the cost tables (iteration times, NFE, measured/ideal): in each source's bench.md",
+        "",
+        *efficiency_lines(efficiency),
+    ]
+    (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
+    seed_plot(runs, out_dir)
+    diversity_plot(runs, out_dir / "diversity_vs_reward.png")
+    return efficiency
+
+
+__all__ = ["combine_benches", "CombineError"]

@@ -1,0 +1,98 @@
+"""`branchgrpo bench --combine`: benches over disjoint seeds pooled into one learning-efficiency table."""
+
+import json
+import shutil
+
+import pytest
+from test_bench_seeds import METHODS, TINY, brightness_reward, tiny_generator
+
+from branchgrpo.bench import run_bench
+from branchgrpo.bench_combine import CombineError, combine_benches
+from branchgrpo.bench_stats import RunCurve, learning_efficiency
+from branchgrpo.cli import main
+from branchgrpo.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def two_benches(tmp_path_factory):
+    """Two tiny equal-time benches: seeds 3–4 and seed 7."""
+    root = tmp_path_factory.mktemp("combine")
+
+    def make_trainer(config):
+        return Trainer(config, model=tiny_generator(), reward=brightness_reward)
+
+    for name, seed, seeds in (("a", 3, 2), ("b", 7, 1)):
+        run_bench(METHODS, iterations=1, eval_every=1, out_dir=root / name, overrides=[*TINY, f"run.seed={seed}"],
+                  make_trainer=make_trainer, equal_time=True, seeds=seeds)
+    return root
+
+
+def curves_of(folder):
+    """Every run of a bench folder as :class:`RunCurve`, read from its bench.json here."""
+    data = json.loads((folder / "bench.json").read_text())
+    return {m: [RunCurve(r["seed"], [e[1] for e in r["evals"]], [e[2] for e in r["evals"]],
+                         r["diversity"][-1]["diversity_feature"], r["diversity"][-1]["diversity_pixel"],
+                         [d["diversity_feature"] for d in r["diversity"]]) for r in runs]
+            for m, runs in data["seeds"].items()}
+
+
+def test_pooled_table_is_the_table_of_every_seed(two_benches):
+    a, b = curves_of(two_benches / "a"), curves_of(two_benches / "b")
+    pooled = {m: sorted(a[m] + b[m], key=lambda c: c.seed) for m in METHODS}
+    expected = learning_efficiency(pooled, "dancegrpo")
+    got = combine_benches([two_benches / "b", two_benches / "a"], two_benches / "pooled")  # any order
+    assert got["seeds"] == [3, 4, 7]
+    assert got == json.loads(json.dumps(expected))  # as written to bench.json (tuples become lists)
+    saved = json.loads((two_benches / "pooled" / "bench.json").read_text())
+    assert saved["learning_efficiency"] == got and saved["meta"]["seeds"] == [3, 4, 7]
+    assert [s["seeds"] for s in saved["meta"]["sources"]] == [[7], [3, 4]]
+    md = (two_benches / "pooled" / "bench.md").read_text()
+    assert "3 seeds pooled from 2 benches" in md and "## Learning efficiency" in md and "Paired with `dancegrpo`" in md
+    assert f"`{two_benches / 'a'}`: seeds 3, 4" in md
+    assert (two_benches / "pooled" / "reward_vs_time_seeds.png").is_file() or not _has_matplotlib()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _copy_with(two_benches, tmp_path, edit):
+    folder = tmp_path / "edited"
+    shutil.copytree(two_benches / "b", folder)
+    data = json.loads((folder / "bench.json").read_text())
+    edit(data)
+    (folder / "bench.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["meta"].update(iterations=5), "iterations = 5, but .* has 1"),
+    (lambda d: d["meta"].update(equal_time=False), "equal_time = False"),
+    (lambda d: d["meta"].update(method_overrides={"dancegrpo": {"preset": "dancegrpo", "overrides": ["lr=1"]}}),
+     "method_overrides"),
+    (lambda d: d["seeds"].pop("branchgrpo-mix"), r"methods \['dancegrpo'\], but"),
+    (lambda d: [r.update(seed=4) for runs in d["seeds"].values() for r in runs], "seed 4 is in both"),
+    (lambda d: d.pop("seeds"), "without per-seed runs"),
+])
+def test_benches_that_differ_are_refused_by_name(two_benches, tmp_path, edit, message):
+    edited = _copy_with(two_benches, tmp_path, edit)
+    with pytest.raises(CombineError, match=message):
+        combine_benches([two_benches / "a", edited], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_combines_and_refuses_in_one_line(two_benches, tmp_path, capsys):
+    assert main(["bench", "--combine", str(two_benches / "a"), str(two_benches / "b"), "--out",
+                 str(tmp_path / "pooled")]) == 0
+    assert "3 seeds pooled from 2 benches" in capsys.readouterr().out
+    for args, message in (([str(two_benches / "a")], "at least two bench folders"),
+                          ([str(two_benches / "a"), str(tmp_path / "none")], "no bench.json"),
+                          ([str(two_benches / "a"), str(two_benches / "b")], "is one of the benches")):
+        out = str(two_benches / "a") if message == "is one of the benches" else str(tmp_path / "x")
+        assert main(["bench", "--combine", *args, "--out", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("branchgrpo: error: --combine: ") and message in err[0]
