@@ -312,3 +312,17 @@ def test_reward_space_diversity_bonus_reads_the_rewards_embedding(tmp_path, monk
     with pytest.raises(ConfigError, match="advantage.diversity_space: 'reward' needs a reward with an image embedding"):
         make_trainer(tmp_path / "plain", "branchgrpo", "split_plan=0:2,2:2", "advantage.diversity_bonus=0.5",
                      "advantage.diversity_space=reward")
+
+
+def test_digits_world_scores_with_the_registered_reward_when_the_bonus_needs_its_embedding(tmp_path):
+    """The digits family's built-in reward has no embedding; with diversity_space=reward the trainer
+    builds the registered digits reward instead, which scores the same (and embeds)."""
+    torch.set_num_threads(1)
+    config = load_train_config(None, "branchgrpo-mix", [
+        f"run.output_dir={tmp_path}", "run.progress=false", "run.tensorboard=false",
+        "advantage.diversity_bonus=0.1", "advantage.diversity_space=reward"])
+    trainer = Trainer(config)
+    assert trainer.reward.embeds
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a handwritten 7", "the digit 3", "a handwritten 0"]
+    assert torch.equal(trainer.reward(images, prompts), trainer.model.builtin_reward(images, prompts))

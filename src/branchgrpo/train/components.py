@@ -234,6 +234,11 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
     return problems
 
 
+def _wants_embedding(config: TrainConfig) -> bool:
+    advantage = config.method.advantage
+    return advantage.diversity_bonus > 0 and advantage.diversity_space == "reward"
+
+
 def _embeds(name: str) -> bool:
     from branchgrpo.rewards.registry import reward_info
 
@@ -341,8 +346,8 @@ def build_reward(config: TrainConfig, bundle: PolicyBundle, device: torch.device
 
     check_reward_config(config)
     reward = config.reward
-    if reward.name == "digits" and bundle.builtin_reward is not None:
-        return as_reward(bundle.builtin_reward, name="digits")
+    if reward.name == "digits" and bundle.builtin_reward is not None and not _wants_embedding(config):
+        return as_reward(bundle.builtin_reward, name="digits")  # the world's own classifier, already loaded
     options = dict(reward.options)
     try:
         if _is_list(reward.name):
