@@ -458,3 +458,46 @@ def test_kl_gradient_matches_closed_form(reduction):
     # float32 means in the engine vs float64 here: ~1e-6 relative; tolerance 1e-4.
     assert stats.kl == pytest.approx(info["kl"], rel=1e-4)
     assert_grads_close(change, want, rtol=1e-4)
+
+
+def test_make_adamw_is_torchs_adamw_fused_where_it_can_be():
+    """The trainer's optimizer: the fused kernel on plain CPU tensors, the same steps as the default
+    (per-tensor) AdamW up to float rounding; the default where the fused kernel does not apply."""
+    from branchgrpo.update import make_adamw
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    fast, reference = make_adamw(ours, 1e-2, 1e-4), torch.optim.AdamW(plain, lr=1e-2, weight_decay=1e-4)
+    assert fast.defaults["fused"] is True and not reference.defaults.get("fused")
+    for _ in range(5):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for params, optimizer in ((ours, fast), (plain, reference)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, before in zip(ours, plain, start):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert (a - before).abs().min() > 1e-3  # five steps of lr 1e-2 moved every entry
+    assert not make_adamw([torch.nn.Parameter(torch.zeros(3, dtype=torch.int64).float().to("meta"))], 1e-3, 0).defaults.get("fused")
+    assert not make_adamw([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], 1e-3, 0).defaults.get("fused")
+
+
+def test_a_loaded_optimizer_state_keeps_the_loading_optimizers_kernel():
+    """A state saved by the fused optimizer, loaded into one without it (as FSDP shards are), keeps
+    the loader's choice; the hyperparameters and moments come from the save."""
+    from branchgrpo.train.checkpoint import _place_optimizer_state
+    from branchgrpo.update import make_adamw
+
+    saved_params = [torch.nn.Parameter(torch.ones(3))]
+    saver = make_adamw(saved_params, 1e-2, 0.1)
+    saved_params[0].grad = torch.full((3,), 0.5)
+    saver.step()
+    loader = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1.0)
+    loader.load_state_dict(_place_optimizer_state(loader, saver.state_dict()))
+    group = loader.param_groups[0]
+    assert saver.param_groups[0]["fused"] is True and not group["fused"]
+    assert group["lr"] == 1e-2 and group["weight_decay"] == 0.1
+    torch.testing.assert_close(loader.state[loader.param_groups[0]["params"][0]]["exp_avg"], torch.full((3,), 0.05))

@@ -98,7 +98,9 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) ->
 
 
 def _place_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved (whole) optimizer state with each parameter-shaped tensor placed like its parameter."""
+    """A saved (whole) optimizer state with each parameter-shaped tensor placed like its parameter; the
+    kernel choice (``fused``/``foreach``) stays this optimizer's, which suits where its parameters live
+    now (a state saved by one process may be loaded into FSDP shards, which the fused kernel skips)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for index, entry in saved["state"].items():
@@ -107,7 +109,9 @@ def _place_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str,
             key: place_like(value, param) if torch.is_tensor(value) and value.shape == param.shape else value
             for key, value in entry.items()
         }
-    return {"state": state, "param_groups": saved["param_groups"]}
+    groups = [{**group, **{key: own[key] for key in ("fused", "foreach") if key in own}}
+              for group, own in zip(saved["param_groups"], optimizer.param_groups)]
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(

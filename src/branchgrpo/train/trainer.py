@@ -43,7 +43,7 @@ from branchgrpo.tree.dump import THUMBNAIL_KEY, dump_due, node_thumbnails, save_
 from branchgrpo.tree.placement import SplitPlacement, rollout_calls, split_variance_shares
 from branchgrpo.tree.rollout import RolloutTree, merge_trees, rollout
 from branchgrpo.tree.scoring import score_tree
-from branchgrpo.update import gather_training_edges, policy_update
+from branchgrpo.update import gather_training_edges, make_adamw, policy_update
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Trainer:
             self.reference = ReferenceVelocity(self.model.policy)
         params = [p for p in self.model.trainable.parameters() if p.requires_grad]
         update = config.method.update
-        self.optimizer = torch.optim.AdamW(params, lr=update.learning_rate, weight_decay=update.weight_decay)
+        self.optimizer = make_adamw(params, update.learning_rate, update.weight_decay)
         self.sampler = PromptSampler(self.model.train_prompts, config.run.seed)
         self.output_dir = Path(config.run.output_dir)
         self.iteration = 0
