@@ -1,7 +1,11 @@
 """Per-step fixed costs of the policy update on the shapes and digits generators: AdamW per-tensor vs
 foreach vs fused, the finite-gradient check and clipping (median of 30, milliseconds). Run from the
 repository root on a quiet machine: OMP_NUM_THREADS=2 python benchmarks/optimizer_step.py"""
-import time, torch, statistics, sys
+import statistics
+import time
+
+import torch
+
 from branchgrpo.train.config import load_train_config
 from branchgrpo.train.components import build_policy
 from branchgrpo.update import GradientSync, _clip_gradients
