@@ -17,6 +17,7 @@ from branchgrpo.families import PolicyBundle, get_family
 from branchgrpo.rewards.base import Reward, RewardError, RewardOutput, as_reward
 from branchgrpo.train.config import ModelConfig, TrainConfig
 from branchgrpo.train.reward_worker import overlap_problems
+from branchgrpo.tree.diversity_bonus import needs_reward_embedding
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,18 +226,12 @@ def reward_problems(config: TrainConfig, modality: str | None) -> list[ConfigErr
             how = f"fetch it with `{fetch}`" if fetch else "see docs/rewards.md"
             problems.append(ConfigError(prefix_ckpt, f"checkpoint {checkpoint} for reward {name!r} does not exist; "
                                         f"{how}"))
-    advantage = config.method.advantage
-    if advantage.diversity_bonus > 0 and advantage.diversity_space == "reward" and embedding and not any(embedding):
+    if needs_reward_embedding(config.method.advantage) and embedding and not any(embedding):
         with_one = [n for n in known if _embeds(n)]
         problems.append(ConfigError("advantage.diversity_space", f"'reward' measures the bonus in the reward model's "
                                     f"image embedding, which reward.name={reward.name!r} does not have; rewards with "
                                     f"one: {', '.join(with_one)} (or use 'latent' or 'image')"))
     return problems
-
-
-def _wants_embedding(config: TrainConfig) -> bool:
-    advantage = config.method.advantage
-    return advantage.diversity_bonus > 0 and advantage.diversity_space == "reward"
 
 
 def _embeds(name: str) -> bool:
@@ -346,7 +341,7 @@ def build_reward(config: TrainConfig, bundle: PolicyBundle, device: torch.device
 
     check_reward_config(config)
     reward = config.reward
-    if reward.name == "digits" and bundle.builtin_reward is not None and not _wants_embedding(config):
+    if reward.name == "digits" and bundle.builtin_reward is not None and not needs_reward_embedding(config.method.advantage):
         return as_reward(bundle.builtin_reward, name="digits")  # the world's own classifier, already loaded
     options = dict(reward.options)
     try:

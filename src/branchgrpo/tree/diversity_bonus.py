@@ -5,8 +5,8 @@ nothing pushes them apart again: reward is bought with diversity. Adding to each
 term that grows with its distance from the other leaves of its prompt tree makes "different from
 its siblings" part of what is reinforced, in the spirit of DiverseGRPO's distributional bonus
 (Liu et al., 2025, arXiv:2512.21514) and DRIFT's intra-group diversity shaping (Liu et al., 2026,
-arXiv:2601.12401); both use semantic features. Two spaces here, neither the evaluation's diversity
-features (which stay an independent measurement), neither needing an extra network:
+arXiv:2601.12401); both use semantic features. Three spaces here, none of them the evaluation's
+diversity features (which stay an independent measurement):
 
 - ``latent``: the model's own final latents (every family has them; no decoding);
 - ``image``: the decoded leaves the reward already scored, area-averaged to ``s × s`` pixels per
@@ -19,8 +19,8 @@ features (which stay an independent measurement), neither needing an extra netwo
   hps), the semantic space DiverseGRPO and DRIFT use, and one whose noise directions the reward
   itself ignores. It costs one more pass of the reward's image tower per leaf.
 
-For leaf ``i`` of group ``g`` (the ``n_g`` leaves of one prompt), with ``x_i`` its final latent or
-coarse image:
+For leaf ``i`` of group ``g`` (the ``n_g`` leaves of one prompt), with ``x_i`` its final latent,
+coarse image or reward embedding:
 
     d_i = (1 / (n_g − 1)) Σ_{j ∈ g, j ≠ i} rms(x_i − x_j)        rms(v) = sqrt(mean(v²))
     bonus_i = λ · d_i / mean_{j ∈ g} d_j
@@ -72,9 +72,14 @@ def coarse_images(images: Tensor, size: int) -> Tensor:
     return F.adaptive_avg_pool2d(flat, size)
 
 
+def needs_reward_embedding(advantage: AdvantageSpec) -> bool:
+    """Whether the bonus is on and measured in the reward's embedding (the reward must have one)."""
+    return advantage.diversity_bonus > 0 and advantage.diversity_space == "reward"
+
+
 def check_bonus_space(advantage: AdvantageSpec, reward) -> None:
     """Refuse a reward-space bonus with a reward that has no image embedding (before any rollout)."""
-    if advantage.diversity_bonus > 0 and advantage.diversity_space == "reward" and not getattr(reward, "embeds", False):
+    if needs_reward_embedding(advantage) and not getattr(reward, "embeds", False):
         raise ConfigError("advantage.diversity_space", f"'reward' needs a reward with an image embedding "
                           f"(Reward.embeds); reward {getattr(reward, 'name', reward)!r} has none")
 
