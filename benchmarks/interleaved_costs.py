@@ -12,25 +12,11 @@ model calls per iteration are the run's mean over all its iterations, which olde
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from branchgrpo.bench import MethodRecord, ideal_seconds
-
-
-def record(method: str, run: dict) -> MethodRecord:
-    """A saved run as a :class:`MethodRecord`; older files keep only total calls, spread evenly."""
-    n = len(run["iteration_times"])
-    per_iteration = run.get("iteration_calls") or [{k: v / n for k, v in run["calls"].items()}] * n
-    return MethodRecord(method, iteration_times=run["iteration_times"], phase_times=run["phase_times"],
-                        calls=run["calls"], seed=run["seed"], iteration_calls=per_iteration)
-
-
-def measured_over_ideal(run: MethodRecord, ref: MethodRecord) -> float:
-    costs = ref.unit_costs()
-    time_ratio = statistics.median(run.iteration_times) / statistics.median(ref.iteration_times)
-    return time_ratio / (ideal_seconds(run, costs) / ideal_seconds(ref, costs))
+from branchgrpo.bench import MethodRecord
+from branchgrpo.bench_costs import measured_over_ideal
 
 
 def main(folders: list[str]) -> None:
@@ -39,11 +25,11 @@ def main(folders: list[str]) -> None:
     for folder in folders:
         data = json.loads((Path(folder) / "bench.json").read_text())
         rounds, reference = data["meta"]["iterations"], data["meta"]["reference"]
-        refs = [record(reference, run) for run in data["seeds"][reference]]
+        refs = [MethodRecord.from_saved(reference, run) for run in data["seeds"][reference]]
         for method, runs in data["seeds"].items():
             if method == reference:
                 continue
-            records = [record(method, run) for run in runs]
+            records = [MethodRecord.from_saved(method, run) for run in runs]
             every = [measured_over_ideal(r, ref) for r, ref in zip(records, refs)]
             head = [measured_over_ideal(r.first(rounds), ref.first(rounds)) for r, ref in zip(records, refs)]
             print(f"| {Path(folder).name} | `{method}` | {rounds} | " + " / ".join(f"{v:.3f}" for v in every)

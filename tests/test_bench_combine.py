@@ -52,6 +52,33 @@ def test_pooled_table_is_the_table_of_every_seed(two_benches):
     assert (two_benches / "pooled" / "reward_vs_time_seeds.png").is_file() or not _has_matplotlib()
 
 
+def test_pooled_measured_over_ideal_is_every_seeds_own(two_benches, tmp_path):
+    """The pooled cost section lists each source's per-seed readings (each run against its own
+    bench's reference run); pooling a pooled result with another bench keeps them."""
+    combine_benches([two_benches / "a", two_benches / "b"], tmp_path / "pooled")
+    saved = json.loads((tmp_path / "pooled" / "bench.json").read_text())
+    per_source = {}
+    for name in ("a", "b"):
+        source = json.loads((two_benches / name / "bench.json").read_text())["cost_over_seeds"]["branchgrpo-mix"]
+        per_source.update(zip(source["seeds"], source["per_seed"]))
+    pooled = saved["cost_over_seeds"]["branchgrpo-mix"]
+    assert pooled["seeds"] == [3, 4, 7] and pooled["n"] == 3
+    assert pooled["per_seed"] == pytest.approx([per_source[s] for s in (3, 4, 7)])
+    assert pooled["mean"] == pytest.approx(sum(pooled["per_seed"]) / 3)
+    assert "## measured/ideal over seeds" in (tmp_path / "pooled" / "bench.md").read_text()
+    # seed 7 moved to a copy with new seeds: the pooled folder re-pools with it
+    other = tmp_path / "other"
+    shutil.copytree(two_benches / "b", other)
+    data = json.loads((other / "bench.json").read_text())
+    for runs in data["seeds"].values():
+        for r in runs:
+            r["seed"] = 11
+    (other / "bench.json").write_text(json.dumps(data))
+    combine_benches([tmp_path / "pooled", other], tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "bench.json").read_text())["cost_over_seeds"]["branchgrpo-mix"]
+    assert again["seeds"] == [3, 4, 7, 11] and again["per_seed"][:3] == pytest.approx(pooled["per_seed"])
+
+
 def _has_matplotlib():
     try:
         import matplotlib  # noqa: F401

@@ -51,3 +51,11 @@ def test_diversity_at_reward_prints_the_matched_ratios_of_a_saved_bench(tmp_path
 def test_diversity_at_reward_refuses_a_folder_without_a_bench(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_script("diversity_at_reward").main([str(tmp_path)])
+
+
+def test_train_call_cost_fit_is_least_squares():
+    fit = load_script("train_call_cost").fit
+    sizes = [1, 2, 4, 8, 16, 32]
+    seconds = [0.012 + 0.007 * s + 0.001 * ((-1) ** i) for i, s in enumerate(sizes)]
+    slope, intercept = np.polyfit(sizes, seconds, 1)
+    assert fit(sizes, seconds) == pytest.approx((intercept, slope))

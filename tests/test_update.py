@@ -19,7 +19,7 @@ import torch
 from branchgrpo.tree.presets import method_config
 from branchgrpo.tree.rollout import rollout
 from branchgrpo.tree.scoring import score_tree
-from branchgrpo.update import edge_log_probs, gather_training_edges, policy_update
+from branchgrpo.update import all_finite, edge_log_probs, gather_training_edges, policy_update
 from policies import TinyMLPPolicy, tiny_conditioning, tiny_flux, tiny_flux_conditioning
 
 DIM = 8
@@ -501,3 +501,23 @@ def test_a_loaded_optimizer_state_keeps_the_loading_optimizers_kernel():
     assert saver.param_groups[0]["fused"] is True and not group["fused"]
     assert group["lr"] == 1e-2 and group["weight_decay"] == 0.1
     torch.testing.assert_close(loader.state[loader.param_groups[0]["params"][0]]["exp_avg"], torch.full((3,), 0.05))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_is_every_tensor_checked_one_by_one(dtype):
+    """One max-norm and one sync agree with an isfinite check per tensor: NaN and ±inf anywhere,
+    large finite values (whose 2-norm would overflow), empty tensors and an empty list."""
+    big = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tensors = [torch.randn(int(torch.randint(0, 6, (1,), generator=gen)), 3, generator=gen).to(dtype)
+                   for _ in range(int(torch.randint(1, 5, (1,), generator=gen)))]
+        for t in tensors:
+            if t.numel() and trial % 4:
+                flat = t.view(-1)
+                flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = [
+                    float("nan"), float("inf"), -float("inf"), big][trial % 4]
+        expected = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert all_finite(tensors) == expected
+    assert all_finite([]) and all_finite([torch.zeros(0)])
+    assert all_finite([torch.full((8,), big, dtype=dtype)])

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from branchgrpo.bench_plots import diversity_plot, seed_plot
+from branchgrpo.bench_costs import cost_lines, seed_cost_ratios
 from branchgrpo.bench_stats import efficiency_lines, learning_efficiency
 
 # what must be equal in every source bench's meta for its runs to be pooled
@@ -67,15 +68,16 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
                 raise CombineError(f"seed {run['seed']} is in both {seen[run['seed']]} and {folder}; combine disjoint seeds")
             seen[run["seed"]] = folder
     runs: dict[str, list[MethodRecord]] = {m: [] for m in methods}
-    for _, data in sorted(loaded, key=lambda item: item[1]["seeds"][methods[0]][0]["seed"]):
+    for _, data in loaded:
         for method in methods:
-            for saved in data["seeds"][method]:
-                runs[method].append(MethodRecord(method, evals=[tuple(e) for e in saved["evals"]],
-                                                 diversity=saved.get("diversity", []), seed=saved["seed"]))
+            runs[method] += [MethodRecord.from_saved(method, saved) for saved in data["seeds"][method]]
     for method in methods:
         runs[method].sort(key=lambda r: r.seed)
     reference = first["meta"]["reference"]
     efficiency = learning_efficiency({m: [r.curve() for r in rs] for m, rs in runs.items()}, reference)
+    # measured/ideal per seed needs every run's iteration times (a --combine result keeps them too)
+    costs = (seed_cost_ratios(runs, reference, first["meta"]["iterations"])
+             if all(r.iteration_times for rs in runs.values() for r in rs) else None)
     sources = [{"folder": str(folder), "date": data["meta"].get("date"), "machine": data["meta"].get("machine"),
                 "seeds": data["meta"].get("seeds")} for folder, data in loaded]
     meta = {key: first["meta"].get(key) for key in SAME}
@@ -83,9 +85,8 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
                 seeds=sorted(seen))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(
-        {"meta": meta, "learning_efficiency": efficiency,
-         "seeds": {m: [{"seed": r.seed, "evals": r.evals, "diversity": r.diversity} for r in rs]
-                   for m, rs in runs.items()}}, indent=2))
+        {"meta": meta, "learning_efficiency": efficiency, "cost_over_seeds": costs,
+         "seeds": {m: [r.saved() for r in rs] for m, rs in runs.items()}}, indent=2))
     lines = [
         f"# branchgrpo bench — {meta['model']} world, {len(seen)} seeds pooled from {len(loaded)} benches",
         "",
@@ -99,9 +100,10 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
         *[f"- `{label}`: preset `{v['preset']}` with " + (", ".join(f"`{o}`" for o in v["overrides"]) or
                                                           "no extra overrides")
           for label, v in (meta["method_overrides"] or {}).items()],
-        "- the cost tables (iteration times, NFE, measured/ideal): in each source's bench.md",
+        "- the cost tables (iteration times, NFE, unit costs): in each source's bench.md",
         "",
         *efficiency_lines(efficiency),
+        *cost_lines(costs, reference, meta["iterations"]),
     ]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     seed_plot(runs, out_dir)
