@@ -79,6 +79,30 @@ def test_pooled_measured_over_ideal_is_every_seeds_own(two_benches, tmp_path):
     assert again["seeds"] == [3, 4, 7, 11] and again["per_seed"][:3] == pytest.approx(pooled["per_seed"])
 
 
+def test_benches_record_every_methods_settings_and_differing_ones_are_refused(two_benches, tmp_path):
+    settings = json.loads((two_benches / "a" / "bench.json").read_text())["meta"]["settings"]
+    assert set(settings) == set(METHODS)
+    mix = settings["branchgrpo-mix"]
+    assert mix["method.engine.train_micro_batch"] == 16 and mix["method.tree.steps"] == 6
+    assert "run.seed" not in mix and "run.output_dir" not in mix
+    assert settings["dancegrpo"]["method.name"] == "dancegrpo"
+
+    def edit(data):
+        data["meta"]["settings"]["branchgrpo-mix"]["method.engine.train_micro_batch"] = 64
+        data["meta"]["settings"]["branchgrpo-mix"]["a.key.from.newer.code"] = 1  # one-sided: ignored
+    with pytest.raises(CombineError, match=r"`branchgrpo-mix` ran with method.engine.train_micro_batch = 64, but"):
+        combine_benches([two_benches / "a", _copy_with(two_benches, tmp_path, edit)], tmp_path / "out")
+
+    def newer(data):
+        data["meta"]["settings"]["branchgrpo-mix"]["a.key.from.newer.code"] = 1
+    combine_benches([two_benches / "a", _copy_with(two_benches, tmp_path / "n", newer)], tmp_path / "ok")
+
+    def older(data):
+        del data["meta"]["settings"]
+    combine_benches([two_benches / "a", _copy_with(two_benches, tmp_path / "o", older)], tmp_path / "old")
+    assert "(written before benches recorded them): not checked there" in (tmp_path / "old" / "bench.md").read_text()
+
+
 def _has_matplotlib():
     try:
         import matplotlib  # noqa: F401

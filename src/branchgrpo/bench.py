@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from branchgrpo.bench_combine import run_settings
 from branchgrpo.bench_costs import cost_lines, ideal_seconds, measured_over_ideal, seed_cost_ratios
 from branchgrpo.bench_plots import diversity_plot, reward_plots, seed_plot
 from branchgrpo.bench_stats import Interval, RunCurve, efficiency_lines, format_interval, learning_efficiency
@@ -268,7 +269,8 @@ def run_bench(
     by_method = {name: [records[(name, seed)] for seed in seed_values] for name in methods}
     return write_results({name: runs[0] for name, runs in by_method.items()}, methods, probe_costs, base,
                          iterations, out_dir, equal_time, seed_records=by_method, seconds=seconds,
-                         variants={k: v for k, v in variants.items() if k in methods})
+                         variants={k: v for k, v in variants.items() if k in methods},
+                         settings={name: run_settings(trainers[(name, seed_values[0])].config) for name in methods})
 
 
 def _record_step(record: MethodRecord, metrics: dict) -> None:
@@ -289,7 +291,8 @@ def _record_step(record: MethodRecord, metrics: dict) -> None:
 
 def write_results(records, methods, probe_costs, base, iterations, out_dir: Path, equal_time: bool = False,
                   seed_records: dict[str, list[MethodRecord]] | None = None, seconds: float = 0.0,
-                  variants: dict[str, tuple[str, list[str]]] | None = None) -> dict:
+                  variants: dict[str, tuple[str, list[str]]] | None = None,
+                  settings: dict[str, dict] | None = None) -> dict:
     """``ideal_ratio`` prices every method's model calls at the reference's own measured cost per
     call (its rollout seconds per rollout call, its training seconds per training forward), so
     ``measured_over_ideal`` isolates what the tree engine adds beyond its model calls compared with
@@ -372,6 +375,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "seeds": seed_values,
         "seconds_budget": seconds,
         "method_overrides": {k: {"preset": v[0], "overrides": list(v[1])} for k, v in (variants or {}).items()},
+        "settings": settings,  # per method: its resolved config but seed and folder (checked by --combine)
     }
     per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls,
                          "iteration_calls": r.iteration_calls} for k, r in records.items()}

@@ -22,6 +22,40 @@ from branchgrpo.bench_stats import efficiency_lines, learning_efficiency
 SAME = ("model", "iterations", "equal_time", "prompts_per_iteration", "reference", "seconds_budget", "method_overrides")
 
 
+# a run's own: never compared between benches
+PER_RUN = ("run.seed", "run.output_dir")
+
+
+def run_settings(config) -> dict:
+    """A run's resolved config as ``{dotted key: value}`` (JSON values), without :data:`PER_RUN`:
+    what two benches' runs of one method must share to be pooled."""
+    from branchgrpo.config import to_dict
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", to_dict(config))
+    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in PER_RUN}
+
+
+def _settings_differ(folder: Path, data: dict, first_folder: Path, first: dict) -> str | None:
+    """The first setting a method has with another value in ``first`` (keys present in both; a key
+    only one bench knows comes from another version of the code), as a message; None if none."""
+    mine, theirs = data["meta"].get("settings") or {}, first["meta"].get("settings") or {}
+    for method in mine.keys() & theirs.keys():
+        for key in sorted(mine[method].keys() & theirs[method].keys()):
+            if mine[method][key] != theirs[method][key]:
+                return (f"{folder}: `{method}` ran with {key} = {mine[method][key]!r}, but {first_folder} has "
+                        f"{theirs[method][key]!r}")
+    return None
+
+
 class CombineError(ValueError):
     """The benches cannot be pooled; the message names the folder and what differs."""
 
@@ -61,6 +95,9 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
             if data["meta"].get(key) != first["meta"].get(key):
                 raise CombineError(f"{folder}: {key} = {data['meta'].get(key)!r}, but {first_folder} has "
                                    f"{first['meta'].get(key)!r}")
+        differ = _settings_differ(folder, data, first_folder, first)
+        if differ:
+            raise CombineError(differ)
     seen: dict[int, Path] = {}
     for folder, data in loaded:
         for run in data["seeds"][methods[0]]:
@@ -81,6 +118,7 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
     sources = [{"folder": str(folder), "date": data["meta"].get("date"), "machine": data["meta"].get("machine"),
                 "seeds": data["meta"].get("seeds")} for folder, data in loaded]
     meta = {key: first["meta"].get(key) for key in SAME}
+    meta["settings"] = first["meta"].get("settings")
     meta.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), sources=sources,
                 seeds=sorted(seen))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +139,10 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
                                                           "no extra overrides")
           for label, v in (meta["method_overrides"] or {}).items()],
         "- the cost tables (iteration times, NFE, unit costs): in each source's bench.md",
+        "- every method's resolved settings (config file, preset, overrides; all but seed and folder) agree key by key "
+        "across the benches" + ("" if all(d["meta"].get("settings") for _, d in loaded) else
+                                "; not recorded by " + ", ".join(f"`{f}`" for f, d in loaded if not d["meta"].get("settings"))
+                                + " (written before benches recorded them): not checked there"),
         "",
         *efficiency_lines(efficiency),
         *cost_lines(costs, reference, meta["iterations"]),
