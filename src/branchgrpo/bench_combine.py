@@ -28,19 +28,23 @@ PER_RUN = ("run.seed", "run.output_dir")
 
 def run_settings(config) -> dict:
     """A run's resolved config as ``{dotted key: value}`` (JSON values), without :data:`PER_RUN`:
-    what two benches' runs of one method must share to be pooled."""
+    what two benches' runs of one method must share to be pooled. Only the config's sections are
+    split into keys; a mapping-valued field (``split_plan``, ``model.options``) stays one value, so a
+    key it has in one bench and not the other still counts as a difference."""
+    import dataclasses
+
     from branchgrpo.config import to_dict
 
     flat: dict = {}
 
     def walk(prefix: str, value) -> None:
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
         else:
-            flat[prefix] = value
+            flat[prefix] = to_dict(value)
 
-    walk("", to_dict(config))
+    walk("", config)
     return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in PER_RUN}
 
 
