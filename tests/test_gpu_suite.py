@@ -101,6 +101,30 @@ def test_architecture_flops_equal_the_flop_counter(suite):
         assert flops["update_recompute"] > 0  # gradient checkpointing is on
 
 
+def test_checkpointing_off_and_a_training_micro_batch_change_only_what_they_should(suite, tmp_path):
+    """``--checkpointing off --train-micro-batch 8`` (the update MFU experiment): the model does not
+    checkpoint (the FLOP counter sees no recomputation), the update's model FLOPs and NFE equal the
+    checkpointed run's, the skip rule predicts no recomputation, and plan's update phase needs more
+    memory (activations kept) than with checkpointing at the same micro-batch."""
+    on = suite[0]["cases"][0]
+    result = run_suite.main(["--scale", "tiny", "--out", str(tmp_path), "--check-flops", "--cases", on["case"],
+                             "--options", "none", "--checkpointing", "off", "--train-micro-batch", "8"])
+    (off,) = result["cases"]
+    assert "error" not in off, off.get("error")
+    assert result["config"]["checkpointing"] is False and off["checkpointing"] is False and on["checkpointing"]
+    assert off["micro_batches"] == {"rollout": 64, "train": 8} and on["micro_batches"] == {"rollout": 64, "train": 32}
+    assert off["flops"]["update_recompute"] == 0 and off["flops_counted"]["update"] == off["flops"]["update"]
+    assert off["flops"]["update"] == on["flops"]["update"] and off["nfe"] == on["nfe"]
+    scale = run_suite.dataclasses.replace(run_suite.SCALES["tiny"](), checkpointing=False, train_micro_batch=8)
+    spec = run_suite.Case(off["preset"], off["resolution"], off["training"])
+    assert run_suite.predicted_seconds(spec, scale, 10, rate=1.0) == off["flops"]["rollout"] + off["flops"]["update"]
+    assert off["plan_estimate"] == run_suite.plan_estimate(spec, scale, 10)
+    checkpointed = run_suite.plan_estimate(spec, run_suite.dataclasses.replace(scale, checkpointing=True), 10)
+    assert off["plan_estimate"]["phase_peak_bytes"]["update"] > checkpointed["phase_peak_bytes"]["update"]
+    md = (tmp_path / "results.md").read_text()
+    assert "gradient checkpointing off" in md and "| 64/8 |" in md
+
+
 def test_trained_parameters_are_the_named_blocks_or_peft_adapters(suite):
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig, inject_adapter_in_model

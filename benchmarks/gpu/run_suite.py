@@ -32,6 +32,7 @@ a 2+2-block model on CPU in float32 (``tests/test_gpu_suite.py``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -55,7 +56,7 @@ from suite_cases import (  # noqa: F401  (names the tests and callers use from r
     import_with_wheels,
     select_sdpa,
 )
-from suite_measure import _peak_tflops, predicted_seconds, run_case  # noqa: F401
+from suite_measure import _peak_tflops, plan_estimate, predicted_seconds, run_case  # noqa: F401
 from suite_report import NOTES, _fmt, atomic_write, git_commit, machine_info, markdown, package_versions
 from suite_speed import ATTENTION_BACKENDS, speed_options  # noqa: F401
 
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="model.compile: blocks = torch.compile every repeated block (compiled in the warm-up)")
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
                         help="torch.compile backend with --compile blocks (eager: trace only, for tests)")
+    parser.add_argument("--checkpointing", choices=("on", "off"), default="on",
+                        help="gradient checkpointing in the update (default on, as configs/flux-dev-hps.yaml); "
+                             "off saves the recomputation and needs the memory `branchgrpo plan` shows")
+    parser.add_argument("--train-micro-batch", type=int, default=None,
+                        help="rows per training micro-batch (default: the job config's 4; tiny 32)")
     parser.add_argument("--check-flops", action="store_true",
                         help="also count each phase's FLOPs with torch's FlopCounterMode (math attention; slow on GPU)")
     args = parser.parse_args(argv)
@@ -92,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _, diffusers_from = import_with_wheels("diffusers")
     import torch
 
-    scale = SCALES[args.scale]()
+    if args.train_micro_batch is not None and args.train_micro_batch < 1:
+        parser.error(f"--train-micro-batch: must be >= 1, got {args.train_micro_batch}")
+    scale = dataclasses.replace(SCALES[args.scale](), checkpointing=args.checkpointing == "on",
+                                train_micro_batch=args.train_micro_batch)
     select_sdpa(args.sdpa)
     budget = scale.budget_s if args.budget_s is None else args.budget_s
     deadline_s = (540.0 if scale.name == "full" else 120.0) if args.deadline_s is None else args.deadline_s
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "commit": git_commit(), "sdpa": args.sdpa, "peak_tflops": peak, "budget_s": budget, "steps": steps,
         "config": {"model": scale.config, "text_tokens": scale.text_tokens, "lora_rank": scale.lora_rank,
                    "blocks": list(scale.blocks), "weights_dtype": scale.weights_dtype,
+                   "checkpointing": scale.checkpointing, "train_micro_batch": scale.train_micro_batch,
                    "job": str(CONFIG.relative_to(ROOT))},
         "cases": [], "skipped": [], "speed_options": None, "notes": NOTES, "wall_s": None, "finished": False,
     }

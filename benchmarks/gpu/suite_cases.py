@@ -64,6 +64,8 @@ class Scale:
     weights_dtype: str  # frozen weights; trained tensors are float32 masters (use_master_weights)
     budget_s: float
     micro_batches: tuple[int, int] | None = None  # (rollout, train); None: the job config's (16, 4)
+    checkpointing: bool = True  # gradient checkpointing of every block in the update (the job config's)
+    train_micro_batch: int | None = None  # overrides micro_batches' / the job config's training micro-batch
 
 
 def flux_dev_config() -> dict[str, Any]:
@@ -132,7 +134,8 @@ def build_transformer(config: dict[str, Any], device, dtype, seed: int):
 
 
 def prepare_training(transformer, case: Case, scale: Scale) -> None:
-    """LoRA (the trainer's ``add_lora``) or full training of ``scale.blocks``; checkpointing on."""
+    """LoRA (the trainer's ``add_lora``) or full training of ``scale.blocks``; checkpointing as
+    ``scale.checkpointing`` says."""
     if case.training == "lora":
         from branchgrpo.models.lora import LoraSpec, add_lora
 
@@ -141,4 +144,5 @@ def prepare_training(transformer, case: Case, scale: Scale) -> None:
         transformer.requires_grad_(False)
         for prefix in scale.blocks:
             transformer.get_submodule(prefix).requires_grad_(True)
-    transformer.enable_gradient_checkpointing()
+    if scale.checkpointing:
+        transformer.enable_gradient_checkpointing()

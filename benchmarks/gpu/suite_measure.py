@@ -79,11 +79,14 @@ def plan_estimate(case: Case, scale: Scale, steps: int) -> dict[str, Any] | None
 
 
 def job_overrides(scale: Scale, steps: int) -> list[str]:
-    """What the suite changes in ``configs/flux-dev-hps.yaml``: steps and (tiny) micro-batches."""
-    out = [f"method.tree.steps={steps}"]
+    """What the suite changes in ``configs/flux-dev-hps.yaml``: steps, (tiny) micro-batches and,
+    when asked, the training micro-batch and checkpointing."""
+    out = [f"method.tree.steps={steps}", f"model.gradient_checkpointing={str(scale.checkpointing).lower()}"]
     if scale.micro_batches:
         out += [f"method.engine.rollout_micro_batch={scale.micro_batches[0]}",
                 f"method.engine.train_micro_batch={scale.micro_batches[1]}"]
+    if scale.train_micro_batch:
+        out.append(f"method.engine.train_micro_batch={scale.train_micro_batch}")
     return out
 
 
@@ -127,7 +130,8 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
     method = method_for(case, scale, steps)
     clock = Clock(device)
     record: dict[str, Any] = {"case": case.name, "preset": case.preset, "resolution": case.size,
-                              "training": case.training, "compile": compile_mode}
+                              "training": case.training, "compile": compile_mode,
+                              "checkpointing": scale.checkpointing}
 
     with clock.phase("build"):
         transformer = build_transformer(scale.config, device, weights_dtype, seed)
@@ -152,6 +156,7 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
                                          device=device),
             "pooled_prompt_embeds": torch.randn(1, scale.config["pooled_projection_dim"], generator=g, device=device),
         }
+    record["micro_batches"] = {"rollout": method.engine.rollout_micro_batch, "train": method.engine.train_micro_batch}
     record["parameters"] = sum(p.numel() for p in transformer.parameters())
     record["trained_parameters"] = sum(p.numel() for p in params)
     row = row_flops(transformer, tokens, scale.text_tokens)
@@ -275,7 +280,8 @@ def predicted_seconds(case: Case, scale: Scale, steps: int, rate: float | None) 
     else:
         train = PartialTraining(weights=frozenset(x.name for x in arch.linears() if x.name.startswith(
             tuple(prefix + "." for prefix in scale.blocks))))
-    row = architecture_row_flops(arch, Tokens(arch.image_tokens(case.size, case.size), scale.text_tokens), train, True)
+    row = architecture_row_flops(arch, Tokens(arch.image_tokens(case.size, case.size), scale.text_tokens), train,
+                                 scale.checkpointing)
     counts = plan(method_for(case, scale, steps)).counts
     return (counts.rollout_calls * row.forward
             + counts.training_forwards * (row.forward + row.backward + row.recompute)) / rate

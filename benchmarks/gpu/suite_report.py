@@ -90,19 +90,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"- peak used for MFU: {_fmt(result['peak_tflops'], '.0f')} TFLOP/s (dense bf16)",
         f"- budget: {result['budget_s']:.0f} s for the cases; suite wall time {result['wall_s']:.0f} s"
         + ("" if result["finished"] else " (unfinished: written after the last case)"), "",
-        "| case | train | rollout s | reward s | update s | peak GiB (plan) | rollout TFLOP/s (MFU) | "
+        f"- update: gradient checkpointing {'on' if result['config'].get('checkpointing', True) else 'off'}; "
+        "micro-batches (rollout/train) per case in the table", "",
+        "| case | train | micro-batches | rollout s | reward s | update s | peak GiB (plan) | rollout TFLOP/s (MFU) | "
         "update TFLOP/s (MFU) | NFE rollout / train | max abs(ρ−1) first step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
         if "error" in c:
-            lines.append(f"| {c['case']} | failed: {c['error']} |||||||||")
+            lines.append(f"| {c['case']} | failed: {c['error']} ||||||||||")
             continue
         peak = max((v for v in c["peak_memory_bytes"].values() if v is not None), default=None)
         plan = c["plan_estimate"]["peak_bytes"] if c["plan_estimate"] else None
-        s, t, u = c["seconds"], c["tflops"], c["mfu"]
+        s, t, u, mb = c["seconds"], c["tflops"], c["mfu"], c.get("micro_batches", {})
         lines.append(
-            f"| {c['case']} | {c['trained_parameters'] / 1e6:.4g} M | {s['rollout']:.2f} | {s['reward']:.3f} | "
+            f"| {c['case']} | {c['trained_parameters'] / 1e6:.4g} M | {mb.get('rollout', '—')}/{mb.get('train', '—')} "
+            f"| {s['rollout']:.2f} | {s['reward']:.3f} | "
             f"{s['update']:.2f} | {_fmt(peak, '.2f', 2 ** -30)} ({_fmt(plan, '.2f', 2 ** -30)}) | "
             f"{_fmt(t['rollout'], '.1f')} ({_fmt(u['rollout'], '.1%')}) | {_fmt(t['update'], '.1f')} "
             f"({_fmt(u['update'], '.1%')}) | {c['nfe']['rollout_calls']} / {c['nfe']['training_forwards']} | "
@@ -153,8 +156,8 @@ NOTES = [
     "Random weights (N(0, 0.02²) matrices) and random prompt embeddings of the real shapes: speed and memory "
     "are those of the real model; rewards and |ρ − 1| are those of a random model.",
     "reward: stand-in, the mean of each leaf's x̂0 latent; no VAE decode and no reward model are timed.",
-    "update: score_tree + gather_training_edges + policy_update (forward with gradients, backward with "
-    "gradient checkpointing, AdamW step), as the trainer's time/train.",
+    "update: score_tree + gather_training_edges + policy_update (forward with gradients, backward (with "
+    "gradient checkpointing unless --checkpointing off), AdamW step), as the trainer's time/train.",
     "FLOPs from the architecture (branchgrpo.resources): 2 × multiply-accumulates of every linear (LoRA "
     "adapters included) + attention's QKᵀ and AV, backward only the gradients computed. Model FLOPs: "
     "checkpointing's recomputation is not counted in TFLOP/s or MFU (tflops.update_with_recompute counts it).",
