@@ -32,6 +32,29 @@ def test_measured_over_ideal_by_hand():
     assert measured_over_ideal(ref, ref) == pytest.approx(1.0)
 
 
+def test_reward_and_encode_phases_are_priced_so_a_run_without_overhead_reads_one():
+    """Both methods score 64 samples and encode 4 prompt groups per iteration at the same cost, and
+    every model call costs the reference's price: measured/ideal is exactly 1. Priced on the model
+    calls only (a run saved before samples were counted), the same run reads (a + r) / (A + r)
+    over a / A > 1 with no overhead at all."""
+    def record(method, roll_calls, train_rows):
+        phases = {"rollout": roll_calls * 2e-3, "train": train_rows * 8e-3, "reward": 64 * 1e-2, "encode": 4 * 1e-2}
+        calls = {"rollout_calls": roll_calls, "training_forwards": train_rows, "scored_samples": 64, "prompt_groups": 4}
+        return MethodRecord(method, seed=0, iteration_times=[sum(phases.values())] * 2,
+                            phase_times={k: [v] * 2 for k, v in phases.items()},
+                            calls={k: 2 * v for k, v in calls.items()}, iteration_calls=[calls] * 2)
+
+    ref, mix = record("dancegrpo", 1000, 1000), record("mix", 800, 60)
+    assert ref.unit_costs() == pytest.approx({"rollout_calls": 2e-3, "training_forwards": 8e-3,
+                                              "scored_samples": 1e-2, "prompt_groups": 1e-2})
+    assert measured_over_ideal(mix, ref) == pytest.approx(1.0)
+    a, big_a, r = 800 * 2e-3 + 60 * 8e-3, 1000 * 2e-3 + 1000 * 8e-3, 64 * 1e-2 + 4 * 1e-2
+    older = MethodRecord("mix", seed=0, iteration_times=mix.iteration_times, phase_times=mix.phase_times,
+                         calls={k: v for k, v in mix.calls.items() if k in ("rollout_calls", "training_forwards")})
+    assert measured_over_ideal(older, ref) == pytest.approx(((a + r) / (big_a + r)) / (a / big_a))
+    assert measured_over_ideal(older, ref) > 1.2
+
+
 def test_seed_cost_ratios_pair_by_seed_and_match_scipy():
     refs, mixes = [], []
     for seed, slow in zip([5, 3, 9, 4], [1.00, 1.10, 0.95, 1.20]):
@@ -79,3 +102,25 @@ def test_bench_reports_measured_over_ideal_over_seeds(seeded_bench):  # noqa: F8
     assert row["measured_over_ideal"] == pytest.approx(costs["per_seed"][0], abs=1e-4)
     md = (out / "bench.md").read_text()
     assert "## measured/ideal over seeds" in md and "(mean over 2 seeds; the cost table's run:" in md
+
+
+def test_bench_counts_the_scored_samples_and_prompt_groups_it_prices(seeded_bench):  # noqa: F811
+    """Every iteration's scored samples are the plan's leaves per prompt × prompts (one process), and
+    the reward and encode phases are priced per sample and per prompt group at the reference's cost."""
+    from test_bench_seeds import METHODS, TINY
+
+    from branchgrpo.train.config import load_train_config
+    from branchgrpo.tree.nfe import plan
+
+    out, _, _ = seeded_bench
+    saved = json.loads((out / "bench.json").read_text())
+    prompts = saved["meta"]["prompts_per_iteration"]
+    for method in METHODS:
+        leaves = plan(load_train_config(None, method, TINY).method).nodes_per_depth[-1]
+        for run in saved["seeds"][method]:
+            assert {(c["scored_samples"], c["prompt_groups"]) for c in run["iteration_calls"]} == {(leaves * prompts, prompts)}
+    ref = MethodRecord.from_saved("dancegrpo", saved["seeds"]["dancegrpo"][0]).first(saved["meta"]["iterations"])
+    samples = sum(c["scored_samples"] for c in ref.iteration_calls)
+    assert saved["meta"]["unit_cost_reward_sample_s"] == pytest.approx(sum(ref.phase_times["reward"]) / samples)
+    assert saved["meta"]["unit_cost_encode_group_s"] == pytest.approx(
+        sum(ref.phase_times["encode"]) / sum(c["prompt_groups"] for c in ref.iteration_calls))

@@ -135,15 +135,21 @@ def test_bench_writes_table_for_every_method(tmp_path):
     dance = saved["per_iteration"]["dancegrpo"]
     assert dance["calls"]["rollout_calls"] == 2 * 145
     assert saved["meta"]["unit_cost_rollout_row_s"] == pytest.approx(sum(dance["phase_times"]["rollout"]) / 290)
-    # ideal_ratio prices one iteration's model calls at the reference's unit costs: per iteration,
-    # like time_ratio, so a K = 3 tree (81 leaves per prompt) is priced whole, not per leaf
-    roll, train = saved["meta"]["unit_cost_rollout_row_s"], saved["meta"]["unit_cost_train_row_s"]
+    # ideal_ratio prices one iteration's model calls, scored samples and prompt groups at the reference's
+    # unit costs: per iteration, like time_ratio, so a K = 3 tree (81 leaves per prompt) is priced whole
+    meta = saved["meta"]
+    roll, train = meta["unit_cost_rollout_row_s"], meta["unit_cost_train_row_s"]
+    assert meta["unit_cost_reward_sample_s"] == pytest.approx(sum(dance["phase_times"]["reward"]) / (2 * 16))
+    assert meta["unit_cost_encode_group_s"] == pytest.approx(sum(dance["phase_times"]["encode"]) / 2)
 
     def ideal(name):
-        run = saved["per_iteration"][name]
-        return (run["calls"]["rollout_calls"] * roll + run["calls"]["training_forwards"] * train) / 2
+        calls = saved["per_iteration"][name]["calls"]
+        return (calls["rollout_calls"] * roll + calls["training_forwards"] * train
+                + calls["scored_samples"] * meta["unit_cost_reward_sample_s"]
+                + calls["prompt_groups"] * meta["unit_cost_encode_group_s"]) / 2
 
     assert saved["per_iteration"]["branchgrpo-k3"]["calls"]["rollout_calls"] == 2 * 118  # 1 + 3·3 + 9·3 + 27·3
+    assert saved["per_iteration"]["branchgrpo-k3"]["calls"]["scored_samples"] == 2 * 81  # the split at step 9
     for name in methods:
         assert by_method[name]["ideal_ratio"] == round(ideal(name) / ideal("dancegrpo"), 4), name
     forwards = dance["calls"]["training_forwards"]
@@ -194,10 +200,10 @@ def test_method_record_first_keeps_the_first_iterations_and_their_calls():
     head = record.first(2)
     assert head.iteration_times == [1.0, 2.0] and head.phase_times == {"rollout": [0.5, 1.0], "train": [0.3, 0.6]}
     assert head.calls == {"rollout_calls": 30.0, "training_forwards": 3.0}
-    assert head.calls_per_iteration == (15.0, 1.5)
-    assert head.unit_costs() == pytest.approx((1.5 / 30.0, 0.9 / 3.0))
+    assert head.calls_per_iteration == {"rollout_calls": 15.0, "training_forwards": 1.5}
+    assert head.unit_costs() == pytest.approx({"rollout_calls": 1.5 / 30.0, "training_forwards": 0.9 / 3.0})
     assert record.first(3) is record and record.first(5) is record
-    assert record.calls_per_iteration == (20.0, 2.0)  # the whole run is untouched
+    assert record.calls_per_iteration == {"rollout_calls": 20.0, "training_forwards": 2.0}  # the whole run is untouched
 
 
 def test_digits_config_file_equals_the_builtin_defaults():

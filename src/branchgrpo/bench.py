@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from branchgrpo.bench_combine import run_settings
-from branchgrpo.bench_costs import cost_lines, ideal_seconds, measured_over_ideal, seed_cost_ratios
+from branchgrpo.bench_costs import PRICED_WORK, cost_lines, ideal_seconds, measured_over_ideal, seed_cost_ratios
 from branchgrpo.bench_plots import diversity_plot, reward_plots, seed_plot
 from branchgrpo.bench_stats import Interval, RunCurve, efficiency_lines, format_interval, learning_efficiency
 from branchgrpo.train.config import load_train_config
@@ -68,18 +68,19 @@ class MethodRecord:
                             phase_times={k: v[:n] for k, v in self.phase_times.items()},
                             calls=calls, seed=self.seed, iteration_calls=self.iteration_calls[:n])
 
-    def unit_costs(self) -> tuple[float, float]:
-        """Seconds per rollout call and per training forward(+backward) row, measured in this
-        method's own iterations: phase seconds over the model calls that phase made."""
-        return (sum(self.phase_times["rollout"]) / self.calls["rollout_calls"],
-                sum(self.phase_times["train"]) / max(self.calls["training_forwards"], 1.0))
+    def unit_costs(self) -> dict[str, float]:
+        """Seconds per unit of each counted work (:data:`branchgrpo.bench_costs.PRICED_WORK`: rollout
+        call, training forward(+backward) row, scored sample, prompt group), measured in this method's
+        own iterations: the phase's seconds over the units that phase handled."""
+        return {work: sum(self.phase_times[phase]) / max(self.calls[work], 1.0)
+                for work, phase in PRICED_WORK.items() if work in self.calls and phase in self.phase_times}
 
     @property
-    def calls_per_iteration(self) -> tuple[float, float]:
-        """Rollout calls and training forwards one iteration made (mean over iterations, every
-        prompt group of the iteration): what an iteration's time is spent on."""
+    def calls_per_iteration(self) -> dict[str, float]:
+        """Each counted work's units in one iteration (mean over iterations, every prompt group of
+        the iteration): what an iteration's time is spent on."""
         n = len(self.iteration_times)
-        return self.calls["rollout_calls"] / n, self.calls.get("training_forwards", 0.0) / n
+        return {work: self.calls[work] / n for work in PRICED_WORK if work in self.calls}
 
     @property
     def nfe(self) -> dict[str, float]:
@@ -283,7 +284,8 @@ def _record_step(record: MethodRecord, metrics: dict) -> None:
     # nfe/* are per prompt group; the model ran them for every group of this process
     groups = metrics["nfe/rollout_calls_measured"] / metrics["nfe/rollout_calls"]
     calls = {"rollout_calls": float(metrics["nfe/rollout_calls_measured"]),
-             "training_forwards": metrics["nfe/training_forwards"] * groups}
+             "training_forwards": metrics["nfe/training_forwards"] * groups,
+             "scored_samples": leaves * groups, "prompt_groups": groups}
     record.iteration_calls.append(calls)
     for key, value in calls.items():
         record.calls[key] = record.calls.get(key, 0.0) + value
@@ -308,12 +310,13 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
     cost_over_seeds = seed_cost_ratios(seed_records, reference, iterations)
     # the cost columns: the interleaved rounds, where every run alternates with the reference's
     costed = {name: r.first(iterations) for name, r in records.items()}
-    roll_cost, train_cost = costed[reference].unit_costs()
+    ref_costs = costed[reference].unit_costs()
+    roll_cost, train_cost = ref_costs["rollout_calls"], ref_costs["training_forwards"]
+    probed = {**ref_costs, "rollout_calls": probe_costs[0], "training_forwards": probe_costs[1]}
 
     ideal = ideal_seconds
     ref_time = statistics.median(costed[reference].iteration_times)
-    ref_ideal = ideal(costed[reference], (roll_cost, train_cost))
-    ref_probe = ideal(costed[reference], probe_costs)
+    ref_ideal, ref_probe = ideal(costed[reference], ref_costs), ideal(costed[reference], probed)
     budget = min(r.train_seconds for r in records.values())
     ref_final = records[reference].evals[-1][2]
     ref_diversity = records[reference].end_diversity("diversity_feature")
@@ -335,11 +338,11 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
             "trained_edges_per_leaf": round(r.nfe["trained_edges"], 4),
             "iter_time_s": round(median, 4),
             "time_ratio": round(median / ref_time, 4),
-            "ideal_ratio": round(ideal(c, (roll_cost, train_cost)) / ref_ideal, 4),
+            "ideal_ratio": round(ideal(c, ref_costs) / ref_ideal, 4),
             "measured_over_ideal": round(measured_over_ideal(c, costed[reference]), 4),
-            "ideal_ratio_probe": round(ideal(c, probe_costs) / ref_probe, 4),
-            "rollout_ms_per_call": round(c.unit_costs()[0] * 1e3, 4),
-            "train_ms_per_forward": round(c.unit_costs()[1] * 1e3, 4),
+            "ideal_ratio_probe": round(ideal(c, probed) / ref_probe, 4),
+            "rollout_ms_per_call": round(c.unit_costs()["rollout_calls"] * 1e3, 4),
+            "train_ms_per_forward": round(c.unit_costs()["training_forwards"] * 1e3, 4),
             "rollout_s": round(statistics.median(c.phase_times["rollout"]), 4),
             "train_s": round(statistics.median(c.phase_times["train"]), 4),
             "start_reward": round(r.evals[0][2], 4),
@@ -370,6 +373,8 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "unit_cost_train_row_s": train_cost,
         "probe_cost_rollout_row_s": probe_costs[0],
         "probe_cost_train_row_s": probe_costs[1],
+        "unit_cost_reward_sample_s": ref_costs.get("scored_samples"),
+        "unit_cost_encode_group_s": ref_costs.get("prompt_groups"),
         "equal_time_budget_s": budget,
         "reference": reference,
         "seeds": seed_values,
@@ -402,10 +407,13 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         f"- unit costs measured in `{reference}`'s iterations: one rollout call (forward) {roll_cost * 1e3:.3f} ms, "
         f"one training row (forward + backward) {train_cost * 1e3:.3f} ms (ratio {train_cost / roll_cost:.2f}); "
         f"isolated full-micro-batch probes: {probe_costs[0] * 1e3:.3f} ms and {probe_costs[1] * 1e3:.3f} ms "
-        f"(ratio {probe_costs[1] / probe_costs[0]:.2f})",
-        f"- `ideal_ratio` = (rollout calls × rollout cost + training forwards × training cost) of one iteration relative to "
-        f"`{reference}` with the in-run unit costs (`ideal_ratio_probe`: with the probes); `time_ratio` = "
-        f"measured median iteration time relative to `{reference}`",
+        f"(ratio {probe_costs[1] / probe_costs[0]:.2f})"
+        + (f"; one scored sample (reward phase) {ref_costs['scored_samples'] * 1e3:.3f} ms, one prompt group's "
+           f"encoding {ref_costs['prompt_groups'] * 1e3:.3f} ms" if "prompt_groups" in ref_costs else ""),
+        f"- `ideal_ratio` = (rollout calls × rollout cost + training forwards × training cost + scored samples × "
+        f"reward cost + prompt groups × encode cost) of one iteration relative to `{reference}` with the in-run unit "
+        f"costs (`ideal_ratio_probe`: the probes for the model calls); `time_ratio` = measured median iteration "
+        f"time relative to `{reference}`",
         f"- the cost columns (from `iter_time_s` to `train_s`) read each run's first `cost_iterations` iterations, the "
         f"{iterations} interleaved rounds in which every run alternates with `{reference}`'s; `iterations`, "
         "`train_seconds` and the reward columns cover the whole run",

@@ -1,10 +1,11 @@
 """What an iteration should cost and what it did: the bench's ``measured_over_ideal``, per seed.
 
-An iteration's ideal time prices its model calls (rollout forwards, training rows) at the
-reference method's own measured cost per call; ``measured_over_ideal`` is a method's median
-iteration time relative to the reference's, divided by that ideal ratio. A value above 1 is what the
-method's engine adds beyond its model calls compared with the reference's (Python around small
-frontiers, fixed costs of micro-batches and optimizer steps spread over fewer rows).
+An iteration's ideal time prices the work it counts (:data:`PRICED_WORK`: rollout forwards,
+training rows, scored samples, prompt groups) at the reference method's own measured cost per unit;
+``measured_over_ideal`` is a method's median iteration time relative to the reference's, divided
+by that ideal ratio. A value above 1 is what the method's engine adds beyond that work compared
+with the reference's (Python around small frontiers, fixed costs of micro-batches and optimizer
+steps spread over fewer rows).
 
 One run's reading moves by several percent with the machine's speed during its iterations, so a
 multi-seed bench reads it for every seed (each run against the reference's run of the same seed,
@@ -15,9 +16,18 @@ which alternated with it) and reports the mean over seeds with its 95 % interval
 from __future__ import annotations
 
 import statistics
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from branchgrpo.bench_stats import Interval, format_interval, mean_interval
+
+
+PRICED_WORK = {"rollout_calls": "rollout", "training_forwards": "train", "scored_samples": "reward",
+               "prompt_groups": "encode"}
+"""Counted work → the phase whose seconds it costs. The reward and prompt-encoding phases are priced
+too: they do the same work per sample and per prompt in every method, and leaving them out of the
+ideal while the measured time includes them reads every method cheaper than the reference above 1
+with no overhead at all ((a + r) / (A + r) > a / A for a < A). Runs saved before samples and prompt
+groups were counted are priced on their model calls only."""
 
 
 class CostRecord(Protocol):
@@ -27,26 +37,29 @@ class CostRecord(Protocol):
     iteration_times: list[float]
 
     @property
-    def calls_per_iteration(self) -> tuple[float, float]: ...
+    def calls_per_iteration(self) -> dict[str, float]: ...
 
-    def unit_costs(self) -> tuple[float, float]: ...
+    def unit_costs(self) -> dict[str, float]: ...
 
     def first(self, n: int) -> "CostRecord": ...
 
 
-def ideal_seconds(record: CostRecord, costs: tuple[float, float]) -> float:
-    """One iteration of ``record`` priced at ``costs`` (seconds per rollout call, per training row).
+def ideal_seconds(record: CostRecord, costs: Mapping[str, float]) -> float:
+    """One iteration of ``record`` priced at ``costs`` (seconds per unit of each :data:`PRICED_WORK`
+    count; counts missing from ``costs`` are not priced).
 
     Per iteration, as the measured time it is compared with (a K = 3 tree has 81 leaves per prompt
     against DanceGRPO's 16: per-leaf counts would price a fifth of its iteration)."""
-    rollout_calls, training_forwards = record.calls_per_iteration
-    return rollout_calls * costs[0] + training_forwards * costs[1]
+    per_iteration = record.calls_per_iteration
+    return sum(per_iteration.get(work, 0.0) * cost for work, cost in costs.items())
 
 
 def measured_over_ideal(run: CostRecord, reference: CostRecord) -> float:
     """``run``'s median iteration time over ``reference``'s, divided by the ratio of their ideal
-    times priced at ``reference``'s in-run unit costs (1.0 for the reference itself)."""
-    costs = reference.unit_costs()
+    times priced at ``reference``'s in-run unit costs (1.0 for the reference itself); only the work
+    both runs counted is priced."""
+    counted = run.calls_per_iteration
+    costs = {work: cost for work, cost in reference.unit_costs().items() if work in counted}
     time_ratio = statistics.median(run.iteration_times) / statistics.median(reference.iteration_times)
     return time_ratio / (ideal_seconds(run, costs) / ideal_seconds(reference, costs))
 
@@ -79,7 +92,8 @@ def cost_lines(costs: dict[str, dict] | None, reference: str, rounds: int) -> li
     lines = ["", "## measured/ideal over seeds", "",
              f"Every seed's run against `{reference}`'s run of the same seed, over the {rounds} interleaved rounds "
              "(median iteration time relative to the reference's, divided by the ideal ratio at the reference's "
-             "in-run unit costs); mean over seeds [95 % interval]; the target is a mean ≤ 1.05.", "",
+             "in-run unit costs of rollout calls, training rows, scored samples and prompt groups); mean over seeds "
+             "[95 % interval]; the target is a mean ≤ 1.05.", "",
              "| method | measured/ideal | per seed | mean ≤ 1.05 |", "|---|---|---|---|"]
     for method, c in costs.items():
         shown = format_interval(Interval(c["mean"], c["low"], c["high"], c["n"]), 3)
@@ -88,4 +102,4 @@ def cost_lines(costs: dict[str, dict] | None, reference: str, rounds: int) -> li
     return lines
 
 
-__all__ = ["ideal_seconds", "measured_over_ideal", "seed_cost_ratios", "cost_lines"]
+__all__ = ["PRICED_WORK", "ideal_seconds", "measured_over_ideal", "seed_cost_ratios", "cost_lines"]
