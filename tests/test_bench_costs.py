@@ -124,3 +124,34 @@ def test_bench_counts_the_scored_samples_and_prompt_groups_it_prices(seeded_benc
     assert saved["meta"]["unit_cost_reward_sample_s"] == pytest.approx(sum(ref.phase_times["reward"]) / samples)
     assert saved["meta"]["unit_cost_encode_group_s"] == pytest.approx(
         sum(ref.phase_times["encode"]) / sum(c["prompt_groups"] for c in ref.iteration_calls))
+
+
+def test_interleaved_costs_fills_in_the_counts_of_older_benches(tmp_path, capsys):
+    """benchmarks/interleaved_costs.py on a bench saved without scored-sample and prompt-group counts
+    (16 leaves × 4 prompts, the reward and encode phases as in the test above): as saved it prices
+    the model calls only; with ``--leaves-per-prompt 16`` the run without overhead reads 1."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import interleaved_costs
+
+    def saved(seed, roll_calls, train_rows):
+        phases = {"rollout": roll_calls * 2e-3, "train": train_rows * 8e-3, "reward": 64 * 1e-2, "encode": 4 * 1e-2}
+        calls = {"rollout_calls": roll_calls, "training_forwards": train_rows}
+        return MethodRecord("m", seed=seed, iteration_times=[sum(phases.values())] * 3,
+                            phase_times={k: [v] * 3 for k, v in phases.items()},
+                            calls={k: 3 * v for k, v in calls.items()}, iteration_calls=[calls] * 3).saved()
+
+    bench = {"meta": {"iterations": 2, "reference": "dancegrpo", "prompts_per_iteration": 4},
+             "seeds": {"dancegrpo": [saved(s, 1000, 1000) for s in (0, 1)], "mix": [saved(s, 800, 60) for s in (1, 0)]}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+
+    def interleaved(*args) -> list[float]:
+        interleaved_costs.main([*args, str(tmp_path)])
+        row = next(line for line in capsys.readouterr().out.splitlines() if "`mix`" in line)
+        return [float(v) for v in row.split("|")[5].split("/")]
+
+    assert interleaved("--leaves-per-prompt", "16") == [1.0, 1.0]
+    a, big_a, r = 800 * 2e-3 + 60 * 8e-3, 1000 * 2e-3 + 1000 * 8e-3, 64 * 1e-2 + 4 * 1e-2
+    assert interleaved() == pytest.approx([((a + r) / (big_a + r)) / (a / big_a)] * 2, abs=6e-4)
