@@ -23,7 +23,7 @@ from pathlib import Path
 
 from branchgrpo.bench import MethodRecord
 from branchgrpo.bench_costs import measured_over_ideal
-from branchgrpo.bench_stats import mean_interval
+from branchgrpo.bench_stats import format_interval, mean_interval
 
 
 def load(method: str, run: dict, prompts: int, leaves: int | None) -> MethodRecord:
@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def shown(values: list[float]) -> str:
     """Mean [95 % interval] of several seeds' readings; one reading as it is."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    interval = mean_interval(values)
-    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+    return format_interval(mean_interval(values)) if len(values) > 1 else f"{values[0]:.3f}"
 
 
 if __name__ == "__main__":
