@@ -139,7 +139,8 @@ class Saved:
     uses: list[LinearUse] = field(default_factory=list)
     attention: list[tuple[int, bool]] = field(default_factory=list)  # (tokens, needs a gradient) per block
     # cross-attention calls: (query rows, key/value rows, needs a gradient), e.g. Wan's image→text
-    cross_attention: list[tuple[int, int, bool]] = field(default_factory=list)
+    # (query rows, key/value rows, whether q needs a gradient, whether k and v do)
+    cross_attention: list[tuple[int, int, bool, bool]] = field(default_factory=list)
 
     def add_flops(self, other: "Saved") -> None:
         self.uses += other.uses
@@ -234,14 +235,16 @@ def forward_flops(trace: Saved, dim: int, rank: int = 0) -> int:
         if use.lora:
             total += 2 * use.rows * rank * (x.in_features + x.out_features)
     return (total + sum(4 * rows * rows * dim for rows, _ in trace.attention)
-            + sum(4 * q * kv * dim for q, kv, _ in trace.cross_attention))
+            + sum(4 * q * kv * dim for q, kv, *_ in trace.cross_attention))
 
 
 def backward_flops(trace: Saved, dim: int, rank: int = 0) -> int:
     """FLOPs of one sample's backward, counting only the gradients autograd computes: a
     linear's input gradient when its input needs one, its weight gradient when trained (LoRA:
     ``A`` and ``B``'s), and attention's ``dQ, dK, dV`` (2× its forward; fused kernels also
-    recompute ``QKᵀ``, which is not model work)."""
+    recompute ``QKᵀ``, which is not model work). Cross-attention counts each of its four
+    products only where needed: ``dP = dO·Vᵀ`` when q or k needs a gradient, ``dQ`` when q does,
+    ``dK`` and ``dV`` when k and v do (text states from a frozen projection need none)."""
     total = 0
     for use in (u for u in trace.uses if u.live):
         x, rows = use.linear, use.rows
@@ -252,7 +255,8 @@ def backward_flops(trace: Saved, dim: int, rank: int = 0) -> int:
             total += 2 * (2 * rows * rank * x.out_features) + 2 * rows * x.in_features * rank
             total += 2 * rows * x.in_features * rank if use.input_grad else 0
     return (total + sum(8 * rows * rows * dim for rows, grad in trace.attention if grad)
-            + sum(8 * q * kv * dim for q, kv, grad in trace.cross_attention if grad))
+            + sum(2 * q * kv * dim * (int(q_grad or kv_grad) + int(q_grad) + 2 * int(kv_grad))
+                  for q, kv, q_grad, kv_grad in trace.cross_attention))
 
 
 def parameter_count(arch: Architecture) -> int:

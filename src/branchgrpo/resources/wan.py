@@ -261,8 +261,10 @@ class WanArchitecture:
         s.add_flops(kv_set)
         self._rms(s, ti, q_grad or trains("attn2.to_q"), train)
         self._rms(s, tt, text_grad or trains("attn2.to_k"), train)
-        cross_grad = q_grad or text_grad or any(trains(f"attn2.to_{n}") for n in "qkv")
-        s.cross_attention.append((ti, tt, cross_grad))
+        cross_q_grad = q_grad or trains("attn2.to_q")
+        cross_kv_grad = text_grad or trains("attn2.to_k") or trains("attn2.to_v")
+        cross_grad = cross_q_grad or cross_kv_grad
+        s.cross_attention.append((ti, tt, cross_q_grad, cross_kv_grad))
         if cross_grad:  # q and the output [B, H, L, hd], k and v [B, H, T, hd], log-sum-exp [B, H, L]
             s.act += 2 * ti * d + 2 * tt * d
             s.f32 += self.heads * ti

@@ -209,7 +209,7 @@ def architecture_row_flops(arch: Any, tokens: Tokens, train: Training, checkpoin
     in_blocks = (sum(2 * u.rows * u.linear.in_features * u.linear.out_features
                      + (2 * u.rows * train.rank * (u.linear.in_features + u.linear.out_features) if u.lora else 0)
                      for u in blocks) + sum(4 * rows * rows * arch.dim for rows, _ in trace.attention)
-                 + sum(4 * q * kv * arch.dim for q, kv, _ in trace.cross_attention))
+                 + sum(4 * q * kv * arch.dim for q, kv, *_ in trace.cross_attention))
     return RowFlops(forward, backward_flops(trace, arch.dim, train.rank), in_blocks if checkpointing else 0,
                     forward_flops(trace, arch.dim, 0))
 
