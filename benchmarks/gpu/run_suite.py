@@ -1,18 +1,20 @@
-"""FLUX.1-dev at full size on one GPU, with nothing downloaded: what one training iteration costs.
+"""A full-size transformer on one GPU, with nothing downloaded: what one training iteration costs.
 
 One command, from the repository root (≤ 8 minutes on one H100 80 GB by design; ``--budget-s``
 skips the cases that would not finish in time and says so)::
 
     python benchmarks/gpu/run_suite.py --out benchmarks/results/gpu/<date>
+    python benchmarks/gpu/run_suite.py --model sd3.5-medium --out ...   # or wan2.1-1.3b
 
 On a machine without diffusers (and without network), bring it as a wheel first:
 ``bash benchmarks/gpu/prepare_wheels.sh`` (writes ``benchmarks/gpu/wheels/``, git-ignored); this
 script puts those wheels on ``sys.path`` when ``import diffusers`` fails. See docs/flux.md,
 "Measuring on a GPU".
 
-What runs: the FLUX.1-dev transformer of the hub config (11.9 B parameters) with random bf16
-weights made on the GPU (meta-device construction, ``to_empty``, seeded init), random prompt
-embeddings of the real shapes (T5 512 × 4096, pooled 768), and the project's own engine —
+What runs (default ``--model flux-dev``): the FLUX.1-dev transformer of the hub config (11.9 B
+parameters) with random bf16 weights made on the GPU (meta-device construction, ``to_empty``, the
+constructor's buffers copied back, seeded init), random prompt embeddings of the real shapes (T5
+512 × 4096, pooled 768), and the project's own engine —
 :func:`branchgrpo.tree.rollout.rollout`, :func:`branchgrpo.tree.scoring.score_tree`,
 :func:`branchgrpo.update.gather_training_edges` and :func:`branchgrpo.update.policy_update`,
 wired as ``Trainer.step`` wires them, with ``configs/flux-dev-hps.yaml``'s method settings
@@ -21,12 +23,19 @@ iteration of the ``branchgrpo`` and ``dancegrpo`` presets with LoRA rank 32 and 
 checkpointing, and one ``branchgrpo`` iteration that fully fine-tunes a few blocks (the rest
 frozen). The reward is a stand-in: the mean of each leaf's x̂0 latent (no VAE, no reward model).
 
+``--model sd3.5-medium`` runs configs/sd35-medium-flowgrpo.yaml's model (CFG 4.5 in one doubled
+call, CLIP + T5 128 tokens, 10 steps) at 512² and 1024²: Flow-GRPO's job as written (``flowgrpo``:
+24 independent roots, KL term with its reference forward, two updates) and the ``branchgrpo``
+tree on it. ``--model wan2.1-1.3b`` runs configs/wan21-1.3b-branchgrpo.yaml's model at 480 × 832,
+33 frames (CFG 5.0, UMT5 512 tokens), with 10 steps so an iteration takes minutes, not ~8.
+
 Recorded per case: rollout, reward and update seconds, peak memory per phase
 (``torch.cuda.max_memory_allocated``) next to ``branchgrpo plan``'s estimate, FLOPs per phase
 from the architecture (:mod:`branchgrpo.resources`), achieved TFLOP/s and MFU (dense bf16 peak
 of the device, :data:`branchgrpo.train.metrics.PEAK_BF16_TFLOPS`; unknown device: null), NFE
 and the largest |ρ − 1| before the first optimizer step. ``--scale tiny`` runs the same code on
-a 2+2-block model on CPU in float32 (``tests/test_gpu_suite.py``).
+a 2-block model of the architecture on CPU in float32 (``tests/test_gpu_suite.py``,
+``tests/test_gpu_suite_models.py``).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from typing import Any
 
 from suite_cases import (  # noqa: F401  (names the tests and callers use from run_suite)
     CONFIG,
+    MODELS,
     ROOT,
     SCALES,
     SDPA_CHOICES,
@@ -65,8 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
+    parser.add_argument("--model", choices=list(MODELS), default="flux-dev",
+                        help="the architecture at its hub config, with its job config's settings (default flux-dev: "
+                             "configs/flux-dev-hps.yaml; sd3.5-medium: configs/sd35-medium-flowgrpo.yaml; "
+                             "wan2.1-1.3b: configs/wan21-1.3b-branchgrpo.yaml)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full",
-                        help="full: FLUX.1-dev on CUDA in bf16; tiny: 2+2 blocks on CPU in float32 (the test)")
+                        help="full: the model on CUDA in bf16; tiny: a 2-block model on CPU in float32 (the test)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for the cases; a case projected to end later is skipped (default: 400 full)")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all, in order)")
@@ -100,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.train_micro_batch is not None and args.train_micro_batch < 1:
         parser.error(f"--train-micro-batch: must be >= 1, got {args.train_micro_batch}")
-    scale = dataclasses.replace(SCALES[args.scale](), checkpointing=args.checkpointing == "on",
+    scale = dataclasses.replace(SCALES[args.scale](args.model), checkpointing=args.checkpointing == "on",
                                 train_micro_batch=args.train_micro_batch)
     select_sdpa(args.sdpa)
     budget = scale.budget_s if args.budget_s is None else args.budget_s
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     peak = _peak_tflops(torch.device(scale.device), torch.bfloat16 if scale.device == "cuda" else torch.float32)
     result: dict[str, Any] = {
-        "scale": scale.name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": scale.model, "title": scale.suite_model.title, "scale": scale.name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *([sys.argv[0]] if argv is None else ["benchmarks/gpu/run_suite.py"]),
                              *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(scale.device), "packages": package_versions(), "diffusers_from": diffusers_from,
@@ -135,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"model": scale.config, "text_tokens": scale.text_tokens, "lora_rank": scale.lora_rank,
                    "blocks": list(scale.blocks), "weights_dtype": scale.weights_dtype,
                    "checkpointing": scale.checkpointing, "train_micro_batch": scale.train_micro_batch,
-                   "job": str(CONFIG.relative_to(ROOT))},
+                   "job": str(scale.suite_model.job.relative_to(ROOT)),
+                   **({"frames": scale.frames} if scale.frames else {}),
+                   **({"widths": dict(scale.widths)} if scale.widths else {})},
         "cases": [], "skipped": [], "speed_options": None, "notes": NOTES, "wall_s": None, "finished": False,
     }
 

@@ -79,7 +79,9 @@ def atomic_write(path: Path, text: str) -> None:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"# GPU suite ({result['scale']}): FLUX.1 transformer, one training iteration per case", "",
+        f"# GPU suite ({result['scale']}): {result.get('title', 'FLUX.1-dev transformer')}, one training iteration "
+        "per case", "",
+        f"- job: `{result['config']['job']}` (its model options, micro-batches and LoRA settings; the case's preset)",
         f"- date: {result['date']}",
         f"- machine: {m.get('device')} ({_fmt(m.get('device_memory_bytes'), '.1f', 2 ** -30)} GiB), "
         f"driver {m.get('driver', '—')}, host {m['host']}, {m['cpu_count']} CPUs",
@@ -164,4 +166,6 @@ NOTES = [
     "MFU = achieved model TFLOP/s / the device's dense bf16 peak (989 for H100 SXM); null on unknown devices.",
     "peak GiB: torch.cuda.max_memory_allocated over the three phases (plan: branchgrpo plan's estimate, LoRA cases).",
     "blocks: full fine-tune of the listed blocks (fp32 masters, AdamW), the rest frozen in bf16.",
+    "NFE counts sample calls; under true classifier-free guidance (SD3.5, Wan) each call runs two rows "
+    "([negative; positive], rows_per_sample in results.json) and the FLOPs count both.",
 ]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from suite_cases import Scale, build_transformer
-from suite_measure import Clock, _peak_tflops
+import dataclasses
+
+from suite_cases import Scale, all_cases, build_transformer
+from suite_measure import Clock, _peak_tflops, job_config, make_policy
 
 # --------------------------------------------------------------------------------------------
 # Speed options: attention backend, rollout micro-batch, torch.compile of the blocks
@@ -37,31 +39,32 @@ def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_b
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from branchgrpo.models.flux import FluxVelocity
-    from branchgrpo.resources import FluxArchitecture, Tokens, Training
-    from branchgrpo.train.metrics import architecture_row_flops
+    from branchgrpo.models.speed import compile_blocks as compile_repeated_blocks
+    from branchgrpo.resources import Tokens, Training
+    from branchgrpo.train.metrics import architecture_of, architecture_row_flops, image_stream_tokens
 
     device = torch.device(scale.device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     clock = Clock(device)
-    transformer = build_transformer(scale.config, device, getattr(torch, scale.weights_dtype), seed)
+    transformer = build_transformer(scale.config, device, getattr(torch, scale.weights_dtype), seed,
+                                    scale.suite_model.transformer_class)
     transformer.requires_grad_(False)
-    latent = size // 8
-    policy = FluxVelocity(transformer, latent, latent, guidance_scale=3.5).to(device).eval()
-    policy.compute_dtype = None if compute == torch.float32 else compute
-    tokens, channels = (latent // 2) ** 2, int(scale.config["in_channels"])
-    arch = FluxArchitecture(scale.config)
-    row = architecture_row_flops(arch, Tokens(tokens, scale.text_tokens), Training(0, ()), False).forward
+    case = dataclasses.replace(all_cases(scale)[0], size=size)
     g = torch.Generator(device=device).manual_seed(seed + 2)
+    policy, shape, cond1 = make_policy(transformer, case, scale, job_config(case, scale, scale.steps), device, g)
+    policy = policy.to(device).eval()
+    policy.compute_dtype = None if compute == torch.float32 else compute
+    arch = architecture_of(transformer)
+    tokens = image_stream_tokens(arch, torch.empty(1, *shape, device="meta"), {})
+    rows_per_sample = 2 if getattr(policy, "uses_cfg", False) else 1  # true CFG: [negative; positive]
+    row = rows_per_sample * architecture_row_flops(arch, Tokens(tokens, scale.text_tokens), Training(0, ()),
+                                                   False).forward
     peak = _peak_tflops(device, compute)
     repeats = 3 if device.type == "cuda" else 1
 
     def forward(rows: int) -> Callable[[], Any]:
-        cond = {"prompt_embeds": torch.randn(rows, scale.text_tokens, scale.config["joint_attention_dim"],
-                                             generator=g, device=device),
-                "pooled_prompt_embeds": torch.randn(rows, scale.config["pooled_projection_dim"], generator=g,
-                                                    device=device)}
-        x = torch.randn(rows, tokens, channels, generator=g, device=device)
+        cond = {k: torch.randn(rows, *v.shape[1:], generator=g, device=device) for k, v in cond1.items()}
+        x = torch.randn(rows, *shape, generator=g, device=device)
         sigma = torch.full((rows,), 0.5, device=device)
 
         def call():
@@ -74,7 +77,8 @@ def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_b
         return {"rows": rows, "seconds": seconds, "tflops": tflops, "mfu": tflops / peak if peak else None}
 
     out: dict[str, Any] = {"resolution": size, "tokens": {"image": tokens, "text": scale.text_tokens},
-                           "flops_per_row": row, "attention": {}, "micro_batch": {}, "compile": None}
+                           "flops_per_row": row, "rows_per_sample": rows_per_sample, "attention": {},
+                           "micro_batch": {}, "compile": None}
     rows = 4
     for backend in ATTENTION_BACKENDS:
         if time.perf_counter() > deadline:
@@ -102,8 +106,7 @@ def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_b
         try:
             eager = _timed(forward(rows), clock, repeats)
             start = time.perf_counter()
-            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-                block.compile()
+            compile_repeated_blocks(transformer)
             call = forward(rows)
             call()
             clock.sync()
@@ -113,5 +116,4 @@ def speed_options(scale: Scale, size: int, seed: int, deadline: float, compile_b
                               "compile_seconds": compile_s, "speedup": eager / compiled}
         except Exception as err:  # noqa: BLE001
             out["compile"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    del policy, transformer
     return out
