@@ -147,3 +147,65 @@ def test_cli_combines_and_refuses_in_one_line(two_benches, tmp_path, capsys):
         assert main(["bench", "--combine", *args, "--out", out]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("branchgrpo: error: --combine: ") and message in err[0]
+
+
+def test_settings_are_read_before_training(tmp_path):
+    """A run whose tree moves while it trains (``tree.adaptive_splits``) is recorded with the
+    split plan it started from, so two benches of one configuration pool; ``settings_at`` says so."""
+    class MovingSplits(Trainer):
+        def step(self):
+            row = super().step()
+            self.config.method.tree.split_plan = {1: 2, 3: 2}  # what adaptive placement does between iterations
+            return row
+
+    run_bench(METHODS, iterations=1, eval_every=1, out_dir=tmp_path / "bench", overrides=[*TINY, "run.seed=5"],
+              make_trainer=lambda c: MovingSplits(c, model=tiny_generator(), reward=brightness_reward), seeds=1)
+    meta = json.loads((tmp_path / "bench" / "bench.json").read_text())["meta"]
+    assert meta["settings_at"] == "start"
+    assert meta["settings"]["branchgrpo-mix"]["method.tree.split_plan"] == {"0": 2, "2": 2}
+
+
+def _adaptive(plan, at_start):
+    def edit(data):
+        for method in data["meta"]["settings"].values():
+            method.pop("method.tree.adaptive_splits", None)  # as run_settings flattens the dataclass
+            method.update({"method.tree.adaptive_splits.every": 1, "method.tree.adaptive_splits.decay": 0.5})
+        data["meta"]["settings"]["branchgrpo-mix"]["method.tree.split_plan"] = plan
+        if not at_start:
+            data["meta"].pop("settings_at", None)
+    return edit
+
+
+def test_a_moved_adaptive_split_plan_is_compared_only_where_it_was_read_at_the_start(two_benches, tmp_path):
+    """Benches written before ``settings_at: start`` recorded an adaptive method's split plan after
+    training (moved, different per seed): pooled with a note saying it was not compared. Read at
+    the start in both, a different plan is a different configuration and is refused; a method
+    without adaptive splits is always compared."""
+    old_a = _copy_with(two_benches, tmp_path / "oa", _adaptive({"2": 2, "3": 2}, at_start=False))
+    old_b = _copy_with(two_benches, tmp_path / "ob", _adaptive({"0": 2, "5": 2}, at_start=False))
+    data = json.loads((old_b / "bench.json").read_text())
+    for runs in data["seeds"].values():
+        for r in runs:
+            r["seed"] = 9
+    (old_b / "bench.json").write_text(json.dumps(data))
+    combine_benches([old_a, old_b], tmp_path / "pooled")
+    md = (tmp_path / "pooled" / "bench.md").read_text()
+    assert "`branchgrpo-mix`'s method.tree.split_plan not compared: adaptive splits move it" in md
+    saved = json.loads((tmp_path / "pooled" / "bench.json").read_text())["meta"]
+    assert len(saved["settings_not_compared"]) == 1 and "settings_at" not in saved
+
+    new_b = _copy_with(two_benches, tmp_path / "nb", _adaptive({"0": 2, "5": 2}, at_start=True))
+    new_a = _copy_with(two_benches, tmp_path / "na", _adaptive({"2": 2, "3": 2}, at_start=True))
+    data = json.loads((new_b / "bench.json").read_text())
+    for runs in data["seeds"].values():
+        for r in runs:
+            r["seed"] = 9
+    (new_b / "bench.json").write_text(json.dumps(data))
+    with pytest.raises(CombineError, match=r"`branchgrpo-mix` ran with method.tree.split_plan"):
+        combine_benches([new_a, new_b], tmp_path / "refused")
+
+    def fixed_plan(data):
+        data["meta"].pop("settings_at", None)
+        data["meta"]["settings"]["branchgrpo-mix"]["method.tree.split_plan"] = {"0": 2, "5": 2}
+    with pytest.raises(CombineError, match=r"method.tree.split_plan"):
+        combine_benches([two_benches / "a", _copy_with(two_benches, tmp_path / "f", fixed_plan)], tmp_path / "x")

@@ -237,6 +237,9 @@ def run_bench(
             trainers[(name, seed)] = make_trainer(config) if make_trainer else Trainer(config)
             records[(name, seed)] = MethodRecord(name, seed=seed)
 
+    # before anything trains: adaptive split placement rewrites a run's tree.split_plan as it goes
+    settings = {name: run_settings(trainers[(name, seed_values[0])].config) for name in methods}
+
     def tag(key: tuple[str, int], what: str) -> str:  # sample-grid file names; one seed keeps the old names
         return f"{key[0]}-{what}" if seeds == 1 else f"{key[0]}-seed{key[1]}-{what}"
 
@@ -271,7 +274,7 @@ def run_bench(
     return write_results({name: runs[0] for name, runs in by_method.items()}, methods, probe_costs, base,
                          iterations, out_dir, equal_time, seed_records=by_method, seconds=seconds,
                          variants={k: v for k, v in variants.items() if k in methods},
-                         settings={name: run_settings(trainers[(name, seed_values[0])].config) for name in methods})
+                         settings=settings)
 
 
 def _record_step(record: MethodRecord, metrics: dict) -> None:
@@ -381,6 +384,7 @@ def write_results(records, methods, probe_costs, base, iterations, out_dir: Path
         "seconds_budget": seconds,
         "method_overrides": {k: {"preset": v[0], "overrides": list(v[1])} for k, v in (variants or {}).items()},
         "settings": settings,  # per method: its resolved config but seed and folder (checked by --combine)
+        "settings_at": "start",  # read before training (older benches: after, with adaptive splits moved)
     }
     per_iteration = {k: {"iteration_times": r.iteration_times, "phase_times": r.phase_times, "calls": r.calls,
                          "iteration_calls": r.iteration_calls} for k, r in records.items()}

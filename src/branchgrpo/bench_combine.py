@@ -48,16 +48,34 @@ def run_settings(config) -> dict:
     return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in PER_RUN}
 
 
-def _settings_differ(folder: Path, data: dict, first_folder: Path, first: dict) -> str | None:
+MOVING = "method.tree.split_plan"  # rewritten during a run by tree.adaptive_splits
+
+
+def _adaptive(settings: dict) -> bool:
+    """Whether a run's settings move its split plan (``tree.adaptive_splits`` set; the dataclass is
+    recorded as ``method.tree.adaptive_splits.every`` / ``.decay``, None as the bare key)."""
+    return any(v is not None for k, v in settings.items() if k.startswith("method.tree.adaptive_splits"))
+
+
+def _settings_differ(folder: Path, data: dict, first_folder: Path, first: dict) -> tuple[str | None, list[str]]:
     """The first setting a method has with another value in ``first`` (keys present in both; a key
-    only one bench knows comes from another version of the code), as a message; None if none."""
+    only one bench knows comes from another version of the code), as a message, or None; and the
+    settings left uncompared: an adaptive-split method's ``split_plan`` where a bench read it after
+    training (before ``settings_at: start``), when it had already moved per seed."""
     mine, theirs = data["meta"].get("settings") or {}, first["meta"].get("settings") or {}
-    for method in mine.keys() & theirs.keys():
+    read_late = [str(f) for f, d in ((first_folder, first), (folder, data)) if d["meta"].get("settings_at") != "start"]
+    skipped = []
+    for method in sorted(mine.keys() & theirs.keys()):
         for key in sorted(mine[method].keys() & theirs[method].keys()):
-            if mine[method][key] != theirs[method][key]:
-                return (f"{folder}: `{method}` ran with {key} = {mine[method][key]!r}, but {first_folder} has "
-                        f"{theirs[method][key]!r}")
-    return None
+            if mine[method][key] == theirs[method][key]:
+                continue
+            if key == MOVING and read_late and _adaptive(mine[method]):
+                skipped.append(f"`{method}`'s {key} not compared: adaptive splits move it during a run, and "
+                               f"{' and '.join(read_late)} recorded it after training")
+                continue
+            return (f"{folder}: `{method}` ran with {key} = {mine[method][key]!r}, but {first_folder} has "
+                    f"{theirs[method][key]!r}"), skipped
+    return None, skipped
 
 
 class CombineError(ValueError):
@@ -92,6 +110,7 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
     loaded = [(folder, _load(folder)) for folder in folders]
     first_folder, first = loaded[0]
     methods = list(first["seeds"])
+    uncompared: list[str] = []
     for folder, data in loaded[1:]:
         if list(data["seeds"]) != methods:
             raise CombineError(f"{folder}: methods {list(data['seeds'])}, but {first_folder} has {methods}")
@@ -99,9 +118,10 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
             if data["meta"].get(key) != first["meta"].get(key):
                 raise CombineError(f"{folder}: {key} = {data['meta'].get(key)!r}, but {first_folder} has "
                                    f"{first['meta'].get(key)!r}")
-        differ = _settings_differ(folder, data, first_folder, first)
+        differ, skipped = _settings_differ(folder, data, first_folder, first)
         if differ:
             raise CombineError(differ)
+        uncompared += skipped
     seen: dict[int, Path] = {}
     for folder, data in loaded:
         for run in data["seeds"][methods[0]]:
@@ -123,6 +143,10 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
                 "seeds": data["meta"].get("seeds")} for folder, data in loaded]
     meta = {key: first["meta"].get(key) for key in SAME}
     meta["settings"] = first["meta"].get("settings")
+    uncompared = list(dict.fromkeys(uncompared))
+    meta["settings_not_compared"] = uncompared
+    if all(data["meta"].get("settings_at") == "start" for _, data in loaded):
+        meta["settings_at"] = "start"
     meta.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), sources=sources,
                 seeds=sorted(seen))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +166,7 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
         *[f"- `{label}`: preset `{v['preset']}` with " + (", ".join(f"`{o}`" for o in v["overrides"]) or
                                                           "no extra overrides")
           for label, v in (meta["method_overrides"] or {}).items()],
+        *[f"- {note}" for note in uncompared],
         "- the cost tables (iteration times, NFE, unit costs): in each source's bench.md",
         "- every method's resolved settings (config file, preset, overrides; all but seed and folder) agree key by key "
         "across the benches" + ("" if all(d["meta"].get("settings") for _, d in loaded) else
