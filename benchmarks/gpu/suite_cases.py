@@ -63,6 +63,9 @@ class SuiteModel:
     job: Path
     cases: tuple[tuple[str, str | None, str], ...]
     full_blocks: tuple[str, ...]  # what the "blocks" cases fine-tune fully at full size
+    # whether another preset keeps the file's method section under it (FLUX.1, Wan: steps, η, rates); False
+    # when that section pins another method (SD3.5's Flow-GRPO flat group): only its micro-batches are kept
+    method_fits_presets: bool = True
 
 
 FLUX_CASES = (("branchgrpo", "branchgrpo", "lora"), ("dancegrpo", "dancegrpo", "lora"),
@@ -77,7 +80,7 @@ MODELS: dict[str, SuiteModel] = {
         "sd3.5-medium", "SD3.5-medium transformer", "sd3", "SD3Transformer2DModel", "sd3.5-medium",
         ROOT / "configs" / "sd35-medium-flowgrpo.yaml",
         (("flowgrpo", None, "lora"), ("branchgrpo", "branchgrpo", "lora"), ("branchgrpo", "branchgrpo", "blocks")),
-        ("transformer_blocks.0", "transformer_blocks.1")),
+        ("transformer_blocks.0", "transformer_blocks.1"), method_fits_presets=False),
     "wan2.1-1.3b": SuiteModel(
         "wan2.1-1.3b", "Wan2.1-T2V-1.3B transformer", "wan", "WanTransformer3DModel", "wan2.1-t2v-1.3b",
         ROOT / "configs" / "wan21-1.3b-branchgrpo.yaml",

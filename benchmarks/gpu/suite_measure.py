@@ -130,8 +130,7 @@ def job_config(case: Case, scale: Scale, steps: int, plan: bool = False):
     from branchgrpo.train.config import load_train_config
 
     m = scale.suite_model
-    own = case.own_method or m.family != "sd3"  # FLUX.1 and Wan: the file's method merges under any preset
-    path = m.job if own else _preset_job(m.job)
+    path = m.job if case.own_method or m.method_fits_presets else _preset_job(m.job)
     overrides = [*size_options(scale, case.size), *job_overrides(scale, steps)]
     if case.training == "lora":
         overrides.append(f"model.lora.rank={scale.lora_rank}")
