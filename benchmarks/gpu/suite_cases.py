@@ -227,19 +227,6 @@ def build_transformer(config: dict[str, Any], device, dtype, seed: int,
     return model
 
 
-def lora_spec(config: Any, scale: Scale, bundle: Any):
-    """The trainer's LoRA for the job (``config.model.lora``'s alpha, dropout, init and targets; the
-    family's targets when unset) at ``scale.lora_rank``."""
-    from branchgrpo.families import get_family
-    from branchgrpo.models.lora import LoraSpec
-
-    lora = config.model.lora
-    targets = (lora.target_modules if lora is not None and lora.target_modules is not None
-               else get_family(config.model.family).lora_target_modules(bundle))
-    kwargs = {} if lora is None else {"alpha": lora.alpha, "dropout": lora.dropout, "init": lora.init}
-    return LoraSpec(rank=scale.lora_rank, target_modules=targets, **kwargs)
-
-
 def prepare_training(transformer, case: Case, scale: Scale, lora: Any = None) -> None:
     """LoRA (the trainer's ``add_lora`` with ``lora``, a :class:`LoraSpec`; default rank
     ``scale.lora_rank`` on FLUX.1's targets) or full training of ``scale.blocks``; checkpointing as

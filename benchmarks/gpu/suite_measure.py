@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from suite_cases import SD3_CLIP_TOKENS, Case, Scale, build_transformer, lora_spec, prepare_training
+from suite_cases import SD3_CLIP_TOKENS, Case, Scale, build_transformer, prepare_training
 
 # --------------------------------------------------------------------------------------------
 # Measuring
@@ -199,7 +199,7 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
 
     from branchgrpo.families import PolicyBundle
     from branchgrpo.rewards.base import RewardOutput
-    from branchgrpo.train.components import use_master_weights
+    from branchgrpo.train.components import lora_spec, use_master_weights
     from branchgrpo.train.distributed import DistributedContext
     from branchgrpo.train.metrics import architecture_of, image_stream_tokens, iteration_metrics, phase_flops, row_flops
     from branchgrpo.train.trainer import RandomStream, iteration_generator
@@ -228,7 +228,7 @@ def run_case(case: Case, scale: Scale, steps: int, seed: int, check_flops: bool,
         policy = policy.to(device)
         bundle = PolicyBundle(family=config.model.family, policy=policy, trainable=transformer, latent_shape=shape,
                               encode_prompts=lambda prompts: {}, decode=lambda x: x)
-        prepare_training(transformer, case, scale, lora_spec(config, scale, bundle))
+        prepare_training(transformer, case, scale, lora_spec(config, bundle) if case.training == "lora" else None)
         if compile_mode == "blocks":  # model.compile=blocks: compiled during the warm-up, not the phases
             from branchgrpo.models.speed import compile_blocks
 

@@ -267,6 +267,17 @@ def check_reward_config(config: TrainConfig) -> None:
 
 
 # -- building ------------------------------------------------------------------------------------
+def lora_spec(config: TrainConfig, bundle: PolicyBundle):
+    """The :class:`~branchgrpo.models.lora.LoraSpec` of ``model.lora`` (set): its rank, alpha, dropout,
+    init and targets, the family's targets when ``target_modules`` is unset."""
+    from branchgrpo.models.lora import LoraSpec
+
+    lora = config.model.lora
+    targets = (lora.target_modules if lora.target_modules is not None
+               else get_family(config.model.family).lora_target_modules(bundle))
+    return LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init, target_modules=targets)
+
+
 def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
     """The ``model.family`` generator on ``device``, with LoRA, prompt files and checkpointing applied."""
     family = get_family(config.model.family)
@@ -275,13 +286,9 @@ def build_policy(config: TrainConfig, device: torch.device) -> PolicyBundle:
     if model.lora is None:  # loaders hand every module over frozen; a full fine-tune trains the whole transformer
         bundle.trainable.requires_grad_(True)
     if model.lora is not None:
-        from branchgrpo.models.lora import LoraSpec, LoraWeights, add_lora
+        from branchgrpo.models.lora import LoraWeights, add_lora
 
-        spec_kwargs = {"rank": model.lora.rank, "alpha": model.lora.alpha, "dropout": model.lora.dropout,
-                       "init": model.lora.init}
-        spec_kwargs["target_modules"] = (model.lora.target_modules if model.lora.target_modules is not None
-                                         else family.lora_target_modules(bundle))
-        add_lora(bundle.trainable, LoraSpec(**spec_kwargs))
+        add_lora(bundle.trainable, lora_spec(config, bundle))
         bundle.trainable = LoraWeights(bundle.trainable)
     if config.data.train_prompts is not None:
         bundle.train_prompts = read_prompt_file(config.data.train_prompts, "data.train_prompts")
