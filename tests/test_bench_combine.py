@@ -165,6 +165,15 @@ def test_settings_are_read_before_training(tmp_path):
     assert meta["settings"]["branchgrpo-mix"]["method.tree.split_plan"] == {"0": 2, "2": 2}
 
 
+def _reseed(folder, seed):
+    """Give every run of a bench folder ``seed`` (so two copies of one bench hold disjoint seeds)."""
+    data = json.loads((folder / "bench.json").read_text())
+    for runs in data["seeds"].values():
+        for r in runs:
+            r["seed"] = seed
+    (folder / "bench.json").write_text(json.dumps(data))
+
+
 def _adaptive(plan, at_start):
     def edit(data):
         for method in data["meta"]["settings"].values():
@@ -183,11 +192,7 @@ def test_a_moved_adaptive_split_plan_is_compared_only_where_it_was_read_at_the_s
     without adaptive splits is always compared."""
     old_a = _copy_with(two_benches, tmp_path / "oa", _adaptive({"2": 2, "3": 2}, at_start=False))
     old_b = _copy_with(two_benches, tmp_path / "ob", _adaptive({"0": 2, "5": 2}, at_start=False))
-    data = json.loads((old_b / "bench.json").read_text())
-    for runs in data["seeds"].values():
-        for r in runs:
-            r["seed"] = 9
-    (old_b / "bench.json").write_text(json.dumps(data))
+    _reseed(old_b, 9)
     combine_benches([old_a, old_b], tmp_path / "pooled")
     md = (tmp_path / "pooled" / "bench.md").read_text()
     assert "`branchgrpo-mix`'s method.tree.split_plan not compared: adaptive splits move it" in md
@@ -196,11 +201,7 @@ def test_a_moved_adaptive_split_plan_is_compared_only_where_it_was_read_at_the_s
 
     new_b = _copy_with(two_benches, tmp_path / "nb", _adaptive({"0": 2, "5": 2}, at_start=True))
     new_a = _copy_with(two_benches, tmp_path / "na", _adaptive({"2": 2, "3": 2}, at_start=True))
-    data = json.loads((new_b / "bench.json").read_text())
-    for runs in data["seeds"].values():
-        for r in runs:
-            r["seed"] = 9
-    (new_b / "bench.json").write_text(json.dumps(data))
+    _reseed(new_b, 9)
     with pytest.raises(CombineError, match=r"`branchgrpo-mix` ran with method.tree.split_plan"):
         combine_benches([new_a, new_b], tmp_path / "refused")
 
