@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +60,22 @@ def test_train_call_cost_fit_is_least_squares():
     seconds = [0.012 + 0.007 * s + 0.001 * ((-1) ** i) for i, s in enumerate(sizes)]
     slope, intercept = np.polyfit(sizes, seconds, 1)
     assert fit(sizes, seconds) == pytest.approx((intercept, slope))
+
+
+def test_depth_reward_spread_reads_the_std_that_depth_advantages_divides_by():
+    from branchgrpo.tree.advantages import depth_advantages
+
+    median_group_std = load_script("depth_reward_spread").median_group_std
+    g = torch.Generator().manual_seed(3)
+    group = [torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])]
+    fused = [torch.rand(len(grp), generator=g, dtype=torch.float64) for grp in group]
+    spread = median_group_std(fused, group, 3)
+    assert spread[0] != spread[0]  # one node per group: NaN
+    for reward, grp, shown in zip(fused[1:], group[1:], spread[1:]):
+        stds = [np.std(reward[grp == k].numpy(), ddof=1) for k in range(3) if int((grp == k).sum()) > 1]
+        assert shown == pytest.approx(float(np.median(stds)) if len(stds) % 2 else sorted(stds)[len(stds) // 2 - 1])
+    # the same std is what the advantage divides by: centred reward / advantage
+    adv = depth_advantages(fused, group, 3)[2]
+    mask = group[2] == 0
+    centred = fused[2][mask] - fused[2][mask].mean()
+    assert (centred / adv[mask].double()).numpy() == pytest.approx([np.std(fused[2][mask].numpy(), ddof=1)] * 3, rel=1e-5)

@@ -192,7 +192,7 @@ class AdvantageSpec:
     """Reward fusion and depth-wise normalisation (docs/method.md §5–6)."""
 
     fusion_beta: float = 1.0  # β of the path-log-prob softmax; 0 = uniform mean of leaf rewards
-    std_floor: float = 0.0  # floor on the per-depth std (0 = none)
+    std_floor: float = 0.0  # floor on the per-depth std, in reward units (0 = none); acts on shallow depths first
     advantage_clip: float = 5.0  # A_max: edge advantages are clipped to ±A_max
     # depthwise: z-score per group and depth (paper Eq. 4); sibling: a split child against its
     # siblings, chain edges inherit the split edge above (docs/beyond-the-paper.md §1)
