@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import shlex
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -285,3 +288,26 @@ def test_a_compiled_case_compiles_in_the_warm_up_only(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "- branchgrpo-32-lora: backend eager, warm-up" in md and "rollout 0, update 0" in md
 
+
+
+@pytest.mark.parametrize("models", ["flux sd3", "wan"])
+def test_next_session_script_commands_parse_and_name_known_cases(models, tmp_path):
+    """benchmarks/gpu/next_session.sh is what a GPU session runs unprepared: its commands must be
+    ones the suite accepts, naming cases the model has, within the time it is given."""
+    env = {**os.environ, "OUT": str(tmp_path), "DRY_RUN": "1", "MODELS": models, "TOTAL_S": "560"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "next_session.sh")], env=env,
+                          capture_output=True, text=True, check=True, timeout=60)
+    commands = [line.split(": ", 2)[2] for line in done.stdout.splitlines() if line.startswith("next_session: ")]
+    assert len(commands) == len(models.split())
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:3] == ["PYTHONUNBUFFERED=1", "python3", "benchmarks/gpu/run_suite.py"]
+        args = run_suite.build_parser().parse_args(words[3:])
+        assert Path(args.out).parent == tmp_path
+        assert args.options == "none" and 0 < args.deadline_s < 560
+        known = {c.name for c in run_suite.all_cases(run_suite.SCALES["full"](args.model))}
+        if args.cases:
+            assert set(args.cases.split(",")) <= known
+        if args.model == "flux-dev":
+            assert (args.compile, args.checkpointing, args.train_micro_batch) == ("blocks", "off", 2)

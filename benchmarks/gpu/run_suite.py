@@ -71,7 +71,8 @@ from suite_report import NOTES, _fmt, atomic_write, git_commit, machine_info, ma
 from suite_speed import ATTENTION_BACKENDS, speed_options  # noqa: F401
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command line (benchmarks/gpu/next_session.sh's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="rows per training micro-batch (default: the job config's 4; tiny 32)")
     parser.add_argument("--check-flops", action="store_true",
                         help="also count each phase's FLOPs with torch's FlopCounterMode (math attention; slow on GPU)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
