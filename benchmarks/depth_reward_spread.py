@@ -19,19 +19,20 @@ import sys
 import torch
 
 
+def group_stds(fused: list[torch.Tensor], group: list[torch.Tensor], num_groups: int) -> list[list[float]]:
+    """Per depth, the unbiased std of each group's rewards there, for the groups with ≥ 2 nodes."""
+    return [[reward[grp == g].double().std().item() for g in range(num_groups) if int((grp == g).sum()) > 1]
+            for reward, grp in zip(fused, group)]
+
+
 def median_group_std(fused: list[torch.Tensor], group: list[torch.Tensor], num_groups: int) -> list[float]:
     """Per depth, the median over groups with ≥ 2 nodes there of their rewards' unbiased std (NaN: none)."""
-    per_depth = []
-    for reward, grp in zip(fused, group):
-        stds = [reward[grp == g].double().std().item() for g in range(num_groups) if int((grp == g).sum()) > 1]
-        per_depth.append(float(torch.tensor(stds).median()) if stds else float("nan"))
-    return per_depth
+    return [float(torch.tensor(stds).median()) if stds else float("nan") for stds in group_stds(fused, group, num_groups)]
 
 
 def degenerate_share(fused: list[torch.Tensor], group: list[torch.Tensor], num_groups: int) -> float:
     """Share of (group, depth) cells with ≥ 2 nodes whose rewards' std is below 1e-6 (zero advantage there)."""
-    flat = [reward[grp == g].double().std().item() < 1e-6 for reward, grp in zip(fused, group)
-            for g in range(num_groups) if int((grp == g).sum()) > 1]
+    flat = [s < 1e-6 for stds in group_stds(fused, group, num_groups) for s in stds]
     return sum(flat) / len(flat) if flat else float("nan")
 
 

@@ -289,7 +289,6 @@ def test_a_compiled_case_compiles_in_the_warm_up_only(tmp_path):
     assert "- branchgrpo-32-lora: backend eager, warm-up" in md and "rollout 0, update 0" in md
 
 
-
 @pytest.mark.parametrize("models", ["flux sd3", "wan"])
 def test_next_session_script_commands_parse_and_name_known_cases(models, tmp_path):
     """benchmarks/gpu/next_session.sh is what a GPU session runs unprepared: its commands must be
