@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
+from branchgrpo.bench_runs import read_variants
 from branchgrpo.config import ConfigError
 from branchgrpo.tree.advantages import depth_advantages, edge_advantages, fuse_rewards
 from branchgrpo.tree.presets import method_config
@@ -20,6 +22,8 @@ from branchgrpo.tree.scoring import score_topology
 from branchgrpo.tree.selection import select_edges
 from branchgrpo.tree.sibling import sibling_advantages
 from branchgrpo.tree.spec import AdvantageSpec, DepthPruning, MethodConfig, SelectionSpec, TreeSpec
+
+FOREST_VARIANT = Path(__file__).resolve().parents[2] / "benchmarks" / "variants" / "forest-mix.yaml"
 
 # A chain before the first split (steps 0-1, two roots per prompt), a 3-way and a 2-way split,
 # and a chain after the last split.
@@ -182,3 +186,66 @@ def test_presets_and_validation():
         method_config("branchgrpo", ["selection.edges=informative"])
     with pytest.raises(ConfigError, match="selection.edges"):
         method_config("branchgrpo", ["selection.edges=random"])
+
+
+# ---------------------------------------------------------------------------------------------
+# a forest: independent roots per prompt (§6)
+# ---------------------------------------------------------------------------------------------
+
+
+def forest_mix_config() -> MethodConfig:
+    """The bench variant as the bench resolves it (benchmarks/variants/forest-mix.yaml)."""
+    (preset, overrides), = read_variants(str(FOREST_VARIANT)).values()
+    return method_config(preset, overrides)
+
+
+def test_forest_mix_variant_is_mix_with_four_roots():
+    forest, mix = forest_mix_config(), method_config("branchgrpo-mix")
+    assert (forest.tree.roots_per_prompt, forest.tree.split_plan) == (4, {3: 2, 6: 2})
+    assert forest.tree.sde_window == mix.tree.sde_window and forest.advantage == mix.advantage
+    assert forest.tree.leaves_per_prompt() == mix.tree.leaves_per_prompt() == 16
+
+
+@pytest.mark.parametrize("iteration", [0, 30, 200])
+def test_forest_mix_groups_advantages_and_trained_edges_by_brute_force(iteration):
+    """The variant's own tree: per prompt 4 roots × 2 × 2 = 16 leaves in one group; an edge before
+    the first split is credited with its root's fused reward against the prompt's other roots; the
+    trained edges are the window's steps plus the split steps, every node there."""
+    config = forest_mix_config()
+    spec = config.tree
+    topo = build_topology(spec, num_prompts=3)
+    gen = torch.Generator().manual_seed(iteration)
+    sde = spec.sde_steps(iteration)
+    logp = [torch.zeros(topo.parent[0].numel(), dtype=torch.float64)]  # ODE edges have log-prob 0
+    logp += [torch.randn(p.numel(), generator=gen, dtype=torch.float64) * float(is_sde)
+             for p, is_sde in zip(topo.parent[1:], sde)]
+    leaves = torch.rand(topo.parent[-1].numel(), generator=gen, dtype=torch.float64)
+    scores = score_topology(topo.parent, topo.group, topo.num_groups, sde, logp, iteration, leaves, config)
+    par = [[int(x) for x in p] for p in topo.parent]
+
+    def root_of(d, n):
+        while d > 0:
+            d, n = d - 1, par[d][n]
+        return n
+
+    leaf_prompt = [root_of(spec.steps, n) // 4 for n in range(len(par[-1]))]
+    assert [leaf_prompt.count(g) for g in range(3)] == [16, 16, 16]
+    assert [int(g) for g in topo.group[-1]] == leaf_prompt  # all of a prompt's leaves form one group
+    fused = [[float(x) for x in f] for f in fuse_rewards(topo.parent, logp, leaves, beta=1.0).reward]
+    clip = config.advantage.advantage_clip
+    for d in (1, 2, 3):  # chains above the first split: one node per root
+        for n in range(len(par[d])):
+            root = root_of(d, n)
+            pool = [fused[0][r] for r in range(len(par[0])) if r // 4 == root // 4]
+            z = (fused[0][root] - statistics.fmean(pool)) / (statistics.stdev(pool) + 1e-8)
+            assert float(scores.edge_advantage[d][n]) == pytest.approx(max(-clip, min(clip, z)), rel=1e-5, abs=1e-6)
+    fused32 = [f.float() for f in scores.fused.reward]
+    chosen = select_edges(config, topo.parent, topo.group, topo.num_groups, sde, fused32, scores.edge_advantage,
+                          iteration)
+    first = spec.sde_window.first_step(iteration, spec.steps)
+    trained_steps = set(range(first, first + spec.sde_window.size)) | {3, 6}
+    for d in range(1, spec.steps + 1):
+        expected = (d - 1) in trained_steps
+        assert bool(chosen.mask[d].all()) == expected and bool(chosen.mask[d].any()) == expected, d
+    nodes_at = {d: len(par[d]) for d in range(spec.steps + 1)}
+    assert chosen.trained_edges == sum(nodes_at[s + 1] for s in trained_steps)
