@@ -210,3 +210,56 @@ def test_a_moved_adaptive_split_plan_is_compared_only_where_it_was_read_at_the_s
         data["meta"]["settings"]["branchgrpo-mix"]["method.tree.split_plan"] = {"0": 2, "5": 2}
     with pytest.raises(CombineError, match=r"method.tree.split_plan"):
         combine_benches([two_benches / "a", _copy_with(two_benches, tmp_path / "f", fixed_plan)], tmp_path / "x")
+
+
+def test_one_bench_re_paired_with_another_method_by_hand(two_benches, tmp_path):
+    """--reference: every method paired with branchgrpo-mix; rewards at equal wall-clock still read
+    at dancegrpo's final seconds (the seconds the runs trained to), computed here with numpy/scipy."""
+    import numpy as np
+    from scipy import stats
+
+    got = combine_benches([two_benches / "a"], tmp_path / "re", reference="branchgrpo-mix")
+    curves = curves_of(two_benches / "a")
+    dance, mix = curves["dancegrpo"], curves["branchgrpo-mix"]
+    assert got["reference"] == "branchgrpo-mix" and got["equal_time_from"] == "dancegrpo"
+    at = [d.times[-1] for d in dance]
+    dance_eq = [float(np.interp(t, d.times, d.rewards)) for t, d in zip(at, dance)]
+    mix_eq = [float(np.interp(t, m.times, m.rewards)) for t, m in zip(at, mix)]
+    rows = got["methods"]["dancegrpo"]["per_seed"]
+    assert [r["equal_time_seconds"] for r in rows] == pytest.approx(at)
+    assert [r["reward_at_equal_time"] for r in rows] == pytest.approx(dance_eq)
+    assert [r["reference_final_reward"] for r in rows] == pytest.approx([m.rewards[-1] for m in mix])
+    diffs = [a - b for a, b in zip(dance_eq, mix_eq)]
+    paired = got["methods"]["dancegrpo"]["paired"]["reward_at_equal_time"]
+    assert paired["differences"] == pytest.approx(diffs)
+    assert paired["mean"] == pytest.approx(np.mean(diffs))
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert (paired["low"], paired["high"]) == pytest.approx((low, high))
+    assert "paired" not in got["methods"]["branchgrpo-mix"]
+    saved = json.loads((tmp_path / "re" / "bench.json").read_text())["meta"]
+    assert saved["reference"] == "branchgrpo-mix" and saved["trained_against"] == "dancegrpo"
+    md = (tmp_path / "re" / "bench.md").read_text()
+    assert "paired with `branchgrpo-mix`" in md and "Paired with `branchgrpo-mix`" in md
+    assert "trained up to `dancegrpo`'s seconds" in md and "--reference branchgrpo-mix" in md
+    # the cost readings stay against the run each alternated with, as in the source bench
+    source = json.loads((two_benches / "a" / "bench.json").read_text())["cost_over_seeds"]["branchgrpo-mix"]
+    again = json.loads((tmp_path / "re" / "bench.json").read_text())["cost_over_seeds"]["branchgrpo-mix"]
+    assert again["per_seed"] == pytest.approx(source["per_seed"])
+    # a re-paired folder pools with another bench re-paired the same way, not with a plain one
+    combine_benches([two_benches / "b"], tmp_path / "re-b", reference="branchgrpo-mix")
+    pooled = combine_benches([tmp_path / "re", tmp_path / "re-b"], tmp_path / "pooled")
+    assert pooled["reference"] == "branchgrpo-mix" and pooled["seeds"] == [3, 4, 7]
+    with pytest.raises(CombineError, match="reference 'dancegrpo', but"):
+        combine_benches([tmp_path / "re", two_benches / "b"], tmp_path / "mixed")
+
+
+def test_re_pairing_refuses_an_unknown_method_and_the_cli_says_where_it_applies(two_benches, tmp_path, capsys):
+    with pytest.raises(CombineError, match="'mixgrpo' is not a method of the benches; they ran dancegrpo, "
+                                           "branchgrpo-mix"):
+        combine_benches([two_benches / "a"], tmp_path / "x", reference="mixgrpo")
+    assert main(["bench", "--combine", str(two_benches / "a"), "--reference", "dancegrpo", "--out",
+                 str(tmp_path / "same")]) == 0
+    assert "paired with" not in capsys.readouterr().out.splitlines()[0]  # its own reference: a plain re-read
+    assert main(["bench", "--reference", "mixgrpo", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference: only with --combine" in err[0]

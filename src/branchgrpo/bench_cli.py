@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--combine", nargs="+", metavar="DIR",
                    help="train nothing: pool the seeds of finished bench folders (same methods and settings, "
                         "disjoint seeds) into one learning-efficiency table in --out")
+    p.add_argument("--reference", metavar="METHOD",
+                   help="with --combine: pair every method with METHOD instead of the benches' reference (e.g. "
+                        "branchgrpo-mix against mixgrpo in a bench run against dancegrpo); one folder is enough")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every method")
     return p
@@ -52,11 +55,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         from branchgrpo.bench_combine import CombineError, combine_benches
 
         try:
-            combine_benches(args.combine, args.out)
+            combine_benches(args.combine, args.out, reference=args.reference)
         except CombineError as err:
             raise CliError(f"--combine: {err}") from None
         print((Path(args.out) / "bench.md").read_text())
         return 0
+    if args.reference:
+        raise CliError("--reference: only with --combine (a bench pairs with dancegrpo when it runs, else with its "
+                       "first method; re-pair its folder afterwards with --combine DIR --reference METHOD)")
     if args.iterations < 1 or args.eval_every < 1:
         raise CliError("--iterations and --eval-every must be >= 1")
     if args.seeds < 1:

@@ -6,6 +6,10 @@ compared with the reference's run of the same seed, which ran interleaved with i
 bench, so pooling keeps every pair's shared machine conditions. The benches must agree on
 everything that defines the comparison (world, methods and their settings, iterations, equal-time
 mode, prompts per iteration, reference); the cost tables stay in the source benches.
+
+``reference=`` re-pairs the runs with another method of the benches (one folder is enough): "is
+BranchGRPO-Mix better than MixGRPO?" from a bench that was paired with ``dancegrpo``. The reward at
+equal wall-clock is still read at the seconds the runs trained to (the benches' own reference's).
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from branchgrpo.bench_costs import cost_lines, seed_cost_ratios
 from branchgrpo.bench_stats import efficiency_lines, learning_efficiency
 
 # what must be equal in every source bench's meta for its runs to be pooled
-SAME = ("model", "iterations", "equal_time", "prompts_per_iteration", "reference", "seconds_budget", "method_overrides")
+SAME = ("model", "iterations", "equal_time", "prompts_per_iteration", "seconds_budget", "method_overrides")
+
+
+def _trained_against(meta: dict) -> str:
+    """The method whose seconds a bench's runs trained to (its reference before any re-pairing)."""
+    return meta.get("trained_against") or meta["reference"]
 
 
 # a run's own: never compared between benches
@@ -95,15 +104,16 @@ def _load(folder: Path) -> dict:
     return data
 
 
-def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
+def combine_benches(folders: list[str | Path], out_dir: str | Path, reference: str | None = None) -> dict:
     """Pool the per-seed runs of ``folders`` (``bench.json`` each) and write ``bench.md``, ``bench.json``,
     ``reward_vs_time_seeds.png`` and ``diversity_vs_reward.png`` into ``out_dir``. Returns the
-    learning-efficiency result (:func:`branchgrpo.bench_stats.learning_efficiency`)."""
+    learning-efficiency result (:func:`branchgrpo.bench_stats.learning_efficiency`). ``reference``
+    pairs every method with that one instead of the benches' reference; then one folder may be given."""
     from branchgrpo.bench import MethodRecord
 
     folders = [Path(f) for f in folders]
-    if len(folders) < 2:
-        raise CombineError("needs at least two bench folders")
+    if len(folders) < (1 if reference else 2):
+        raise CombineError("needs at least two bench folders (or one with --reference, to re-pair it)")
     out_dir = Path(out_dir)
     if any(out_dir.resolve() == f.resolve() for f in folders):
         raise CombineError(f"--out {out_dir} is one of the benches to combine; write the pooled result elsewhere")
@@ -118,6 +128,11 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
             if data["meta"].get(key) != first["meta"].get(key):
                 raise CombineError(f"{folder}: {key} = {data['meta'].get(key)!r}, but {first_folder} has "
                                    f"{first['meta'].get(key)!r}")
+        for what, read in (("trained to the seconds of", _trained_against),
+                           ("reference", None if reference else lambda meta: meta["reference"])):
+            if read and read(data["meta"]) != read(first["meta"]):
+                raise CombineError(f"{folder}: {what} {read(data['meta'])!r}, but {first_folder} has "
+                                   f"{read(first['meta'])!r}")
         differ, skipped = _settings_differ(folder, data, first_folder, first)
         if differ:
             raise CombineError(differ)
@@ -134,14 +149,22 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
             runs[method] += [MethodRecord.from_saved(method, saved) for saved in data["seeds"][method]]
     for method in methods:
         runs[method].sort(key=lambda r: r.seed)
-    reference = first["meta"]["reference"]
-    efficiency = learning_efficiency({m: [r.curve() for r in rs] for m, rs in runs.items()}, reference)
+    trained_against = _trained_against(first["meta"])
+    if reference is not None and reference not in methods:
+        raise CombineError(f"--reference {reference!r} is not a method of the benches; they ran {', '.join(methods)}")
+    reference = reference or first["meta"]["reference"]
+    efficiency = learning_efficiency({m: [r.curve() for r in rs] for m, rs in runs.items()}, reference,
+                                     equal_time_from=trained_against)
     # measured/ideal per seed needs every run's iteration times (a --combine result keeps them too)
-    costs = (seed_cost_ratios(runs, reference, first["meta"]["iterations"])
+    # the cost readings stay against the benches' own reference, whose run each alternated with
+    costs = (seed_cost_ratios(runs, trained_against, first["meta"]["iterations"])
              if all(r.iteration_times for rs in runs.values() for r in rs) else None)
     sources = [{"folder": str(folder), "date": data["meta"].get("date"), "machine": data["meta"].get("machine"),
                 "seeds": data["meta"].get("seeds")} for folder, data in loaded]
     meta = {key: first["meta"].get(key) for key in SAME}
+    meta["reference"] = reference
+    if reference != trained_against:
+        meta["trained_against"] = trained_against
     meta["settings"] = first["meta"].get("settings")
     uncompared = list(dict.fromkeys(uncompared))
     meta["settings_not_compared"] = uncompared
@@ -154,14 +177,18 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
         {"meta": meta, "learning_efficiency": efficiency, "cost_over_seeds": costs,
          "seeds": {m: [r.saved() for r in rs] for m, rs in runs.items()}}, indent=2))
     lines = [
-        f"# branchgrpo bench — {meta['model']} world, {len(seen)} seeds pooled from {len(loaded)} benches",
+        f"# branchgrpo bench — {meta['model']} world, {len(seen)} seeds pooled from {len(loaded)} benches"
+        + (f", paired with `{reference}`" if reference != trained_against else ""),
         "",
         f"- pooled on {meta['date']} by `branchgrpo bench --combine {' '.join(str(f) for f in folders)} "
-        f"--out {out_dir}`; each run is compared with `{reference}`'s run of the same seed, from the same bench",
+        + (f"--reference {reference} " if reference != trained_against else "")
+        + f"--out {out_dir}`; each run is compared with `{reference}`'s run of the same seed, from the same bench",
+        *([f"- the runs trained up to `{trained_against}`'s seconds (the benches' reference); rewards at equal "
+           f"wall-clock are read there"] if reference != trained_against else []),
         *[f"- `{s['folder']}`: seeds {', '.join(map(str, s['seeds'] or []))}; {s['date']}; {s['machine']}"
           for s in sources],
         f"- {meta['iterations']} interleaved iterations"
-        + (f", then each method up to `{reference}`'s training seconds" if meta["equal_time"] else "")
+        + (f", then each method up to `{trained_against}`'s training seconds" if meta["equal_time"] else "")
         + f"; prompts per iteration: {meta['prompts_per_iteration']}",
         *[f"- `{label}`: preset `{v['preset']}` with " + (", ".join(f"`{o}`" for o in v["overrides"]) or
                                                           "no extra overrides")
@@ -174,7 +201,7 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path) -> dict:
                                 + " (written before benches recorded them): not checked there"),
         "",
         *efficiency_lines(efficiency),
-        *cost_lines(costs, reference, meta["iterations"]),
+        *cost_lines(costs, trained_against, meta["iterations"]),
     ]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     seed_plot(runs, out_dir)

@@ -232,12 +232,16 @@ EFFICIENCY_METRICS = ("reward_at_equal_time", "seconds_to_reference_final", "fra
                       "diversity_at_reference_final", "diversity_ratio_at_reference_final")
 
 
-def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confidence: float = 0.95) -> dict:
+def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confidence: float = 0.95,
+                        equal_time_from: str | None = None) -> dict:
     """Per method, per seed and over seeds, the learning-efficiency numbers of the module docstring.
 
     ``curves[method][i]`` is the method's run with the ``i``-th seed (same seeds, same order for every
     method). Returns ``{"horizon_s", "reference", "methods": {method: {"per_seed": [...],
     metric: Interval.as_dict()}}}``; ``horizon_s`` is the shortest run's final seconds.
+    ``equal_time_from`` names the method whose final seconds (per seed) the reward at equal wall-clock
+    is read at, default the reference: a bench re-paired with another method keeps reading at the
+    seconds its runs trained to (every run reached the original reference's, not always the new one's).
     """
     if reference not in curves:
         raise ValueError(f"reference {reference!r} is not among the methods {list(curves)}")
@@ -245,8 +249,13 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
     for method, runs in curves.items():
         if [c.seed for c in runs] != seeds:
             raise ValueError(f"{method} has seeds {[c.seed for c in runs]}, the reference {seeds}")
+    equal_time_from = equal_time_from or reference
+    if equal_time_from not in curves:
+        raise ValueError(f"equal_time_from {equal_time_from!r} is not among the methods {list(curves)}")
     horizon = min(c.times[-1] for runs in curves.values() for c in runs)
     result = {"reference": reference, "horizon_s": horizon, "seeds": seeds, "methods": {}}
+    if equal_time_from != reference:
+        result["equal_time_from"] = equal_time_from
 
     def diversity_at(run: RunCurve, target: float) -> float | None:
         if run.diversity_feature is None:
@@ -255,7 +264,7 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
 
     for method, runs in curves.items():
         per_seed = []
-        for run, ref in zip(runs, curves[reference]):
+        for run, ref, clock in zip(runs, curves[reference], curves[equal_time_from]):
             ref_seconds, ref_final = ref.times[-1], ref.rewards[-1]
             reach = first_crossing(run.times, run.rewards, ref_final)
             at_reward, ref_at_reward = diversity_at(run, ref_final), diversity_at(ref, ref_final)
@@ -265,7 +274,8 @@ def learning_efficiency(curves: dict[str, list[RunCurve]], reference: str, confi
                 "reference_final_reward": ref_final,
                 "final_seconds": run.times[-1],
                 "final_reward": run.rewards[-1],
-                "reward_at_equal_time": interpolate(run.times, run.rewards, ref_seconds),
+                "equal_time_seconds": clock.times[-1],
+                "reward_at_equal_time": interpolate(run.times, run.rewards, clock.times[-1]),
                 "seconds_to_reference_final": reach,
                 "fraction_of_reference_time": None if reach is None else reach / ref_seconds,
                 "reward_auc": normalised_auc(run.times, run.rewards, horizon) if horizon > run.times[0] else None,
@@ -356,8 +366,11 @@ def efficiency_lines(result: dict) -> list[str]:
         f"{len(seeds)} seed{plural} ({', '.join(map(str, seeds))}); every run's held-out evaluations form a curve in "
         f"training seconds, linear between evaluations, compared with `{ref}`'s run of the same seed. Cells: mean "
         "over seeds [95 % Student-t interval] (n/a with one seed).", "",
-        f"- **reward at equal wall-clock**: the curve at `{ref}`'s final training seconds; \"ended earlier\" where a "
-        "run stopped before them (run with `--equal-time` to give every run those seconds);",
+        (f"- **reward at equal wall-clock**: the curve at `{ref}`'s final training seconds; \"ended earlier\" where a "
+         "run stopped before them (run with `--equal-time` to give every run those seconds);"
+         if "equal_time_from" not in result else
+         f"- **reward at equal wall-clock**: the curve at `{result['equal_time_from']}`'s final training seconds (the "
+         f"seconds the benches' runs trained to), the same seconds for `{ref}` and every method of a seed;"),
         f"- **seconds to `{ref}`'s final reward**: the first time the curve reaches `{ref}`'s final held-out reward "
         f"(\"not reached\" where it never did within its run); **fraction**: those seconds over `{ref}`'s;",
         f"- **reward AUC**: the area under reward vs seconds up to {horizon:.1f} s (the shortest run), divided by "
