@@ -128,11 +128,12 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path, reference: s
             if data["meta"].get(key) != first["meta"].get(key):
                 raise CombineError(f"{folder}: {key} = {data['meta'].get(key)!r}, but {first_folder} has "
                                    f"{first['meta'].get(key)!r}")
-        for what, read in (("trained to the seconds of", _trained_against),
-                           ("reference", None if reference else lambda meta: meta["reference"])):
-            if read and read(data["meta"]) != read(first["meta"]):
-                raise CombineError(f"{folder}: {what} {read(data['meta'])!r}, but {first_folder} has "
-                                   f"{read(first['meta'])!r}")
+        mine, theirs = _trained_against(data["meta"]), _trained_against(first["meta"])
+        if mine != theirs:
+            raise CombineError(f"{folder}: trained to the seconds of {mine!r}, but {first_folder} has {theirs!r}")
+        mine, theirs = data["meta"]["reference"], first["meta"]["reference"]
+        if reference is None and mine != theirs:  # a new --reference re-pairs them all alike
+            raise CombineError(f"{folder}: reference {mine!r}, but {first_folder} has {theirs!r}")
         differ, skipped = _settings_differ(folder, data, first_folder, first)
         if differ:
             raise CombineError(differ)
@@ -153,6 +154,7 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path, reference: s
     if reference is not None and reference not in methods:
         raise CombineError(f"--reference {reference!r} is not a method of the benches; they ran {', '.join(methods)}")
     reference = reference or first["meta"]["reference"]
+    repaired = reference != trained_against
     efficiency = learning_efficiency({m: [r.curve() for r in rs] for m, rs in runs.items()}, reference,
                                      equal_time_from=trained_against)
     # measured/ideal per seed needs every run's iteration times (a --combine result keeps them too)
@@ -163,7 +165,7 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path, reference: s
                 "seeds": data["meta"].get("seeds")} for folder, data in loaded]
     meta = {key: first["meta"].get(key) for key in SAME}
     meta["reference"] = reference
-    if reference != trained_against:
+    if repaired:
         meta["trained_against"] = trained_against
     meta["settings"] = first["meta"].get("settings")
     uncompared = list(dict.fromkeys(uncompared))
@@ -178,13 +180,13 @@ def combine_benches(folders: list[str | Path], out_dir: str | Path, reference: s
          "seeds": {m: [r.saved() for r in rs] for m, rs in runs.items()}}, indent=2))
     lines = [
         f"# branchgrpo bench — {meta['model']} world, {len(seen)} seeds pooled from {len(loaded)} benches"
-        + (f", paired with `{reference}`" if reference != trained_against else ""),
+        + (f", paired with `{reference}`" if repaired else ""),
         "",
         f"- pooled on {meta['date']} by `branchgrpo bench --combine {' '.join(str(f) for f in folders)} "
-        + (f"--reference {reference} " if reference != trained_against else "")
+        + (f"--reference {reference} " if repaired else "")
         + f"--out {out_dir}`; each run is compared with `{reference}`'s run of the same seed, from the same bench",
         *([f"- the runs trained up to `{trained_against}`'s seconds (the benches' reference); rewards at equal "
-           f"wall-clock are read there"] if reference != trained_against else []),
+           f"wall-clock are read there"] if repaired else []),
         *[f"- `{s['folder']}`: seeds {', '.join(map(str, s['seeds'] or []))}; {s['date']}; {s['machine']}"
           for s in sources],
         f"- {meta['iterations']} interleaved iterations"
