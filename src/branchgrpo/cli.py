@@ -34,6 +34,15 @@ def _split_overrides(items: list[str]) -> tuple[list[str], int]:
     return rest, iteration
 
 
+def _tail_line(tree, iteration: int) -> list[str]:
+    tail = tree.ode_tail_at(iteration)
+    if tail is None:
+        return []
+    first, calls = tail
+    return [f"  ODE tail: steps {first}..{tree.steps - 1} ({tree.steps - first}) in {calls} model calls per chain, "
+            f"order {tree.ode_tail.order}"]
+
+
 def format_plan(result: Plan) -> str:
     """Human-readable tree shape and NFE accounting."""
     cfg = result.config
@@ -47,6 +56,7 @@ def format_plan(result: Plan) -> str:
         f"  steps T={tree.steps}  shift={tree.shift}  eta={tree.eta}  roots/prompt={tree.roots_per_prompt}",
         f"  splits: {splits}  noise={tree.split_noise} s={tree.split_noise_scale}",
         f"  SDE steps: {sde if len(sde) < tree.steps else 'all'}",
+        *_tail_line(tree, result.iteration),
         f"  leaves per prompt: {c.leaves}",
         "",
         "  depth  nodes  trained edges into depth",

@@ -344,6 +344,9 @@ def _highlights(config: dict, train: dict, evals: dict, summary: dict | None) ->
         window = tree.get("sde_window")
         if window:
             add("SDE window", ", ".join(f"{k}={v}" for k, v in window.items()) if isinstance(window, dict) else window)
+        ode_tail = tree.get("ode_tail")
+        if ode_tail:
+            add("ODE tail", ", ".join(f"{k}={v}" for k, v in ode_tail.items()) if isinstance(ode_tail, dict) else ode_tail)
         add("log-prob reduction", tree.get("logprob_reduction"))
     add("fusion beta", _get(method, "advantage", "fusion_beta"))
     selection = _get(method, "selection") or {}

@@ -38,10 +38,14 @@ class NfeCounts:
 
 
 def count_nfe(
-    parent: list[Tensor], sde: list[bool], selection: EdgeSelection, num_groups: int
+    parent: list[Tensor], sde: list[bool], selection: EdgeSelection, num_groups: int,
+    tail: tuple[int, int] | None = None,
 ) -> NfeCounts:
-    """NFE of a tree batch, divided by the number of groups (so: per prompt)."""
+    """NFE of a tree batch, divided by the number of groups (so: per prompt). ``tail``: the
+    compressed ODE tail's ``(first step, model calls)`` (:meth:`TreeSpec.ode_tail_at`): its chains
+    cost that many calls each instead of one per step."""
     nodes = [p.numel() for p in parent]
+    calls = sum(nodes[:-1]) if tail is None else sum(nodes[: tail[0]]) + nodes[tail[0]] * tail[1]
     trained = selection.mask
     forwards = 0
     for d in range(1, len(parent)):
@@ -50,7 +54,7 @@ def count_nfe(
     total = NfeCounts(
         leaves=nodes[-1],
         nodes=sum(nodes),
-        rollout_calls=sum(nodes[:-1]),
+        rollout_calls=calls,
         edges=sum(nodes[1:]),
         sde_edges=sum(n for n, s in zip(nodes[1:], sde) if s),
         trained_edges=selection.trained_edges,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from branchgrpo.models.protocol import Conditioning, VelocityModel, select_conditioning
+from branchgrpo.ode_tail import dpm_solver_pp_step, tail_sigmas
 from branchgrpo.sde import correlated_split_noise, gaussian_log_prob, sigma_schedule
 from branchgrpo.transitions import get_transition
 from branchgrpo.tree.spec import TreeSpec
@@ -64,6 +65,10 @@ class RolloutTree(TreeTopology):
     leaf_x0: Tensor  # [N_T, ...] x̂0 predicted at the last step from each leaf's parent
     node_x0: list[Tensor] | None  # node_x0[d]: x̂0 predicted at node d (d < T), if kept
     rollout_calls: int  # denoiser rows evaluated (docs/method.md §10: F)
+    # the compressed ODE tail (TreeSpec.ode_tail): its first step and σ grid. The depths strictly
+    # between that step's node and the leaves were never computed: their latents (and node_x0) are NaN
+    tail_start: int | None = None
+    tail_sigmas: Tensor | None = None
 
     def step_of_depth(self, depth: int) -> int:
         """Step index of the edge into a node at ``depth`` (= depth − 1)."""
@@ -134,6 +139,27 @@ def _step_noise(
     return correlated_split_noise(shared, own, spec.split_noise_scale)
 
 
+def _integrate_tail(
+    model: VelocityModel, x: Tensor, sigmas: Tensor, prompt_index: Tensor, conditioning: Conditioning,
+    micro_batch: int, order: int, transition, eta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the ODE tail from ``x`` (the whole frontier, one chain per row) over ``sigmas``: order 1
+    is the rollout's own ODE transition on that grid, order 2 DPM-Solver++(2M) (:mod:`branchgrpo.ode_tail`).
+    Returns the final latents, the x̂0 of the last call and the x̂0 of the first."""
+    previous: tuple[Tensor, float] | None = None
+    first_x0 = last_x0 = x
+    for j in range(sigmas.numel() - 1):
+        sigma, sigma_next = float(sigmas[j]), float(sigmas[j + 1])
+        velocity = evaluate_frontier(model, x, sigma, prompt_index, conditioning, micro_batch)
+        mean, _, x0 = transition(x, velocity, sigma, sigma_next, eta, sde=False)
+        x = mean if order == 1 else dpm_solver_pp_step(x.float(), x0, sigma, sigma_next, previous)
+        previous = (x0, sigma)
+        if j == 0:
+            first_x0 = x0
+        last_x0 = x0
+    return x, last_x0, first_x0
+
+
 @torch.no_grad()
 def rollout(
     model: VelocityModel,
@@ -165,6 +191,8 @@ def rollout(
     sde = spec.sde_steps(iteration)
     branching = spec.branching(iteration)
     transition = get_transition(spec.transition)
+    tail = spec.ode_tail_at(iteration)
+    grid = tail_sigmas(spec.steps, spec.shift, tail[0], tail[1]) if tail is not None else None
 
     roots = topology.parent[0].numel()
     shape = tuple(latent_shape)
@@ -179,6 +207,18 @@ def rollout(
     leaf_x0 = x
     for i in range(spec.steps):
         x = latents[i]
+        if tail is not None and i == tail[0]:
+            # every node from here is a chain to its leaf (no split, no SDE step)
+            final, leaf_x0, first_x0 = _integrate_tail(model, x, grid, topology.group[i], conditioning, micro_batch,
+                                                       spec.ode_tail.order, transition, spec.eta)
+            rollout_calls += x.shape[0] * tail[1]
+            skipped = torch.full_like(x, float("nan"))
+            for depth in range(i + 1, spec.steps + 1):
+                latents.append(final if depth == spec.steps else skipped)
+                logps.append(torch.zeros(x.shape[0], device=device))
+            if keep_node_x0:
+                node_x0 += [first_x0] + [skipped] * (spec.steps - 1 - i)
+            break
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         velocity = evaluate_frontier(
             model, x, sigma, topology.group[i], conditioning, micro_batch
@@ -213,6 +253,8 @@ def rollout(
         leaf_x0=leaf_x0,
         node_x0=node_x0 if keep_node_x0 else None,
         rollout_calls=rollout_calls,
+        tail_start=tail[0] if tail is not None else None,
+        tail_sigmas=grid,
     )
 
 
@@ -229,7 +271,7 @@ def merge_trees(trees: Sequence[RolloutTree]) -> RolloutTree:
     first = trees[0]
     for tree in trees[1:]:
         if (tree.spec != first.spec or tree.iteration != first.iteration or tree.sde != first.sde
-                or not torch.equal(tree.sigmas, first.sigmas)):
+                or not torch.equal(tree.sigmas, first.sigmas) or tree.tail_start != first.tail_start):
             raise ValueError("merge_trees: the trees come from different specs, iterations or schedules")
         if (tree.node_x0 is None) != (first.node_x0 is None):
             raise ValueError("merge_trees: some trees kept node_x0 and some did not")
@@ -262,6 +304,8 @@ def merge_trees(trees: Sequence[RolloutTree]) -> RolloutTree:
         leaf_x0=torch.cat([tree.leaf_x0 for tree in trees]),
         node_x0=node_x0,
         rollout_calls=sum(tree.rollout_calls for tree in trees),
+        tail_start=first.tail_start,
+        tail_sigmas=first.tail_sigmas,
     )
 
 

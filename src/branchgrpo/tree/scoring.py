@@ -67,5 +67,5 @@ def score_topology(
     selection = select_edges(
         config, parent, group, num_groups, sde, [f.float() for f in fused.reward], edge_adv, iteration, generator,
     )
-    nfe = count_nfe(parent, sde, selection, num_groups)
+    nfe = count_nfe(parent, sde, selection, num_groups, config.tree.ode_tail_at(iteration))
     return TreeScores(leaf_rewards, fused, node_adv, edge_adv, selection, nfe)

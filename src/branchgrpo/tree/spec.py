@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from branchgrpo.config import ConfigError
+from branchgrpo.ode_tail import tail_calls
 
 SplitNoise = Literal["correlated", "independent", "legacy_independent"]
 
@@ -73,6 +74,23 @@ class AdaptiveSplits:
 
 
 @dataclass
+class OdeTail:
+    """Integrate the ODE steps after the last SDE step in fewer model calls (docs/beyond-the-paper.md
+    §7; MixGRPO-Flash): no edge there is trained, only the sample at its end is scored. Training
+    rollouts only; held-out evaluation samples the full schedule."""
+
+    keep: float = 0.4  # fraction of the tail's steps kept as model calls (round(n·keep), >= 1)
+    order: int = 2  # 1: Euler on the coarser grid; 2: DPM-Solver++(2M), first order at its first and last step
+
+    def validate(self) -> None:
+        keep = self.keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+            raise ConfigError("tree.ode_tail.keep", f"must be in (0, 1] (fraction of the tail's steps kept), got {keep!r}")
+        if self.order not in (1, 2):
+            raise ConfigError("tree.ode_tail.order", f"must be 1 (Euler) or 2 (DPM-Solver++ 2M), got {self.order!r}")
+
+
+@dataclass
 class TreeSpec:
     """The rollout tree (docs/method.md §2–4): schedule, SDE noise, split plan, roots and SDE/ODE pattern."""
 
@@ -91,6 +109,9 @@ class TreeSpec:
     # None: the split steps are split_plan's at every iteration (the paper); else they move
     # toward the steps that decide most of the reward variance (docs/beyond-the-paper.md §4)
     adaptive_splits: AdaptiveSplits | None = None
+    # None: every step costs one model call per node; else the ODE steps after the last SDE step are
+    # integrated in fewer calls (docs/beyond-the-paper.md §7; MixGRPO-Flash)
+    ode_tail: OdeTail | None = None
     logprob_reduction: Literal["mean", "sum"] = "mean"  # reduction of the per-edge log-prob
     transition: Literal["flowsde", "flowgrpo"] = "flowsde"  # SDE: docs/method.md §3 (constant η) or Flow-GRPO's σ-dependent noise (η = a)
 
@@ -141,6 +162,14 @@ class TreeSpec:
             if self.split_at_window_start:
                 raise ConfigError("tree.adaptive_splits", "cannot move splits that follow the SDE window "
                                   "(tree.split_at_window_start: MixGRPO's flat group)")
+        if self.ode_tail is not None:
+            self.ode_tail.validate()
+            if self.sde_window is None and self.eta > 0:
+                raise ConfigError("tree.ode_tail", "every step is SDE without tree.sde_window, so there is no ODE tail "
+                                  "to compress; set tree.sde_window (e.g. preset branchgrpo-mix or mixgrpo)")
+            if self.adaptive_splits is not None:
+                raise ConfigError("tree.ode_tail", "cannot be combined with tree.adaptive_splits: the placement's "
+                                  "rollout-call budget counts every tail step")
         self.split_plan = dict(sorted(self.split_plan.items()))
 
     def split_plan_at(self, iteration: int = 0) -> dict[int, int]:
@@ -179,6 +208,19 @@ class TreeSpec:
         window = range(first, first + self.sde_window.size)
         plan = self.split_plan_at(iteration)
         return [(i in window or i in plan) and self.eta > 0 for i in range(self.steps)]
+
+    def ode_tail_at(self, iteration: int = 0) -> tuple[int, int] | None:
+        """``(first step, model calls)`` of the compressed ODE tail at a training iteration: the steps
+        after the last SDE or split step, run in ``round(n·keep)`` calls; None without
+        ``ode_tail`` or when the last step is stochastic."""
+        if self.ode_tail is None:
+            return None
+        sde, branching = self.sde_steps(iteration), self.branching(iteration)
+        stochastic = [i for i in range(self.steps) if sde[i] or branching[i] > 1]
+        first = (max(stochastic) + 1) if stochastic else 0
+        if first >= self.steps:
+            return None
+        return first, tail_calls(self.steps - first, self.ode_tail.keep)
 
     def leaves_per_prompt(self) -> int:
         leaves = self.roots_per_prompt
