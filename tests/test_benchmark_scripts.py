@@ -79,3 +79,26 @@ def test_depth_reward_spread_reads_the_std_that_depth_advantages_divides_by():
     mask = group[2] == 0
     centred = fused[2][mask] - fused[2][mask].mean()
     assert (centred / adv[mask].double()).numpy() == pytest.approx([np.std(fused[2][mask].numpy(), ddof=1)] * 3, rel=1e-5)
+
+
+def test_ode_tail_fidelity_compares_each_tail_with_the_full_schedule(tmp_path, capsys, monkeypatch):
+    """On the digits world: the full-schedule row is the reference (no change, z correlation 1),
+    each tail row's calls per leaf are what the planner prices, and the group z-scores are computed
+    as docs/method.md §6 says (checked by hand on a small tensor)."""
+    module = load_script("ode_tail_fidelity")
+    z = module.group_z(torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0]), torch.tensor([0, 0, 1, 1, 1]))
+    assert torch.allclose(z, torch.tensor([-1.0, 1.0, -2 ** -0.5, -2 ** -0.5, 2 ** 0.5]), atol=1e-6)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "fidelity.md"
+    module.main(["mixgrpo", "--prompts", "2", "--out", str(out), "run.threads=1"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| ") and "setting" not in line}
+    assert rows["full schedule"][0] == "–" and rows["full schedule"][1] == "19.06"
+    assert rows["full schedule"][3:] == ["0.0000", "0.0000", "1.000", "100%"]
+    from branchgrpo.tree.nfe import plan
+    from branchgrpo.tree.presets import method_config
+    for label, keep, order in [("keep 0.4, order 2", 0.4, 2), ("keep 0.2, order 2", 0.2, 2)]:
+        calls = plan(method_config("mixgrpo", [f"tree.ode_tail={{keep: {keep}, order: {order}}}"])).counts.per_leaf()
+        assert float(rows[label][1]) == pytest.approx(calls["rollout_calls"], abs=0.005)
+        assert float(rows[label][3]) > 0  # a coarser tail changes the pixels
+    assert "full schedule" in capsys.readouterr().out
