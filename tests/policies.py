@@ -29,6 +29,18 @@ class TinyMLPPolicy(torch.nn.Module):
         return out.reshape(latents.shape).float()
 
 
+class RowCounter(torch.nn.Module):
+    """Wraps a velocity model and records how many rows each call evaluates."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, []
+
+    def forward(self, latents, sigmas, conditioning):
+        self.rows.append(int(latents.shape[0]))
+        return self.inner(latents, sigmas, conditioning)
+
+
 def tiny_conditioning(num_prompts: int, cond_dim: int = 4, seed: int = 1) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {"prompt": torch.randn(num_prompts, cond_dim, generator=gen)}

@@ -24,7 +24,7 @@ from branchgrpo.tree.nfe import plan
 from branchgrpo.tree.presets import list_presets, method_config
 from branchgrpo.tree.rollout import rollout
 from branchgrpo.tree.scoring import score_tree
-from policies import TinyMLPPolicy, tiny_conditioning
+from policies import RowCounter, TinyMLPPolicy, tiny_conditioning
 from test_rollout import hand_log_prob, hand_sigmas, hand_transition
 
 
@@ -129,17 +129,6 @@ def test_split_at_window_start_needs_a_window_and_one_split(overrides, field):
 
 DIM, STEPS, SIZE, EVERY, GROUP, PROMPTS = 8, 8, 3, 2, 4, 2
 
-
-class RowCounter(torch.nn.Module):
-    """Records how many rows each denoiser call evaluates."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.rows = inner, []
-
-    def forward(self, latents, sigmas, conditioning):
-        self.rows.append(int(latents.shape[0]))
-        return self.inner(latents, sigmas, conditioning)
 
 
 @pytest.fixture(scope="module")

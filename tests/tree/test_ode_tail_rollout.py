@@ -19,20 +19,11 @@ from branchgrpo.tree.presets import method_config
 from branchgrpo.tree.rollout import rollout
 from branchgrpo.tree.scoring import score_tree
 from branchgrpo.update import gather_training_edges
-from policies import TinyMLPPolicy, tiny_conditioning
+from policies import RowCounter, TinyMLPPolicy, tiny_conditioning
 
 DIM, PROMPTS = 8, 3
 SMALL_MIX = ["tree.steps=10", "tree.split_plan={0: 2, 2: 2}", "tree.sde_window={size: 2, start: 0, advance_every: 2}"]
 
-
-class RowCounter(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.rows = inner, []
-
-    def forward(self, latents, sigmas, conditioning):
-        self.rows.append(int(latents.shape[0]))
-        return self.inner(latents, sigmas, conditioning)
 
 
 @pytest.fixture(scope="module")
