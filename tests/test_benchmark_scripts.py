@@ -84,7 +84,7 @@ def test_depth_reward_spread_reads_the_std_that_depth_advantages_divides_by():
 def test_ode_tail_fidelity_compares_each_tail_with_the_full_schedule(tmp_path, capsys, monkeypatch):
     """On the digits world: the full-schedule row is the reference (no change, z correlation 1),
     each tail row's calls per leaf are what the planner prices, and the group z-scores are computed
-    as docs/method.md §6 says (checked by hand on a small tensor)."""
+    with the population std (checked by hand on a small tensor)."""
     module = load_script("ode_tail_fidelity")
     z = module.group_z(torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0]), torch.tensor([0, 0, 1, 1, 1]))
     assert torch.allclose(z, torch.tensor([-1.0, 1.0, -2 ** -0.5, -2 ** -0.5, 2 ** 0.5]), atol=1e-6)
